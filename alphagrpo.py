@@ -1,0 +1,1209 @@
+"""AlphaGRPO, a minimal reference implementation.
+
+Paper: "AlphaGRPO: Unlocking Self-Reflective Multimodal Generation in Unified Multimodal Models via
+Decompositional Verifiable Reward" (https://huangrh99.github.io/AlphaGRPO/). Read it beside this file:
+the code follows the paper's order (Sec. 3 preliminaries -> Sec. 4.1 AlphaGRPO -> the loop) and the
+comments name the section or equation that each line computes.
+
+What is implemented
+- The unified trajectory o = (y, x_T..x_0) (Sec. 4.1): a reasoner writes text y, then a renderer draws the
+  image conditioned on the prompt and y. Both are trained by GRPO with one shared group advantage.
+- Text: token-level PPO clip with clip-higher, k3 KL, optional sequence-level (GSPO) ratio (Sec. 3).
+- Image: Flow-GRPO's SDE sampler with a closed-form Gaussian log-prob and KL (Sec. 3), trained only
+  inside a window of W consecutive steps.
+- Reasoning text-to-image (RT2I) and Self-Reflective Refinement (SRR) with False-Positive Rectification
+  (Sec. 4.1); rewards from the DVReward server (`reward_server.py`, Sec. 4.2) over HTTP, asynchronously.
+
+The policy is "decoupled unified": no AR-diffusion unified model (BAGEL, Show-o2) ships in transformers
+or diffusers, so a Qwen3-VL instruct model reasons and Stable Diffusion 3.5 draws. Both get a small LoRA
+and one optimizer; `Reasoner` and `Renderer` are the whole interface a BAGEL adapter would fill. The toy
+preset builds the same classes at tiny sizes, so every code path runs on a laptop CPU in a minute.
+
+Left out: full fine-tuning, FSDP/DeepSpeed, the paper's in-context image editing (SRR refines by
+SDEdit here, see README), BAGEL itself.
+
+Launch
+    python alphagrpo.py                                   # toy models, CPU, starts its toy reward server
+    python alphagrpo.py --task srr                        # Self-Reflective Refinement with FPR
+    python reward_server.py --verifier Qwen/Qwen3-VL-8B-Instruct --port 8000          # on a GPU
+    python alphagrpo.py --preset sd35 --reward-url http://127.0.0.1:8000              # on an 80 GB GPU
+    python alphagrpo.py sample --prompt "a red image" --refine-rounds 2
+
+Shapes: G group size, L generated tokens, P prompt tokens, V vocabulary, C latent channels,
+h x w latent size, W trained (SDE) steps, T sampling steps.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import base64
+import contextlib
+import dataclasses
+import io
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import requests
+import torch
+import torch.nn as nn
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+# --------------------------------------------------------------------------------------------------
+# Arguments
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Args:
+    preset: str = "toy"
+    """'toy' (tiny models built on the fly, CPU) or 'sd35' (Qwen3-VL + Stable Diffusion 3.5 medium)."""
+    task: str = "rt2i"
+    """'rt2i' reasoning text-to-image, 'srr' self-reflective refinement, 'mix' both (Sec. 4.1)."""
+    steps: int = 20
+    """Training steps; each = rollouts of `groups_per_step` groups, then `updates_per_rollout` updates."""
+    out: str = ""
+    """Output folder for metrics.jsonl, args.json and sample grids; default runs/<preset>-<task>-<time>."""
+    seed: int = 0
+    """Seed for the models' LoRA init, the prompt order and every sampling noise."""
+    device: str = "auto"
+    """'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ..."""
+    dtype: str = "float32"
+    """Weights' dtype: 'float32' or 'bfloat16'. LoRA weights and all log-prob math stay in float32."""
+    reward_url: str = ""
+    """Comma-separated reward server URLs. Empty with the toy preset: start the toy server locally."""
+    reward_token: str = ""
+    """Bearer token for the reward server (default: $ALPHAGRPO_REWARD_TOKEN)."""
+    reasoner: str = ""
+    """Reasoner path or hub id (a Qwen-VL instruct model). Toy: built under OUT/toy_models."""
+    renderer: str = ""
+    """Renderer path or hub id (a StableDiffusion3Pipeline folder). Toy: built under OUT/toy_models."""
+    prompts: str = ""
+    """prompts.jsonl with DVReward questions (see README). Toy: the embedded TOY_PROMPTS."""
+    group_size: int = 16
+    """G, trajectories per prompt; one group is one rollout batch (same prompt, so no padding)."""
+    groups_per_step: int = 4
+    """Groups rolled out per training step."""
+    updates_per_rollout: int = 2
+    """Optimizer updates per step, each on a disjoint share of the groups. 1 is purely on-policy;
+    2 (Flow-GRPO) makes the second update off-policy, which is where the clip acts."""
+    resolution: int = 32
+    """Image side in pixels."""
+    num_steps: int = 4
+    """T, sampling steps of the rollout sampler."""
+    eval_num_steps: int = 4
+    """Steps of the deterministic ODE sampler (SRR initial images, `sample`, evaluation)."""
+    sde_window: int = 2
+    """W, consecutive steps sampled by the SDE and trained; all other steps are ODE (official code)."""
+    sde_window_start_max: int = 0
+    """The window starts at a uniformly drawn step in [0, this]; the last step is never trained."""
+    noise_level: float = 0.7
+    """a in std_t = a * sqrt(t / (1 - t)) (Flow-GRPO); 0 gives the deterministic Euler ODE."""
+    guidance_scale: float = 4.5
+    """Classifier-free guidance scale, identical at rollout and train time."""
+    max_new_tokens: int = 8
+    """Longest reasoning text, in tokens."""
+    max_t5_tokens: int = 128
+    """T5 tokens for prompt + reasoning (CLIP keeps its first 77 tokens: the prompt goes first)."""
+    temperature: float = 1.0
+    """Sampling temperature of the reasoning text (no top-p/top-k: they make stored log-probs off-policy)."""
+    text_clip_low: float = 0.2
+    """Text ratio clip: r in [1 - low, 1 + high] (clip-higher)."""
+    text_clip_high: float = 0.28
+    """Upper text clip range."""
+    image_clip: float = 1e-2
+    """Image ratio clip; tiny because the log-prob is a per-element mean (Flow-GRPO: 1e-4 at 64x64x16
+    latents; the toy's 4x4x16 latents average 256x fewer elements, so its ratios move ~16x more)."""
+    adv_clip: float = 5.0
+    """Image advantages are clipped to [-adv_clip, adv_clip] (Flow-GRPO)."""
+    beta_text: float = 0.0
+    """beta_text, weight of the k3 KL to the reference (LoRA off) on the text."""
+    beta_image: float = 0.0
+    """beta_img, weight of the closed-form image KL (ours carries 1/|dt|: ours = Flow-GRPO's * |dt|)."""
+    kl_flow_grpo_form: bool = False
+    """Use Flow-GRPO's image KL, mean((mu - mu_ref)^2) / (2 std_t^2), without the 1/|dt|."""
+    lam: float = 1.0
+    """lambda in L = L_text + lambda * L_img (official code: lambda = 1 / text_loss_weight)."""
+    seq_level_ratio: bool = False
+    """Sequence-level (GSPO) text ratio instead of per-token."""
+    std_mode: str = "group"
+    """Advantage std: 'group' (per group, Flow-GRPO default) or 'batch' (all groups of the step)."""
+    lr: float = 1e-2
+    """AdamW learning rate (official: 5e-5 at rank 32)."""
+    reasoner_lr: float = 0.0
+    """Learning rate of the reasoner's LoRA; 0 means --lr (official code: und_learning_rate)."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Clip the global grad norm of all LoRA weights."""
+    lora_rank: int = 8
+    """LoRA rank r, both models."""
+    lora_alpha: float = 64.0
+    """LoRA alpha; the update is scaled by alpha / r."""
+    reasoner_lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    """Reasoner Linear layers that get LoRA (suffixes of module names): language model only."""
+    renderer_lora_targets: str = "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"
+    """Renderer Linear layers that get LoRA: the joint-attention projections (Flow-GRPO)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (needed at real sizes)."""
+    same_init_noise: bool = False
+    """Start all G trajectories of a group from the same x_T (official code's init_same_noise): the group's
+    reward differences then come only from the policy's own choices (text and SDE noise), not from x_T."""
+    sample_every: int = 5
+    """Write a PNG grid of the step's samples every this many steps (0: never)."""
+
+    # Self-Reflective Refinement (Sec. 4.1)
+    srr_candidates: int = 2
+    """K initial images rendered per SRR prompt (ODE, no reasoning); the worst is kept."""
+    srr_pick: str = "min"
+    """'min': keep the lowest-reward candidate (official); 'sample': draw one, favouring low rewards."""
+    srr_strength: float = 0.6
+    """SDEdit strength of the refinement: the share of the schedule re-run from the noised initial image."""
+    fpr: bool = True
+    """False-Positive Rectification: refinements that do not beat the initial image get the minimum."""
+    fpr_value: str = "init"
+    """'init': the initial image's reward (official); 'group-min': the group's lowest refined reward."""
+    mix_ratio: float = 0.5
+    """With --task mix, the share of groups that are SRR."""
+
+
+PRESETS = {
+    # Tiny random models; measured to learn the toy colour task in ~20 steps on 2 CPU cores.
+    "toy": dict(),
+    # Real checkpoints on one 80 GB GPU (settings of Flow-GRPO's SD3.5 config and the official code).
+    "sd35": dict(
+        reasoner="Qwen/Qwen3-VL-4B-Instruct", renderer="stabilityai/stable-diffusion-3.5-medium",
+        prompts="prompts.jsonl", dtype="bfloat16", steps=1000, resolution=512, num_steps=10,
+        eval_num_steps=40, sde_window=4, sde_window_start_max=3, max_new_tokens=256, max_t5_tokens=256,
+        image_clip=1e-4, lr=5e-5, lora_rank=32, lora_alpha=64.0, lam=4.0, gradient_checkpointing=True,
+        group_size=8, groups_per_step=4, srr_candidates=4, srr_strength=0.7,
+    ),
+}
+
+# The reasoner's instructions: one visible constant per task (Sec. 4.1).
+RT2I_INSTRUCTION = (
+    "You will draw an image for this request: \"{prompt}\". Before drawing, plan it: list the objects "
+    "and how many, their colours and other attributes, where each one is, the setting, the style, and "
+    "anything the request implies but does not say. Answer with the plan only, as short visual facts."
+)
+# Reflect mode (Sec. 2): tell the model that the image *is* wrong and make it look for errors; asking
+# "is this image correct?" triggers confirmation bias instead.
+REFLECT_INSTRUCTION = (
+    "This image was generated for the request: \"{prompt}\". It contains mistakes. Compare it with the "
+    "request detail by detail (objects, counts, colours, positions, text, style, visual defects) and find "
+    "what is wrong. Then write 'Diagnosis:' followed by the errors, and 'Fix:' followed by an imperative "
+    "instruction that corrects them."
+)
+
+# The toy preset's prompts: a closed grammar that the toy verifier of reward_server.py understands. One
+# target, "the bottom half is green" (headroom 0.2: best of 64 samples minus the mean, untrained toy), in
+# several wordings: the tiny random models learn one target in 20 CPU steps, while targets that differ per
+# prompt split the signal and need several times more steps (README, "The toy task").
+TOY_PROMPTS = [
+    {"prompt": p, "semantic_questions": [{"question": "Is the bottom half of the image green?", "tag": "Spatial"}],
+     "quality_questions": []}
+    for p in ("the bottom half is green", "green grass fills the lower half", "a green meadow at the bottom",
+              "a field below the horizon, green")
+]
+SEMANTIC_TAGS = ("Style", "Environment", "Viewpoint", "Existence", "Count", "Attribute", "Action", "Spatial",
+                 "Text", "Negative")
+QUALITY_TAGS = ("Geometry", "Anatomy", "Texture", "Coherence", "Lighting", "Physics", "Legibility", "Aesthetics")
+
+
+def parse_args(argv=None) -> tuple[str, Args, dict]:
+    """`[train|sample] --flag value ...` -> (command, Args, extra sample options). Help text comes from
+    the field docstrings above; a preset's values apply first and explicit flags override them."""
+    source = ast.parse(open(__file__, encoding="utf-8").read() if "__file__" in globals() else "")
+    docs, body = {}, next((n.body for n in source.body if isinstance(n, ast.ClassDef) and n.name == "Args"), [])
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr):
+            docs[node.target.id] = nxt.value.value
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in ("train", "sample") else "train"
+    p = argparse.ArgumentParser(prog=f"alphagrpo.py {command}", argument_default=argparse.SUPPRESS)
+    for f in dataclasses.fields(Args):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=docs.get(f.name))
+        else:
+            p.add_argument(flag, type={"int": int, "float": float}.get(f.type, str), help=docs.get(f.name))
+    if command == "sample":
+        p.add_argument("--prompt", required=True, help="the request to draw")
+        p.add_argument("--refine-rounds", type=int, default=0, help="reflect-and-refine rounds after the first image")
+        p.add_argument("--checkpoint", default="", help="a checkpoint folder whose LoRA weights to load")
+    given = vars(p.parse_args(argv))
+    extra = {k: given.pop(k) for k in ("prompt", "refine_rounds", "checkpoint") if k in given}
+    preset = given.get("preset", Args.preset)
+    if preset not in PRESETS:
+        p.error(f"--preset must be one of {sorted(PRESETS)}, not {preset!r}")
+    args = Args(**{**PRESETS[preset], **given})
+    for name, allowed in [("task", ("rt2i", "srr", "mix")), ("std_mode", ("group", "batch")),
+                          ("srr_pick", ("min", "sample")), ("fpr_value", ("init", "group-min")),
+                          ("dtype", ("float32", "bfloat16"))]:
+        if getattr(args, name) not in allowed:
+            p.error(f"--{name.replace('_', '-')} must be one of {allowed}, not {getattr(args, name)!r}")
+    if not 0 < args.sde_window or args.sde_window_start_max + args.sde_window > args.num_steps - 1:
+        p.error("the SDE window must fit in the first T-1 steps: sde_window_start_max + sde_window <= num_steps - 1")
+    if args.task != "rt2i" and round(args.srr_strength * args.num_steps) < 2:
+        p.error("--srr-strength too low: the refinement needs at least 2 of the --num-steps steps")
+    if args.groups_per_step < args.updates_per_rollout:
+        p.error("--groups-per-step must be at least --updates-per-rollout (each update needs a group)")
+    return command, args, extra
+
+
+# --------------------------------------------------------------------------------------------------
+# Sec. 3: GRPO for language and for flow matching, as pure functions
+# --------------------------------------------------------------------------------------------------
+
+
+def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, std_mode: str = "group", eps: float = 1e-4):
+    """A_i = (R_i - mean_group(R)) / (std + eps), one scalar per trajectory (Sec. 3, GRPO).
+
+    rewards, group_ids: (N,). std is the population std (ddof=0) of the group ('group', Flow-GRPO) or of
+    all N rewards ('batch'). A group whose rewards are all equal carries no signal: its advantages are
+    exactly 0 (never NaN). Returns (A (N,), zero_std (N,) bool)."""
+    rewards = rewards.double()
+    A = torch.zeros_like(rewards)
+    zero_std = torch.zeros_like(rewards, dtype=torch.bool)
+    batch_std = rewards.std(unbiased=False) if rewards.numel() > 1 else rewards.new_tensor(0.0)
+    for g in group_ids.unique():
+        m = group_ids == g
+        r = rewards[m]
+        if bool((r == r[0]).all()):
+            zero_std[m] = True  # A stays 0: (r - mean) would be rounding noise divided by eps
+            continue
+        std = r.std(unbiased=False) if std_mode == "group" else batch_std
+        A[m] = (r - r.mean()) / (std + eps)
+    return A.float(), zero_std
+
+
+def sde_step(v: torch.Tensor, x: torch.Tensor, sigma, sigma_next, noise_level: float, sigma_1: float,
+             prev_sample: torch.Tensor | None = None, generator: torch.Generator | None = None):
+    """One step of the flow sampler as a Gaussian policy (Sec. 3, Flow-GRPO's Euler-Maruyama SDE).
+
+    Samples x_{t-1} when prev_sample is None, else scores the given one; the same code does both, so
+    rollout and training log-probs cannot drift apart. v, x: (B, C, h, w); sigma, sigma_next: floats or
+    (B,) with sigma = t and dt = sigma_next - sigma < 0; sigma_1 is the schedule's second sigma.
+    Returns (x_{t-1}, log_prob (B,) or None when std is 0, mean, std_t), all in float32 (bf16 overflows).
+
+    The log-prob is averaged over latent elements (Flow-GRPO, official code), so exp(logp - logp_old) is
+    the per-element geometric mean of the density ratio, and the image clip range is tiny (1e-4)."""
+    v, x = v.float(), x.float()
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(shape)
+    sigma_next = torch.as_tensor(sigma_next, dtype=torch.float32, device=x.device).reshape(shape)
+    dt = sigma_next - sigma
+    # std_t = a * sqrt(t / (1 - t)); at t = 1 only the denominator's t becomes sigma_1 (it would divide by 0)
+    std_t = noise_level * torch.sqrt(sigma / (1 - torch.where(sigma == 1, torch.full_like(sigma, sigma_1), sigma)))
+    # mu = x + v dt + std_t^2 / (2t) * (x + (1 - t) v) dt: the Euler step plus the score correction
+    # that keeps the SDE's marginals equal to the ODE's. With std_t = 0 it is exactly the Euler step.
+    mean = x + v * dt + std_t**2 / (2 * sigma) * (x + (1 - sigma) * v) * dt
+    scale = std_t * torch.sqrt(-dt)  # the step's standard deviation, std_t * sqrt(|dt|)
+    if prev_sample is None:
+        if noise_level == 0:
+            return mean, None, mean, std_t
+        noise = torch.randn(x.shape, generator=generator, dtype=torch.float32,
+                            device=generator.device if generator is not None else x.device).to(x.device)
+        prev_sample = mean + scale * noise
+    elif bool((scale == 0).any()):
+        raise ValueError("sde_step: cannot score a sample under a zero std (noise_level 0 or dt 0 is an ODE "
+                         "step, which has no density); score only the SDE window's steps")
+    prev_sample = prev_sample.float()
+    # log N(x_{t-1}; mu, scale^2), averaged over all but the batch dimension
+    log_prob = -((prev_sample.detach() - mean) ** 2) / (2 * scale**2) - torch.log(scale) - 0.5 * math.log(2 * math.pi)
+    return prev_sample, log_prob.mean(dim=tuple(range(1, x.ndim))), mean, std_t
+
+
+def image_kl(mean: torch.Tensor, mean_ref: torch.Tensor, std_t: torch.Tensor, dt, flow_grpo_form: bool = False):
+    """Closed-form KL(pi_theta || pi_ref) of one SDE step, averaged per latent element to match the log-prob:
+    KL = mean((mu_theta - mu_ref)^2) / (2 std_t^2 |dt|) (Sec. 3, "weighted distance between velocity fields").
+    Flow-GRPO and the official code drop |dt|, so their beta equals ours divided by |dt| (ours = theirs * |dt|);
+    flow_grpo_form=True gives their expression. Returns (B,)."""
+    dims = tuple(range(1, mean.ndim))
+    var = std_t.reshape(-1) ** 2 * (1.0 if flow_grpo_form else abs(float(dt)))
+    return ((mean - mean_ref) ** 2).mean(dim=dims) / (2 * var)
+
+
+def text_loss(logp, old_logp, ref_logp, A, mask, clip_low: float, clip_high: float, beta: float = 0.0,
+              seq_level: bool = False):
+    """GRPO text loss (Sec. 3, Eq. of L_text): PPO clip with separate ranges, k3 KL to the reference.
+
+    logp, old_logp, ref_logp: (G, L) per-token log-probs (ref_logp may be None when beta is 0); A: (G,)
+    one advantage per sequence; mask: (G, L) 1 on generated tokens. The loss is the token-level masked mean
+    over the batch. seq_level=True uses one ratio per sequence (GSPO), exp(mean_tokens(logp - old_logp)).
+    Returns (loss, clipfrac, kl)."""
+    mask = mask.float()
+    n_tok = mask.sum().clamp(min=1)
+    log_ratio = logp - old_logp
+    if seq_level:  # GSPO: one ratio per sequence, shared by its tokens
+        log_ratio = ((log_ratio * mask).sum(1) / mask.sum(1).clamp(min=1))[:, None].expand_as(logp)
+    r = torch.exp(log_ratio)  # (G, L)
+    A = A[:, None]  # (G, 1): each sequence keeps its own advantage (never (G,) against (G, 1) -> GxG)
+    per_token = -torch.min(r * A, r.clamp(1 - clip_low, 1 + clip_high) * A)  # (G, L)
+    # clipped = tokens whose gradient the clip removed
+    clipped = ((r < 1 - clip_low) & (A < 0)) | ((r > 1 + clip_high) & (A > 0))
+    clipfrac = (clipped.float() * mask).sum() / n_tok
+    kl = torch.zeros((), device=logp.device)
+    if ref_logp is not None:
+        d = ref_logp - logp
+        kl = ((torch.exp(d) - d - 1) * mask).sum() / n_tok  # k3 estimator of KL(pi_theta || pi_ref)
+    loss = (per_token * mask).sum() / n_tok + beta * kl
+    return loss, clipfrac.detach(), kl.detach()
+
+
+def image_loss(logp, old_logp, A, clip: float, adv_clip: float = 5.0, kl=None, beta: float = 0.0):
+    """Flow-GRPO image loss (Sec. 3, Eq. of L_img): the density ratio of each trained step, clipped.
+
+    logp, old_logp: (G, W) element-averaged log-probs of the W trained steps; A: (G,); kl: (G, W) or None.
+    Mean over trained steps and samples. Returns (loss, clipfrac)."""
+    A = A.clamp(-adv_clip, adv_clip)[:, None]  # (G, 1)
+    r = torch.exp(logp - old_logp)  # (G, W)
+    per_step = torch.max(-A * r, -A * r.clamp(1 - clip, 1 + clip))
+    clipped = ((r < 1 - clip) & (A < 0)) | ((r > 1 + clip) & (A > 0))
+    loss = per_step.mean() + (beta * kl.mean() if kl is not None and beta else 0.0)
+    return loss, clipped.float().mean().detach()
+
+
+# --------------------------------------------------------------------------------------------------
+# Sec. 4.1: False-Positive Rectification
+# --------------------------------------------------------------------------------------------------
+
+
+def false_positive_rectification(refined: torch.Tensor, init_reward: float, value: str = "init"):
+    """FPR (Sec. 4.1): a refinement must strictly improve on the initial image. Before normalization,
+    each refinement with R(refined) <= R(x_init) (ties fail) gets the group minimum: the initial image's
+    reward (value='init', official code; it is then the minimum) or the lowest refined reward
+    (value='group-min', the paper's wording). So a failed refinement never gets a positive advantage.
+
+    refined: (G,). Returns (rectified rewards (G,), failed (G,) bool, skip) where skip means no refinement
+    improved: the group carries no signal and must be dropped from the loss and its denominator."""
+    failed = refined <= init_reward
+    floor = init_reward if value == "init" else float(refined.min())
+    rectified = torch.where(failed, torch.full_like(refined, floor), refined)
+    return rectified, failed, bool(failed.all())
+
+
+# --------------------------------------------------------------------------------------------------
+# The models: a hand-written LoRA, the reasoner (transformers) and the renderer (diffusers)
+# --------------------------------------------------------------------------------------------------
+
+
+class LoRALinear(nn.Module):
+    """y = W x + (alpha / r) * B A x, with W frozen. A, B in float32 whatever the base dtype.
+    Key names (`lora_A.weight`, `lora_B.weight`) match PEFT's, which makes the export a renaming."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base, self.scale, self.enabled = base, alpha / rank, True
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=base.weight.device, dtype=torch.float32)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device, dtype=torch.float32)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's init: A random, B zero,
+        nn.init.zeros_(self.lora_B.weight)  # so training starts exactly at the base model
+
+    def forward(self, x):
+        y = self.base(x)
+        if not self.enabled:
+            return y
+        return y + (self.lora_B(self.lora_A(x.to(torch.float32))) * self.scale).to(y.dtype)
+
+
+def add_lora(model: nn.Module, targets: str, rank: int, alpha: float) -> list[nn.Parameter]:
+    """Freeze `model` and wrap every nn.Linear whose name ends with one of the comma-separated targets."""
+    model.requires_grad_(False)
+    suffixes = tuple(t.strip() for t in targets.split(",") if t.strip())
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.endswith(suffixes)
+             and any(n == s or n.endswith("." + s) for s in suffixes)]
+    if not names:
+        raise ValueError(f"no nn.Linear in {type(model).__name__} matches the LoRA targets {targets!r}")
+    params = []
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        lora = LoRALinear(getattr(parent, child), rank, alpha)
+        setattr(parent, child, lora)
+        params += [lora.lora_A.weight, lora.lora_B.weight]
+    return params
+
+
+@contextlib.contextmanager
+def lora_disabled(*models: nn.Module):
+    """The reference policy pi_ref is the same model with LoRA switched off (no second copy)."""
+    layers = [m for model in models for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in layers:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.enabled = True
+
+
+@dataclass
+class TextRollout:
+    """G reasoning texts for one prompt (one group): everything the text loss needs, on the device."""
+    inputs: dict  # processor outputs for the prompt (+ image), batch G, no padding (same prompt)
+    ids: torch.Tensor  # (G, L) generated tokens, padded after the first EOS
+    mask: torch.Tensor  # (G, L) 1 on generated tokens up to and including the first EOS
+    texts: list[str]
+    old_logp: torch.Tensor | None = None  # (G, L) log-probs at rollout time
+    ref_logp: torch.Tensor | None = None  # (G, L) log-probs of pi_ref (only when beta_text > 0)
+
+
+class Reasoner:
+    """pi_text: a Qwen-VL instruct model from transformers. It writes the plan (RT2I) or looks at an image
+    and writes the diagnosis and fix (SRR). Interface: generate() and token_logprobs()."""
+
+    def __init__(self, path: str, device, dtype, args: Args):
+        from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
+
+        self.processor = AutoProcessor.from_pretrained(path)
+        self.model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device).eval()
+        cfg = self.model.generation_config
+        # The shipped generation_config holds top_p/top_k/temperature defaults; sampling with them while
+        # scoring with the plain softmax would make the stored log-probs off-policy. Keep only the ids.
+        self.model.generation_config = GenerationConfig(eos_token_id=cfg.eos_token_id, pad_token_id=(
+            cfg.pad_token_id if cfg.pad_token_id is not None else self.processor.tokenizer.pad_token_id))
+        eos = cfg.eos_token_id
+        self.eos_ids = torch.tensor(eos if isinstance(eos, list) else [eos], device=device)
+        self.lora_params = add_lora(self.model, args.reasoner_lora_targets, args.lora_rank, args.lora_alpha)
+        if args.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.device, self.temperature, self.max_new_tokens = device, args.temperature, args.max_new_tokens
+
+    def chat_inputs(self, instruction: str, image: Image.Image | None, n: int) -> dict:
+        """The chat-templated prompt, repeated n times (image before the text in the user turn)."""
+        content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": instruction}]
+        text = self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                                  tokenize=False)
+        kwargs = {"images": [image] * n} if image is not None else {}
+        inputs = self.processor(text=[text] * n, return_tensors="pt", **kwargs)
+        return {k: v.to(self.device) for k, v in inputs.items()}
+
+    @torch.no_grad()
+    def generate(self, instruction: str, image: Image.Image | None, n: int) -> TextRollout:
+        """Sample n texts y ~ pi_text(. | c) with plain temperature sampling."""
+        inputs = self.chat_inputs(instruction, image, n)
+        P = inputs["input_ids"].shape[1]
+        out = self.model.generate(**inputs, do_sample=True, temperature=self.temperature, top_p=1.0, top_k=0,
+                                  max_new_tokens=self.max_new_tokens)
+        ids = out[:, P:]  # (G, L)
+        is_eos = torch.isin(ids, self.eos_ids)
+        # 1 up to and including the first EOS: cumsum of EOS before this position must be 0
+        mask = ((is_eos.cumsum(1) - is_eos.long()) == 0).long()
+        ids = ids.masked_fill(mask == 0, self.model.generation_config.pad_token_id)
+        texts = self.processor.tokenizer.batch_decode(ids * mask + (1 - mask) * ids, skip_special_tokens=True)
+        return TextRollout(inputs=inputs, ids=ids, mask=mask, texts=[t.strip() for t in texts])
+
+    def token_logprobs(self, ro: TextRollout) -> torch.Tensor:
+        """log pi_text(y_k | c, y_<k) for every generated token, teacher-forced: (G, L). The rollout stores
+        exactly this function's output, so the first update's ratio is 1 up to nothing."""
+        inp = ro.inputs
+        L = ro.ids.shape[1]
+        kwargs = {k: v for k, v in inp.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+        if "mm_token_type_ids" in inp:  # the generated tokens are text (type 0) for Qwen-VL's 3-D rotary positions
+            kwargs["mm_token_type_ids"] = torch.cat([inp["mm_token_type_ids"], torch.zeros_like(ro.ids)], 1)
+        logits = self.model(input_ids=torch.cat([inp["input_ids"], ro.ids], 1),
+                            attention_mask=torch.cat([inp["attention_mask"], ro.mask], 1),
+                            logits_to_keep=L + 1, use_cache=False, **kwargs).logits[:, :-1]  # (G, L, V)
+        logp = (logits.float() / self.temperature).log_softmax(-1)
+        return logp.gather(-1, ro.ids[..., None]).squeeze(-1)
+
+
+@dataclass
+class ImageRollout:
+    """G denoising paths for one group: the SDE window's latents and log-probs, and the images."""
+    cond: tuple  # (prompt_embeds (2G, S, D), pooled (2G, D)): [negative; positive] for CFG
+    latents: torch.Tensor  # (G, W+1, C, h, w): x at the W trained steps and the one after the last
+    sigmas: torch.Tensor  # (W+1,) the sigmas of those latents
+    sigma_1: float  # the schedule's second sigma (sde_step's guard at t = 1)
+    old_logp: torch.Tensor  # (G, W)
+    images: list  # G PIL images
+
+
+class Renderer:
+    """pi_img: Stable Diffusion 3(.5) from diffusers, driven by our own sampler. Interface: encode(),
+    velocity(), decode(), encode_image()."""
+
+    def __init__(self, path: str, device, dtype, args: Args):
+        from diffusers import StableDiffusion3Pipeline
+
+        self.pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=dtype, low_cpu_mem_usage=False).to(device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.transformer, self.vae, self.scheduler = self.pipe.transformer, self.pipe.vae, self.pipe.scheduler
+        self.transformer.eval()
+        self.lora_params = add_lora(self.transformer, args.renderer_lora_targets, args.lora_rank, args.lora_alpha)
+        for m in (self.vae, self.pipe.text_encoder, self.pipe.text_encoder_2, self.pipe.text_encoder_3):
+            m.requires_grad_(False)
+        if args.gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+        self.device, self.dtype, self.args = device, dtype, args
+        self.latent_size = args.resolution // self.pipe.vae_scale_factor
+
+    def sigmas(self, num_steps: int) -> torch.Tensor:
+        """The scheduler's shifted sigmas (T+1,), from 1 to 0 (SD3.5: shift 3)."""
+        self.scheduler.set_timesteps(num_steps, device="cpu")
+        return self.scheduler.sigmas.float().cpu()
+
+    @torch.no_grad()
+    def encode(self, texts: list[str]) -> tuple:
+        """Text conditioning with the frozen CLIP-L, CLIP-G and T5 encoders; [negative; positive] for CFG."""
+        emb, neg, pooled, neg_pooled = self.pipe.encode_prompt(
+            prompt=texts, prompt_2=None, prompt_3=None, device=self.device, do_classifier_free_guidance=True,
+            negative_prompt=[""] * len(texts), max_sequence_length=self.args.max_t5_tokens)
+        return torch.cat([neg, emb]), torch.cat([neg_pooled, pooled])
+
+    def velocity(self, x: torch.Tensor, sigma: float, cond: tuple) -> torch.Tensor:
+        """v_theta(x_t, t, c) with classifier-free guidance, in float32. x: (B, C, h, w)."""
+        x_in = torch.cat([x, x]).to(self.dtype)
+        t = torch.full((x_in.shape[0],), float(sigma) * self.scheduler.config.num_train_timesteps, device=x.device)
+        v = self.transformer(hidden_states=x_in, timestep=t.to(self.dtype), encoder_hidden_states=cond[0],
+                             pooled_projections=cond[1], return_dict=False)[0].float()
+        v_uncond, v_cond = v.chunk(2)
+        return v_uncond + self.args.guidance_scale * (v_cond - v_uncond)
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor) -> list:
+        """Latents (B, C, h, w) -> PIL images."""
+        cfg = self.vae.config
+        img = self.vae.decode((x / cfg.scaling_factor + cfg.shift_factor).to(self.vae.dtype), return_dict=False)[0]
+        img = ((img.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return [Image.fromarray(a) for a in img]
+
+    @torch.no_grad()
+    def encode_image(self, image: Image.Image) -> torch.Tensor:
+        """PIL image -> latents (1, C, h, w), deterministic (the posterior's mode)."""
+        import numpy as np
+
+        image = image.convert("RGB").resize((self.args.resolution,) * 2)
+        x = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(self.device)
+        z = self.vae.encode(x.to(self.vae.dtype)).latent_dist.mode().float()
+        return (z - self.vae.config.shift_factor) * self.vae.config.scaling_factor
+
+
+@torch.no_grad()
+def render(renderer: Renderer, cond: tuple, x: torch.Tensor, sigmas: torch.Tensor, window: range,
+           noise_level: float, generator: torch.Generator | None = None, start: int = 0):
+    """Run the sampler from x at sigmas[start] to sigmas[-1] = 0: SDE on the step indices in `window`, ODE
+    elsewhere. Returns (x_0 (G, C, h, w), window latents (G, W+1, C, h, w), window log-probs (G, W)),
+    the last two None for an empty window (pure ODE)."""
+    kept, logps, sigma_1 = [], [], float(sigmas[1])
+    for i in range(start, len(sigmas) - 1):
+        a = noise_level if i in window else 0.0
+        if i == window.start:
+            kept.append(x)
+        v = renderer.velocity(x, sigmas[i], cond)
+        x, logp, _, _ = sde_step(v, x, float(sigmas[i]), float(sigmas[i + 1]), a, sigma_1, generator=generator)
+        if i in window:
+            kept.append(x)
+            logps.append(logp)
+    if not len(window):
+        return x, None, None
+    return x, torch.stack(kept, 1), torch.stack(logps, 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Toy models: the real classes at tiny sizes, saved with save_pretrained and loaded with from_pretrained
+# --------------------------------------------------------------------------------------------------
+
+TOY_WORDS = ("red green blue yellow cyan magenta white black top bottom left right half image mostly bright dark "
+             "the a of is and with in on sky sun sea grass fire light shadow Yes No yes no Is The A Answer Diagnosis Fix "
+             ": . , ? ! "
+             "system user assistant").split()
+TOY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def build_toy_vlm(path: str, seed: int = 0) -> str:
+    """A tiny random Qwen3-VL (the reasoner's and the verifier's class) with a word-level tokenizer built
+    offline with `tokenizers`, saved with save_pretrained. Returns path."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import (PreTrainedTokenizerFast, Qwen2VLImageProcessor, Qwen3VLConfig,
+                              Qwen3VLForConditionalGeneration, Qwen3VLProcessor)
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>", "<|video_pad|>", "[UNK]"]
+    vocab = {t: i for i, t in enumerate(specials + list(TOY_WORDS))}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer, tk.decoder = pre_tokenizers.Whitespace(), decoders.WordPiece(prefix="##")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  unk_token="[UNK]", additional_special_tokens=specials[1:7])
+    size = {"shortest_edge": 64 * 64, "longest_edge": 64 * 64}  # every image becomes 64x64 -> 4 tokens
+    proc = Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(size=size, patch_size=16, temporal_patch_size=2, merge_size=2),
+        video_processor=Qwen3VLVideoProcessor(size=size, patch_size=16, temporal_patch_size=2, merge_size=2),
+        tokenizer=tok, chat_template=TOY_CHAT_TEMPLATE)
+    config = Qwen3VLConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
+                         rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [2, 1, 1],
+                                          "mrope_interleaved": True}),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=16,
+                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=32,
+                           num_position_embeddings=64, deepstack_visual_indexes=[0]),
+        image_token_id=vocab["<|image_pad|>"], video_token_id=vocab["<|video_pad|>"],
+        vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"],
+        eos_token_id=vocab["<|im_end|>"], pad_token_id=vocab["<|endoftext|>"])
+    torch.manual_seed(seed)
+    Qwen3VLForConditionalGeneration(config).save_pretrained(path)
+    proc.save_pretrained(path)
+    return path
+
+
+def build_toy_sd3(path: str, seed: int = 0) -> str:
+    """A tiny random StableDiffusion3Pipeline that keeps SD3.5-medium's non-default fields (16 latent
+    channels, VAE scaling/shift factors, no quant convs, qk RMS-norm, a dual-attention layer, shift 3).
+    Tokenizers are built offline (character-level CLIP BPE, T5 unigram). Returns path."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+
+    torch.manual_seed(seed)
+    chars = sorted(ByteLevel.alphabet())
+    clip_vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, **{c: i + 2 for i, c in enumerate(chars)},
+                  **{c + "</w>": i + 2 + len(chars) for i, c in enumerate(chars)}}
+    clip_tok = CLIPTokenizer(vocab=clip_vocab, merges=[], model_max_length=77)
+    letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;?!'\"-"
+    t5_vocab = ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)] + [(c, -5.0) for c in letters]
+                + [("\u2581" + c, -4.0) for c in letters])
+    t5_tok = T5Tokenizer(vocab=t5_vocab, extra_ids=0, model_max_length=512)
+
+    def clip(seed_offset):
+        torch.manual_seed(seed + seed_offset)
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(clip_vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+            num_attention_heads=2, projection_dim=16, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+            pad_token_id=1))
+
+    te1, te2 = clip(1), clip(2)
+    te3 = T5EncoderModel(T5Config(vocab_size=len(t5_vocab), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                  relative_attention_num_buckets=8))
+    transformer = SD3Transformer2DModel(
+        sample_size=4, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=32,
+        pos_embed_max_size=8, dual_attention_layers=(0,), qk_norm="rms_norm")
+    # 4 blocks: the real 8x downsampling, so a 32 px image has 4x4 latents and its colours vary between samples
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
+        latent_channels=16, norm_num_groups=4, sample_size=32, scaling_factor=1.5305,
+        shift_factor=0.0609,
+        use_quant_conv=False, use_post_quant_conv=False)
+    with torch.no_grad():  # hand-set weights, so that the toy task can be learnt in 20 CPU steps (README):
+        # zero the decoder's residual branches (ResNet conv2, attention output): it becomes a near-linear
+        # map from latents to pixels, so "greener" is one direction in latent space, not a maze;
+        for name, m in vae.decoder.named_modules():
+            if name.endswith(("conv2", "to_out.0")):
+                m.weight.zero_()
+                m.bias.zero_()
+        vae.decoder.conv_out.weight.mul_(3.0)  # and raise the contrast: random init decodes to near-grey
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=te1, tokenizer=clip_tok, text_encoder_2=te2, tokenizer_2=clip_tok,
+        text_encoder_3=te3, tokenizer_3=t5_tok)
+    pipe.save_pretrained(path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompts with DVReward questions (Sec. 4.3), and the reward client (Sec. 4.2 runs in reward_server.py)
+# --------------------------------------------------------------------------------------------------
+
+
+def normalize_row(row, where: str) -> dict:
+    """Validate one prompt row; accept our schema and the official AlphaGRPO one (question lists of strings
+    or of {"question": ..., "tag": ...} dicts). Raises ValueError naming `where` and the reason."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
+    if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+        raise ValueError(f"{where}: 'prompt' is missing or empty" if not row.get("prompt") else
+                         f"{where}: 'prompt' must be a string")
+    out = {"prompt": row["prompt"].strip()}
+    for key, tags in (("semantic_questions", SEMANTIC_TAGS), ("quality_questions", QUALITY_TAGS)):
+        qs = row.get(key, [] if key == "quality_questions" else None)
+        if not isinstance(qs, list):
+            raise ValueError(f"{where}: '{key}' is missing or not a list")
+        norm = []
+        for j, q in enumerate(qs):
+            q = {"question": q, "tag": None} if isinstance(q, str) else q
+            if not isinstance(q, dict) or not isinstance(q.get("question"), str) or not q["question"].strip():
+                raise ValueError(f"{where}: {key}[{j}] must be a non-empty string or a {{'question': str}} object")
+            tag = q.get("tag")
+            if tag is not None and tag not in tags:
+                raise ValueError(f"{where}: {key}[{j}] has unknown tag {tag!r} (allowed: {', '.join(tags)})")
+            norm.append({"question": q["question"].strip(), "tag": tag})
+        out[key] = norm
+    if not out["semantic_questions"]:
+        raise ValueError(f"{where}: no semantic question (DVReward needs at least one)")
+    for key in ("split", "task", "difficulty"):
+        if key in row and not isinstance(row[key], str):
+            raise ValueError(f"{where}: '{key}' must be a string")
+        out[key] = row.get(key)
+    return out
+
+
+def load_prompts(path: str, split: str | None = "train") -> list[dict]:
+    """Read a prompts.jsonl and validate every row (line numbers in errors). split=None keeps all rows."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            row = normalize_row(row, f"{path}:{n}")
+            if split is None or row["split"] in (split, None):
+                rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no prompt rows" + (f" with split {split!r}" if split else ""))
+    return rows
+
+
+class RewardError(RuntimeError):
+    """The reward server could not score a batch (down, or it rejected the request)."""
+
+
+class RewardClient:
+    """Scores images on the DVReward server(s) in background threads: submit() returns a Future, so the
+    next group is sampled while the last is scored (Sec. 4.3, "asynchronously calling the reward model")."""
+
+    def __init__(self, urls: str, token: str = "", max_body: int = 32 << 20, retries: int = 5):
+        self.urls = [u.strip().rstrip("/") for u in urls.split(",") if u.strip()]
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.max_body, self.retries, self.calls = max_body, retries, 0
+        self.pool = ThreadPoolExecutor(max_workers=4 * len(self.urls))
+
+    def submit(self, images: list, semantic: list, quality: list) -> Future:
+        """images: PIL list; semantic / quality: one list of question strings per image."""
+        url = self.urls[self.calls % len(self.urls)]  # spread requests over the servers
+        self.calls += 1
+        return self.pool.submit(self._score, url, images, semantic, quality)
+
+    def _score(self, url, images, semantic, quality) -> dict:
+        # PNG with fast compression: lossless, and cheap next to the verifier's forward pass
+        encoded = []
+        for im in images:
+            buf = io.BytesIO()
+            im.save(buf, format="PNG", compress_level=1)
+            encoded.append(base64.b64encode(buf.getvalue()).decode())
+        out = {"rewards": [], "semantic_scores": [], "quality_scores": []}
+        start = 0
+        while start < len(encoded):  # chunks under the server's body limit
+            end, size = start, 0
+            while end < len(encoded) and (end == start or size + len(encoded[end]) < self.max_body // 2):
+                size += len(encoded[end])
+                end += 1
+            body = {"images": encoded[start:end], "semantic_questions": semantic[start:end],
+                    "quality_questions": quality[start:end]}
+            part = self._post(url, body)
+            for k in out:
+                out[k] += part[k]
+            start = end
+        return out
+
+    def _post(self, url: str, body: dict) -> dict:
+        delay = 1.0
+        for attempt in range(self.retries + 1):
+            try:
+                r = requests.post(f"{url}/score", json=body, headers=self.headers, timeout=600)
+            except requests.ConnectionError as e:
+                problem = f"cannot connect ({type(e).__name__})"
+            else:
+                if r.status_code == 200:
+                    return r.json()
+                try:
+                    problem = f"HTTP {r.status_code}: {r.json().get('error', r.text[:200])}"
+                except ValueError:
+                    problem = f"HTTP {r.status_code}: {r.text[:200]}"
+                if r.status_code < 500:  # our request is wrong: retrying will not help
+                    raise RewardError(f"reward server {url} rejected the request: {problem}")
+            if attempt < self.retries:
+                print(f"reward server {url}: {problem}; retrying in {delay:.0f} s "
+                      f"({attempt + 1}/{self.retries})", file=sys.stderr)
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
+        raise RewardError(f"reward server {url} unreachable after {self.retries + 1} tries: {problem}. "
+                          "Start it with `python reward_server.py ...` or pass --reward-url.")
+
+
+def start_toy_reward_server() -> tuple[subprocess.Popen, str]:
+    """Start `reward_server.py --verifier toy` on a free localhost port; returns (process, url)."""
+    server = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reward_server.py")
+    proc = subprocess.Popen([sys.executable, server, "--verifier", "toy", "--port", "0"], stdout=subprocess.PIPE,
+                            text=True)
+    line = proc.stdout.readline()  # "reward server listening on http://127.0.0.1:PORT"
+    if "listening on" not in line:
+        proc.kill()
+        raise RewardError(f"the toy reward server did not start (it printed {line!r})")
+    return proc, line.split("listening on", 1)[1].strip()
+
+
+# --------------------------------------------------------------------------------------------------
+# Rollouts: one group = one prompt, G trajectories o_i = (y_i, x_i) (Sec. 4.1)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Group:
+    task: str  # 'rt2i' or 'srr'
+    row: dict  # the prompt row with its questions
+    text: TextRollout
+    image: ImageRollout
+    reward_future: Future
+    init_image: Image.Image | None = None  # SRR: the shared initial image (no gradient)
+    init_reward: float | None = None
+    rewards: torch.Tensor | None = None  # (G,) raw rewards
+    scores: dict | None = None  # per-question scores from the server
+    advantages: torch.Tensor | None = None  # (G,)
+    skip: bool = False  # SRR: no refinement improved; dropped from the loss
+    failed: torch.Tensor | None = None  # (G,) SRR: refinements that did not beat the initial image
+    fpr_rewards: torch.Tensor | None = None  # (G,) SRR: rewards after FPR, which the advantages use
+
+
+def questions(row: dict) -> tuple[list[str], list[str]]:
+    return [q["question"] for q in row["semantic_questions"]], [q["question"] for q in row["quality_questions"]]
+
+
+def renderer_text(prompt: str, reasoning: str) -> str:
+    # The prompt goes first: the CLIP encoders keep only 77 tokens, T5 carries the reasoning.
+    return f"{prompt}. {reasoning}" if reasoning else prompt
+
+
+def rollout_group(policy, row: dict, task: str, args: Args, gen: torch.Generator, client: RewardClient,
+                  sigmas: torch.Tensor, init=None, timers=None) -> Group:
+    """Sample one group (Sec. 4.1): G reasoning texts, then G images conditioned on them, and send the
+    images to the reward server without waiting. SRR: `init` = (initial image, its latents, its reward)."""
+    reasoner, renderer, G = policy["reasoner"], policy["renderer"], args.group_size
+    t0 = time.perf_counter()
+    if task == "rt2i":  # y is a plan
+        text = reasoner.generate(RT2I_INSTRUCTION.format(prompt=row["prompt"]), None, G)
+    else:  # y is a diagnosis and a fix of the initial image (reflect mode)
+        text = reasoner.generate(REFLECT_INSTRUCTION.format(prompt=row["prompt"]), init[0], G)
+    with torch.no_grad():
+        text.old_logp = reasoner.token_logprobs(text)
+        if args.beta_text > 0:
+            with lora_disabled(reasoner.model):
+                text.ref_logp = reasoner.token_logprobs(text)
+    t1 = time.perf_counter()
+    cond = renderer.encode([renderer_text(row["prompt"], y) for y in text.texts])
+    C, hw = renderer.transformer.config.in_channels, renderer.latent_size
+    noise = torch.randn((1 if args.same_init_noise else G, C, hw, hw), generator=gen).expand(G, -1, -1, -1)
+    noise = noise.to(renderer.device)
+    if task == "rt2i":
+        start, x = 0, noise
+    else:  # SDEdit: start from the initial image's latents noised to the strength's sigma
+        start = len(sigmas) - 1 - round(args.srr_strength * (len(sigmas) - 1))
+        s = sigmas[start]
+        x = (1 - s) * init[1].expand(G, -1, -1, -1) + s * noise  # flow matching: x_t = (1 - t) x_0 + t eps
+    w0 = start + int(torch.randint(0, args.sde_window_start_max + 1, (1,), generator=gen))
+    window = range(w0, min(w0 + args.sde_window, len(sigmas) - 2))  # never the last step
+    x0, kept, logp = render(renderer, cond, x, sigmas, window, args.noise_level, gen, start=start)
+    images = renderer.decode(x0)
+    t2 = time.perf_counter()
+    if timers is not None:
+        timers["reason"] += t1 - t0
+        timers["render"] += t2 - t1
+    sem, qual = questions(row)
+    future = client.submit(images, [sem] * G, [qual] * G)
+    image = ImageRollout(cond=cond, latents=kept, sigmas=sigmas[window.start:window.stop + 1],
+                         sigma_1=float(sigmas[1]), old_logp=logp, images=images)
+    return Group(task=task, row=row, text=text, image=image, reward_future=future,
+                 init_image=init[0] if init else None, init_reward=init[2] if init else None)
+
+
+@torch.no_grad()
+def initial_candidates(policy, row: dict, args: Args, gen: torch.Generator, client: RewardClient):
+    """SRR step 1 (Sec. 4.1): K initial images from the current policy with the deterministic ODE
+    sampler and no reasoning, sent for scoring. Returns (images, future)."""
+    renderer, K = policy["renderer"], args.srr_candidates
+    cond = renderer.encode([row["prompt"]] * K)
+    C, hw = renderer.transformer.config.in_channels, renderer.latent_size
+    x = torch.randn((K, C, hw, hw), generator=gen).to(renderer.device)
+    x0, _, _ = render(renderer, cond, x, renderer.sigmas(args.eval_num_steps), range(0), 0.0)
+    images = renderer.decode(x0)
+    sem, qual = questions(row)
+    return images, client.submit(images, [sem] * K, [qual] * K)
+
+
+def pick_initial(images: list, rewards: list, how: str, gen: torch.Generator):
+    """Keep the worst candidate (official code), or draw one with P ~ softmax(1 - R)."""
+    r = torch.tensor(rewards)
+    i = int(r.argmin()) if how == "min" else int(torch.multinomial(torch.softmax(1 - r, 0), 1, generator=gen))
+    return images[i], float(r[i])
+
+
+def finish_group(g: Group, args: Args):
+    """Wait for the group's rewards; SRR groups then go through FPR (before normalization)."""
+    res = g.reward_future.result()
+    g.scores = res
+    g.rewards = torch.tensor(res["rewards"], dtype=torch.float32)
+    if g.task == "srr":
+        g.failed = g.rewards <= g.init_reward
+        if args.fpr:
+            rectified, g.failed, g.skip = false_positive_rectification(g.rewards, g.init_reward, args.fpr_value)
+            g.fpr_rewards = rectified
+
+
+def assign_advantages(groups: list, args: Args) -> float:
+    """Group-relative advantages, each task normalized within its own groups. Returns the zero-std share."""
+    zero = []
+    for task in ("rt2i", "srr"):
+        gs = [g for g in groups if g.task == task]
+        if not gs:
+            continue
+        r = torch.cat([g.rewards if g.fpr_rewards is None else g.fpr_rewards for g in gs])
+        ids = torch.cat([torch.full((len(g.rewards),), k) for k, g in enumerate(gs)])
+        A, z = group_advantages(r, ids, args.std_mode)
+        for k, g in enumerate(gs):
+            g.advantages = A[ids == k]
+            zero.append(bool(z[ids == k].all()))
+    return sum(zero) / max(len(zero), 1)
+
+
+def group_loss(policy, g: Group, args: Args):
+    """L = L_text + lambda * L_img for one group (Sec. 4.1, unified objective): the same advantage A_i
+    drives the reasoning tokens and every trained denoising step of trajectory i."""
+    reasoner, renderer = policy["reasoner"], policy["renderer"]
+    A = g.advantages.to(reasoner.device)  # (G,)
+    logp = reasoner.token_logprobs(g.text)  # (G, L)
+    l_text, text_clipfrac, text_kl = text_loss(logp, g.text.old_logp, g.text.ref_logp, A, g.text.mask,
+                                               args.text_clip_low, args.text_clip_high, args.beta_text,
+                                               args.seq_level_ratio)
+    im = g.image
+    logps, kls = [], []
+    for j in range(im.latents.shape[1] - 1):  # the W trained steps
+        x, x_next, s, s_next = im.latents[:, j], im.latents[:, j + 1], float(im.sigmas[j]), float(im.sigmas[j + 1])
+        v = renderer.velocity(x, s, im.cond)
+        _, lp, mean, std = sde_step(v, x, s, s_next, args.noise_level, im.sigma_1, prev_sample=x_next)
+        logps.append(lp)
+        if args.beta_image > 0:
+            with torch.no_grad(), lora_disabled(renderer.transformer):
+                v_ref = renderer.velocity(x, s, im.cond)
+                _, _, mean_ref, _ = sde_step(v_ref, x, s, s_next, args.noise_level, im.sigma_1, prev_sample=x_next)
+            kls.append(image_kl(mean, mean_ref, std, s_next - s, args.kl_flow_grpo_form))
+    kl = torch.stack(kls, 1) if kls else None
+    l_img, image_clipfrac = image_loss(torch.stack(logps, 1), im.old_logp, A, args.image_clip, args.adv_clip, kl,
+                                       args.beta_image)
+    # Joint objective. The official code backpropagates text_loss_weight * K * L_text once and each of the
+    # K image steps' losses separately, i.e. a gradient of K * (w * L_text + mean_k L_img_k): lambda = 1 / w.
+    loss = l_text + args.lam * l_img
+    return loss, {"text_loss": l_text.item(), "image_loss": l_img.item(), "text_clipfrac": float(text_clipfrac),
+                  "image_clipfrac": float(image_clipfrac), "text_kl": float(text_kl) if args.beta_text > 0 else None,
+                  "image_kl": kl.mean().item() if kl is not None else None}
+
+
+def update(policy, optimizer, params, groups: list, args: Args, rng: random.Random) -> dict:
+    """`updates_per_rollout` optimizer steps, each on a disjoint share of the step's groups. A group dropped
+    by FPR is in no share, so it leaves both the loss and its denominator."""
+    live = [g for g in groups if not g.skip]
+    rng.shuffle(live)
+    stats = []
+    for u in range(args.updates_per_rollout):
+        share = live[u::args.updates_per_rollout]
+        if not share:
+            continue
+        for g in share:
+            loss, st = group_loss(policy, g, args)
+            (loss / len(share)).backward()  # the mean over the share's groups
+            stats.append(st)
+        torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return {k: mean_or_none([s[k] for s in stats]) for k in
+            ("text_loss", "image_loss", "text_clipfrac", "image_clipfrac", "text_kl", "image_kl")}
+
+
+def mean_or_none(xs):
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    return sum(xs) / len(xs) if xs else None
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------
+
+
+def load_policy(args: Args, out: str):
+    """Build (toy) or load the reasoner and the renderer, with LoRA, on the chosen device and dtype."""
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    dtype = getattr(torch, args.dtype)
+    reasoner_path, renderer_path = args.reasoner, args.renderer
+    # The toy models are fixed artifacts, like real checkpoints: the same weights whatever --seed says.
+    if args.preset == "toy" and not reasoner_path:
+        reasoner_path = build_toy_vlm(os.path.join(out, "toy_models", "reasoner"))
+    if args.preset == "toy" and not renderer_path:
+        renderer_path = build_toy_sd3(os.path.join(out, "toy_models", "renderer"))
+    torch.manual_seed(args.seed)  # the LoRA init
+    return {"reasoner": Reasoner(reasoner_path, device, dtype, args),
+            "renderer": Renderer(renderer_path, device, dtype, args), "device": device}
+
+
+def prompt_for(rows: list, position: int, seed: int) -> dict:
+    """The prompt at a data position: epochs over the rows, each in its own seeded order."""
+    epoch, i = divmod(position, len(rows))
+    order = list(range(len(rows)))
+    random.Random(seed * 7919 + epoch).shuffle(order)
+    return rows[order[i]]
+
+
+def save_grid(path: str, groups: list, max_groups: int = 4):
+    """A PNG of the step's samples: one row per group (SRR: the initial image first), rewards and text."""
+    cell, rows = 128, groups[:max_groups]
+    cols = max(len(g.image.images) + (g.init_image is not None) for g in rows)
+    grid = Image.new("RGB", (cols * cell, len(rows) * (cell + 36)), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, g in enumerate(rows):
+        tiles = ([(g.init_image, f"init {g.init_reward:.2f}", "")] if g.init_image is not None else []) + [
+            (im, f"R {float(x):.2f}", y) for im, x, y in zip(g.image.images, g.rewards, g.text.texts)]
+        for c, (im, label, text) in enumerate(tiles):
+            x0, y0 = c * cell, r * (cell + 36)
+            grid.paste(im.resize((cell, cell), Image.NEAREST), (x0, y0))
+            draw.text((x0 + 2, y0 + cell + 1), label, fill="black")
+            draw.text((x0 + 2, y0 + cell + 12), text[:24], fill="gray")
+            draw.text((x0 + 2, y0 + cell + 23), text[24:48], fill="gray")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    grid.save(path)
+
+
+def train(args: Args) -> str:
+    """The training loop. Returns the output folder."""
+    out = args.out or os.path.join("runs", f"{args.preset}-{args.task}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if os.path.exists(os.path.join(out, "metrics.jsonl")):
+        raise SystemExit(f"{out} already holds a run (metrics.jsonl); choose another --out")
+    os.makedirs(out, exist_ok=True)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    with open(os.path.join(out, "args.json"), "w") as f:
+        json.dump({**dataclasses.asdict(args), "git_commit": commit}, f, indent=1)
+
+    policy = load_policy(args, out)
+    reasoner, renderer = policy["reasoner"], policy["renderer"]
+    params = reasoner.lora_params + renderer.lora_params
+    optimizer = torch.optim.AdamW([{"params": reasoner.lora_params, "lr": args.reasoner_lr or args.lr},
+                                   {"params": renderer.lora_params}], lr=args.lr, weight_decay=args.weight_decay)
+    rows = TOY_PROMPTS if args.preset == "toy" and not args.prompts else load_prompts(args.prompts, "train")
+    tags = sorted({q["tag"] for r in rows for k in ("semantic_questions", "quality_questions")
+                   for q in r[k] if q["tag"]})
+    server = None
+    if not args.reward_url:
+        if args.preset != "toy":
+            raise SystemExit("--reward-url is required: start `python reward_server.py --verifier <model>` first")
+        server, args.reward_url = start_toy_reward_server()
+    client = RewardClient(args.reward_url, args.reward_token or os.environ.get("ALPHAGRPO_REWARD_TOKEN", ""))
+    sigmas = renderer.sigmas(args.num_steps)
+    print(f"training {args.preset}/{args.task} for {args.steps} steps on {policy['device']}; "
+          f"reward server {args.reward_url}; writing {out}")
+    bar = tqdm(range(args.steps), desc="train", dynamic_ncols=True)
+    try:
+        for step in bar:
+            t_step = time.perf_counter()
+            torch.manual_seed(args.seed * 1_000_003 + step)  # the reasoner's sampling: exact on resume
+            gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # every image noise
+            timers = {"reason": 0.0, "render": 0.0, "wait": 0.0}
+            n_srr = (args.groups_per_step if args.task == "srr" else
+                     round(args.mix_ratio * args.groups_per_step) if args.task == "mix" else 0)
+            tasks = ["srr"] * n_srr + ["rt2i"] * (args.groups_per_step - n_srr)
+            batch_rows = [prompt_for(rows, step * args.groups_per_step + k, args.seed) for k in range(len(tasks))]
+            groups = rollout_step(policy, batch_rows, tasks, args, gen, client, sigmas, timers)
+            t0 = time.perf_counter()
+            for g in groups:
+                finish_group(g, args)
+            timers["wait"] += time.perf_counter() - t0
+            zero_std_frac = assign_advantages(groups, args)
+            t0 = time.perf_counter()
+            stats = update(policy, optimizer, params, groups, args, random.Random(args.seed * 31 + step))
+            row = metrics_row(step, groups, stats, zero_std_frac, timers, time.perf_counter() - t0,
+                              time.perf_counter() - t_step, tags, args)
+            with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
+            bar.set_postfix(reward=f"{row['reward_mean']:.3f}")
+            if args.sample_every and (step % args.sample_every == 0 or step == args.steps - 1):
+                save_grid(os.path.join(out, "samples", f"step_{step:05d}.png"), groups)
+    finally:
+        client.pool.shutdown(wait=False, cancel_futures=True)
+        if server is not None:
+            server.terminate()
+    return out
+
+
+def rollout_step(policy, batch_rows, tasks, args, gen, client, sigmas, timers) -> list:
+    """All rollouts of one step, with the current weights. Each group's images are scored while the next
+    group is sampled. SRR first renders every prompt's initial candidates, so their scoring overlaps too."""
+    cands = {k: initial_candidates(policy, row, args, gen, client)
+             for k, (row, task) in enumerate(zip(batch_rows, tasks)) if task == "srr"}
+    groups = []
+    for k, (row, task) in enumerate(zip(batch_rows, tasks)):
+        init = None
+        if task == "srr":
+            images, future = cands[k]
+            t0 = time.perf_counter()
+            res = future.result()
+            timers["wait"] += time.perf_counter() - t0
+            image, reward = pick_initial(images, res["rewards"], args.srr_pick, gen)
+            init = (image, policy["renderer"].encode_image(image), reward)
+        groups.append(rollout_group(policy, row, task, args, gen, client, sigmas, init, timers))
+    return groups
+
+
+def metrics_row(step, groups, stats, zero_std_frac, timers, time_train, time_step, tags, args) -> dict:
+    """One JSON row per step; every row has every key (null where it does not apply, never NaN)."""
+    R = torch.cat([g.rewards for g in groups])
+    row = {"step": step, "reward_mean": float(R.mean()), "reward_std": float(R.std(unbiased=False)),
+           "zero_std_frac": zero_std_frac, **stats, "time_reason": timers["reason"],
+           "time_render": timers["render"], "time_reward_wait": timers["wait"], "time_train": time_train,
+           "time_step": time_step,
+           "text_len": float(torch.cat([g.text.mask.sum(1).float() for g in groups]).mean())}
+    per_tag = {t: [] for t in tags}
+    for g in groups:
+        for key, skey in (("semantic_questions", "semantic_scores"), ("quality_questions", "quality_scores")):
+            for scores in g.scores[skey]:
+                for q, s in zip(g.row[key], scores):
+                    if q["tag"] in per_tag:
+                        per_tag[q["tag"]].append(s)
+    row.update({f"score_{t}": mean_or_none(v) for t, v in per_tag.items()})
+    if args.task != "rt2i":
+        srr = [g for g in groups if g.task == "srr"]
+        row.update({
+            "reward_init_mean": mean_or_none([g.init_reward for g in srr]),
+            "reward_refined_mean": mean_or_none([float(g.rewards.mean()) for g in srr]),
+            "improved_frac": mean_or_none([float((g.rewards > g.init_reward).float().mean()) for g in srr]),
+            "fpr_frac": mean_or_none([float(g.failed.float().mean()) if args.fpr else 0.0 for g in srr]),
+            "skipped_frac": mean_or_none([float(g.skip) for g in srr])})
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+
+
+def main(argv=None):
+    command, args, extra = parse_args(argv)
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
+    # CLIP keeps 77 tokens by design (the prompt comes first, T5 reads the rest): drop that one warning
+    diffusers_logging.get_logger("diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3").addFilter(
+        lambda record: "truncated because" not in record.getMessage())
+    try:
+        if command == "train":
+            out = train(args)
+            print(f"done: {out}/metrics.jsonl")
+        else:
+            sample(args, **extra)
+    except (RewardError, ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

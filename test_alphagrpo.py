@@ -1,0 +1,583 @@
+"""Tests for alphagrpo.py and reward_server.py, on tiny models built from configs (nothing downloads).
+
+Each test compares against an independent computation (torch.distributions, Monte Carlo, diffusers'
+own scheduler, hand-worked examples) or checks a behaviour that a bug would break.
+"""
+import base64
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import Future
+from http.server import ThreadingHTTPServer
+
+import pytest
+import requests
+import torch
+from PIL import Image
+
+import alphagrpo as ag
+import reward_server as rs
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------
+
+
+class LocalClient:
+    """An in-process stand-in for RewardClient: the toy verifier, answered at once."""
+
+    def __init__(self, verifier=None):
+        self.verifier = verifier or rs.ToyVerifier()
+
+    def submit(self, images, semantic, quality):
+        f = Future()
+        f.set_result(rs.score_batch(self.verifier, images, semantic, quality))
+        return f
+
+
+@pytest.fixture(scope="session")
+def toy_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy_models")
+    return ag.build_toy_vlm(str(root / "reasoner")), ag.build_toy_sd3(str(root / "renderer"))
+
+
+def make_policy(toy_dirs, **kw):
+    args = ag.Args(reasoner=toy_dirs[0], renderer=toy_dirs[1], **kw)
+    return ag.load_policy(args, ""), args
+
+
+def randomize_lora(policy, scale=0.05, seed=1):
+    """Non-zero LoRA B, so that a rollout computed with LoRA off could not match a training pass."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for model in (policy["reasoner"].model, policy["renderer"].transformer):
+            for m in model.modules():
+                if isinstance(m, ag.LoRALinear):
+                    m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * scale)
+
+
+def png_b64(image):
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def solid(rgb, size=32, bottom=None):
+    im = Image.new("RGB", (size, size), rgb)
+    if bottom is not None:
+        im.paste(Image.new("RGB", (size, size // 2), bottom), (0, size // 2))
+    return im
+
+
+def serve(verifier, token="", **kw):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), rs.make_handler(verifier, token, **kw))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Sec. 3 math
+# --------------------------------------------------------------------------------------------------
+
+
+def test_sde_logprob_matches_torch_normal():
+    torch.manual_seed(0)
+    v, x = torch.randn(3, 4, 5, 5), torch.randn(3, 4, 5, 5)
+    sigma, sigma_next, a = 0.8, 0.6, 0.7
+    x_prev, logp, mean, std_t = ag.sde_step(v, x, sigma, sigma_next, a, sigma_1=0.95)
+    # independent: the mean written out, and torch.distributions.Normal for the density
+    dt = sigma_next - sigma
+    std = a * math.sqrt(sigma / (1 - sigma))
+    mu = x + v * dt + std**2 / (2 * sigma) * (x + (1 - sigma) * v) * dt
+    assert torch.allclose(mean, mu, atol=1e-6)
+    ref = torch.distributions.Normal(mu, std * math.sqrt(-dt)).log_prob(x_prev).mean(dim=(1, 2, 3))
+    assert torch.allclose(logp, ref, atol=1e-5)
+    # scoring the sampled x_prev again gives the same log-prob (one function samples and scores)
+    _, logp2, _, _ = ag.sde_step(v, x, sigma, sigma_next, a, sigma_1=0.95, prev_sample=x_prev)
+    assert torch.equal(logp, logp2)
+
+
+def test_sde_std_at_t1_uses_sigma_1_only_in_the_denominator():
+    v, x = torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2)
+    _, _, mean, std_t = ag.sde_step(v, x, 1.0, 0.9, 0.5, sigma_1=0.9)
+    assert torch.allclose(std_t.flatten(), torch.tensor([0.5 * math.sqrt(1.0 / (1 - 0.9))]))
+    assert torch.isfinite(mean).all()
+
+
+def test_noise_level_zero_is_exactly_the_euler_step():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sch = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sch.set_timesteps(6)
+    torch.manual_seed(0)
+    x, v = torch.randn(2, 16, 4, 4), torch.randn(2, 16, 4, 4)
+    for i in range(5):
+        ours, logp, _, _ = ag.sde_step(v, x, float(sch.sigmas[i]), float(sch.sigmas[i + 1]), 0.0, float(sch.sigmas[1]))
+        sch._step_index = i
+        theirs = sch.step(v, sch.timesteps[i], x, return_dict=False)[0]
+        assert torch.equal(ours, theirs), i
+        assert logp is None
+
+
+def test_scoring_under_zero_std_raises():
+    x = torch.randn(1, 2, 2, 2)
+    with pytest.raises(ValueError, match="zero std"):
+        ag.sde_step(x, x, 0.5, 0.4, 0.0, 0.9, prev_sample=x)
+
+
+def test_image_kl_matches_monte_carlo():
+    torch.manual_seed(0)
+    x, v, v_ref = torch.randn(1, 2, 3, 3), torch.randn(1, 2, 3, 3), torch.randn(1, 2, 3, 3)
+    sigma, sigma_next, a = 0.7, 0.55, 0.7
+    _, _, mu, std_t = ag.sde_step(v, x, sigma, sigma_next, a, 0.95)
+    _, _, mu_ref, _ = ag.sde_step(v_ref, x, sigma, sigma_next, a, 0.95)
+    kl = ag.image_kl(mu, mu_ref, std_t, sigma_next - sigma)
+    # Monte Carlo: E_{x ~ pi_theta}[log pi_theta(x) - log pi_ref(x)], per element, 200k samples
+    scale = float(std_t.flatten()[0]) * math.sqrt(sigma - sigma_next)
+    samples = mu + scale * torch.randn(200_000, *mu.shape[1:])
+    p, q = torch.distributions.Normal(mu, scale), torch.distributions.Normal(mu_ref, scale)
+    mc = (p.log_prob(samples) - q.log_prob(samples)).mean()
+    assert abs(float(kl) - float(mc)) < 0.02 * float(kl)
+    # Flow-GRPO's form drops |dt|: ours = theirs / |dt|
+    theirs = ag.image_kl(mu, mu_ref, std_t, sigma_next - sigma, flow_grpo_form=True)
+    assert torch.allclose(kl * (sigma - sigma_next), theirs, rtol=1e-5)
+
+
+def test_group_advantages_hand_worked():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 0.5, 0.5, 4.0, 0.0])
+    ids = torch.tensor([7, 7, 7, 3, 3, 9, 9])  # keyed by id, not by position or prompt string
+    A, zero = ag.group_advantages(rewards, ids)
+    std = math.sqrt(2 / 3)  # population std of [1, 2, 3]
+    expected = [-1 / (std + 1e-4), 0.0, 1 / (std + 1e-4), 0.0, 0.0, 2 / (2 + 1e-4), -2 / (2 + 1e-4)]
+    assert torch.allclose(A, torch.tensor(expected), atol=1e-6)
+    assert zero.tolist() == [False, False, False, True, True, False, False]
+    # batch-wide std: every group's centred rewards divided by the std of all 7 rewards
+    A_b, _ = ag.group_advantages(rewards, ids, std_mode="batch")
+    s = float(rewards.double().std(unbiased=False))
+    assert math.isclose(float(A_b[0]), -1 / (s + 1e-4), rel_tol=1e-6)
+    assert float(A_b[3]) == 0.0
+
+
+def test_equal_rewards_give_zero_not_nan():
+    A, zero = ag.group_advantages(torch.tensor([0.1, 0.1, 0.1]), torch.tensor([0, 0, 0]))
+    assert torch.equal(A, torch.zeros(3)) and zero.all()
+
+
+def test_text_loss_keeps_each_sequence_advantage():
+    """The official code multiplies a (B,) ratio with a (B, 1) advantage, a BxB product where every sequence
+    gets the batch's mean advantage. Here two sequences with advantages +1 and -1 must be pushed apart."""
+    logp = torch.zeros(2, 3, requires_grad=True)
+    A = torch.tensor([1.0, -1.0])
+    mask = torch.ones(2, 3)
+    loss, _, _ = ag.text_loss(logp, logp.detach(), None, A, mask, 0.2, 0.28)
+    loss.backward()
+    assert (logp.grad[0] < 0).all() and (logp.grad[1] > 0).all()  # descent raises seq 0, lowers seq 1
+    # the buggy broadcast, for contrast: every gradient would be 0 (the mean advantage)
+    r = torch.exp(logp.detach().flatten() - logp.detach().flatten())
+    assert float((r * A.repeat_interleave(3).unsqueeze(1)).mean(0).abs().max()) < 1e-6
+    # and the loss value by hand: -mean(r * A) over the 6 tokens = 0
+    assert abs(loss.item()) < 1e-7
+
+
+def test_text_loss_clip_higher_and_masking_by_hand():
+    old = torch.zeros(1, 4)
+    logp = torch.log(torch.tensor([[1.5, 1.5, 0.5, 2.0]]))  # ratios 1.5, 1.5, 0.5 and a masked 2.0
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    loss, clipfrac, _ = ag.text_loss(logp, old, None, torch.tensor([1.0]), mask, 0.2, 0.28)
+    # A > 0: min(r, clip(r, 0.8, 1.28)) = 1.28, 1.28, 0.5; the third is not clipped (r < 1, A > 0)
+    assert math.isclose(float(loss), -(1.28 + 1.28 + 0.5) / 3, rel_tol=1e-6)
+    assert math.isclose(float(clipfrac), 2 / 3, rel_tol=1e-6)
+    loss_neg, clipfrac_neg, _ = ag.text_loss(logp, old, None, torch.tensor([-1.0]), mask, 0.2, 0.28)
+    # A < 0: -min(-r, -clip(r)) = max(r, clip(r)): 1.5, 1.5, 0.8
+    assert math.isclose(float(loss_neg), (1.5 + 1.5 + 0.8) / 3, rel_tol=1e-6)
+    assert math.isclose(float(clipfrac_neg), 1 / 3, rel_tol=1e-6)
+
+
+def test_text_loss_k3_kl_and_sequence_level_ratio():
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, -0.1]])
+    ref = torch.tensor([[-1.5, -1.0], [-0.5, -0.3]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    _, _, kl = ag.text_loss(logp, logp, ref, torch.zeros(2), mask, 0.2, 0.28, beta=0.1)
+    d = [-0.5, 1.0, 0.0]
+    assert math.isclose(float(kl), sum(math.exp(x) - x - 1 for x in d) / 3, rel_tol=1e-6)
+    # GSPO: one ratio per sequence, exp of the mean token log-ratio
+    old = torch.zeros(2, 2)
+    new = torch.tensor([[0.1, 0.3], [0.2, 5.0]])  # the masked 5.0 must not count
+    loss, _, _ = ag.text_loss(new, old, None, torch.tensor([1.0, 1.0]), mask, 10.0, 10.0, seq_level=True)
+    r0, r1 = math.exp(0.2), math.exp(0.2)
+    assert math.isclose(float(loss), -(r0 * 2 + r1 * 1) / 3, rel_tol=1e-6)
+
+
+def test_image_loss_by_hand():
+    old = torch.zeros(2, 2)
+    logp = torch.log(torch.tensor([[1.0, 1.5], [0.5, 1.0]]))
+    A = torch.tensor([10.0, -1.0])  # the first is clipped to 5
+    loss, clipfrac = ag.image_loss(logp, old, A, clip=0.1, adv_clip=5.0)
+    # per step: max(-A r, -A clip(r)): [-5, -5*1.1], [0.9 (r=0.5 -> clip 0.9), 1.0]
+    assert math.isclose(float(loss), (-5 - 5.5 + 0.9 + 1.0) / 4, rel_tol=1e-6)
+    assert math.isclose(float(clipfrac), 2 / 4)
+
+
+def test_fpr_hand_worked_groups():
+    refined = torch.tensor([0.6, 0.5, 0.4, 0.7])
+    r, failed, skip = ag.false_positive_rectification(refined, init_reward=0.5)
+    assert r.tolist() == pytest.approx([0.6, 0.5, 0.5, 0.7]) and failed.tolist() == [False, True, True, False]
+    assert not skip  # ties (0.5 == 0.5) count as failure
+    r, _, _ = ag.false_positive_rectification(refined, init_reward=0.5, value="group-min")
+    assert r.tolist() == pytest.approx([0.6, 0.4, 0.4, 0.7])
+    # after rectification every failed refinement has a negative advantage
+    A, _ = ag.group_advantages(ag.false_positive_rectification(refined, 0.5)[0], torch.zeros(4))
+    assert (A[failed] < 0).all() and (A[~failed] > 0).all()
+    # without FPR the tie at 0.5 would have been pushed up relative to the 0.4
+    r, failed, skip = ag.false_positive_rectification(torch.tensor([0.3, 0.2, 0.3]), init_reward=0.3)
+    assert skip and failed.all()
+
+
+# --------------------------------------------------------------------------------------------------
+# LoRA and the models
+# --------------------------------------------------------------------------------------------------
+
+
+def test_lora_zero_init_disable_and_merge():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 4))
+    x = torch.randn(3, 6)
+    base = model(x)
+    params = ag.add_lora(model, "0,2", rank=2, alpha=4.0)
+    assert len(params) == 4 and all(p.requires_grad for p in params)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "lora" not in n)
+    assert torch.equal(model(x), base)  # B = 0 at init
+    with torch.no_grad():
+        model[0].lora_B.weight.normal_()
+    assert not torch.allclose(model(x), base)
+    with ag.lora_disabled(model):
+        assert torch.equal(model(x), base)
+    # merging W + (alpha / r) B A by hand gives the same function
+    l0 = model[0]
+    merged = torch.nn.Linear(6, 5)
+    with torch.no_grad():
+        merged.weight.copy_(l0.base.weight + l0.scale * l0.lora_B.weight @ l0.lora_A.weight)
+        merged.bias.copy_(l0.base.bias)
+    assert torch.allclose(model[0](x), merged(x), atol=1e-6)
+
+
+def test_toy_models_round_trip(toy_dirs, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    vlm = AutoModelForImageTextToText.from_pretrained(toy_dirs[0])
+    torch.manual_seed(0)
+    again = ag.build_toy_vlm(str(tmp_path / "again"))
+    vlm2 = AutoModelForImageTextToText.from_pretrained(again)
+    assert type(vlm).__name__ == "Qwen3VLForConditionalGeneration"
+    sd1, sd2 = vlm.state_dict(), vlm2.state_dict()
+    assert sd1.keys() == sd2.keys() and all(torch.equal(sd1[k], sd2[k]) for k in sd1)  # deterministic build
+    proc = AutoProcessor.from_pretrained(toy_dirs[0])
+    ids = proc.tokenizer("Is the bottom half green?")["input_ids"]
+    assert proc.tokenizer.decode(ids) == "Is the bottom half green?" and proc.tokenizer.unk_token_id not in ids
+    pipe = StableDiffusion3Pipeline.from_pretrained(toy_dirs[1])
+    t, vae = pipe.transformer.config, pipe.vae.config
+    # the real SD3.5-medium fields the toy keeps
+    assert (t.in_channels, t.qk_norm, tuple(t.dual_attention_layers)) == (16, "rms_norm", (0,))
+    assert (vae.latent_channels, vae.scaling_factor, vae.shift_factor) == (16, 1.5305, 0.0609)
+    assert pipe.vae_scale_factor == 8 and pipe.scheduler.config.shift == 3.0
+
+
+def rollout(policy, args, task="rt2i", seed=0, row=None):
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    row = row or ag.TOY_PROMPTS[0]
+    sigmas = policy["renderer"].sigmas(args.num_steps)
+    init = None
+    if task == "srr":
+        images, fut = ag.initial_candidates(policy, row, args, gen, LocalClient())
+        image, reward = ag.pick_initial(images, fut.result()["rewards"], "min", gen)
+        init = (image, policy["renderer"].encode_image(image), reward)
+    g = ag.rollout_group(policy, row, task, args, gen, LocalClient(), sigmas, init)
+    ag.finish_group(g, args)
+    ag.assign_advantages([g], args)
+    return g
+
+
+def current_logps(policy, g, args):
+    """Text (G, L) and image (G, W) log-probs of the stored rollout under the current weights."""
+    text = policy["reasoner"].token_logprobs(g.text)
+    im, lps = g.image, []
+    for j in range(im.latents.shape[1] - 1):
+        v = policy["renderer"].velocity(im.latents[:, j], float(im.sigmas[j]), im.cond)
+        lps.append(ag.sde_step(v, im.latents[:, j], float(im.sigmas[j]), float(im.sigmas[j + 1]), args.noise_level,
+                               im.sigma_1, prev_sample=im.latents[:, j + 1])[1])
+    return text, torch.stack(lps, 1)
+
+
+def test_first_update_ratio_is_exactly_one_with_nonzero_lora(toy_dirs):
+    policy, args = make_policy(toy_dirs, group_size=4)
+    randomize_lora(policy)
+    g = rollout(policy, args)
+    with torch.no_grad():
+        text, image = current_logps(policy, g, args)
+    assert torch.equal(text * g.text.mask, g.text.old_logp * g.text.mask)
+    assert torch.equal(image, g.image.old_logp)
+    # a rollout computed with LoRA off would not match: the check above has teeth
+    with torch.no_grad(), ag.lora_disabled(policy["reasoner"].model, policy["renderer"].transformer):
+        text_off, image_off = current_logps(policy, g, args)
+    assert not torch.allclose(text_off * g.text.mask, g.text.old_logp * g.text.mask)
+    assert not torch.allclose(image_off, g.image.old_logp)
+    # and group_loss sees ratio 1: nothing is clipped
+    loss, stats = ag.group_loss(policy, g, args)
+    assert stats["text_clipfrac"] == 0 and stats["image_clipfrac"] == 0
+
+
+def test_generation_is_plain_temperature_sampling(toy_dirs):
+    """generate() must not apply top-p/top-k: its processed scores equal the raw logits / T, and the
+    teacher-forced log-probs equal the sampler's own, so the stored log-probs are on-policy."""
+    policy, args = make_policy(toy_dirs, temperature=0.7)
+    r = policy["reasoner"]
+    inputs = r.chat_inputs("the bottom half is green", None, 3)
+    out = r.model.generate(**inputs, do_sample=True, temperature=0.7, top_p=1.0, top_k=0, max_new_tokens=5,
+                           output_scores=True, output_logits=True, return_dict_in_generate=True)
+    for scores, logits in zip(out.scores, out.logits):
+        assert torch.allclose(scores.log_softmax(-1), (logits / 0.7).log_softmax(-1), atol=1e-5)
+    ro = r.generate("the bottom half is green", None, 3)
+    assert ro.ids.shape[0] == 3 and ro.mask.sum() > 0
+    assert r.model.generation_config.top_p is None or r.model.generation_config.top_p == 1.0
+
+
+def test_one_update_moves_logprobs_with_the_advantage(toy_dirs):
+    """After one update sum_i A_i * delta_logp_i > 0; with one trajectory, sign(delta_logp) = sign(A).
+    Checked for the text and the image part separately."""
+    policy, args = make_policy(toy_dirs, group_size=6, lr=1e-3, updates_per_rollout=1)
+    g = rollout(policy, args, seed=3)
+    assert g.advantages.abs().sum() > 0
+    params = policy["reasoner"].lora_params + policy["renderer"].lora_params
+    opt = torch.optim.SGD(params, lr=1e-2)
+    with torch.no_grad():
+        t0, i0 = current_logps(policy, g, args)
+    loss, _ = ag.group_loss(policy, g, args)
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        t1, i1 = current_logps(policy, g, args)
+    d_text = ((t1 - t0) * g.text.mask).sum(1)
+    d_image = (i1 - i0).sum(1)
+    assert float((g.advantages * d_text).sum()) > 0
+    assert float((g.advantages * d_image).sum()) > 0
+    for sign in (1.0, -1.0):  # a single trajectory with A = +1 or -1
+        policy, args = make_policy(toy_dirs, group_size=1)
+        g = rollout(policy, args, seed=4)
+        g.advantages = torch.tensor([sign])
+        params = policy["reasoner"].lora_params + policy["renderer"].lora_params
+        opt = torch.optim.SGD(params, lr=1e-2)
+        with torch.no_grad():
+            t0, i0 = current_logps(policy, g, args)
+        ag.group_loss(policy, g, args)[0].backward()
+        opt.step()
+        with torch.no_grad():
+            t1, i1 = current_logps(policy, g, args)
+        assert math.copysign(1, float(((t1 - t0) * g.text.mask).sum())) == sign
+        assert math.copysign(1, float((i1 - i0).sum())) == sign
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompt rows
+# --------------------------------------------------------------------------------------------------
+
+
+def test_load_prompts_rejects_bad_rows_with_line_numbers(tmp_path):
+    good = {"prompt": "a cat", "split": "train", "task": "t", "difficulty": "easy",
+            "semantic_questions": [{"question": "Is there a cat?", "tag": "Existence"}], "quality_questions": []}
+    cases = [
+        ({**good, "prompt": ""}, "empty"),
+        ({k: v for k, v in good.items() if k != "semantic_questions"}, "'semantic_questions' is missing"),
+        ({**good, "semantic_questions": []}, "no semantic question"),
+        ({**good, "semantic_questions": [{"question": "Is there a cat?", "tag": "Colour"}]}, "unknown tag 'Colour'"),
+        ({**good, "quality_questions": "Is it sharp?"}, "not a list"),
+        ({**good, "split": 3}, "'split' must be a string"),
+    ]
+    for row, reason in cases:
+        path = tmp_path / "p.jsonl"
+        path.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
+        with pytest.raises(ValueError, match=f"p.jsonl:2: .*{reason}"):
+            ag.load_prompts(str(path))
+    path.write_text(json.dumps(good) + "\n{not json\n")
+    with pytest.raises(ValueError, match="p.jsonl:2: not valid JSON"):
+        ag.load_prompts(str(path))
+
+
+def test_load_prompts_reads_the_official_format(tmp_path):
+    path = tmp_path / "official.jsonl"
+    rows = [{"prompt": "a red apple", "semantic_questions": ["Is there an apple?", "Is the apple red?"],
+             "quality_questions": ["Is the apple round?"]},
+            {"prompt": "two dogs", "semantic_questions": [{"question": "Are there two dogs?", "tag": "Count"}],
+             "quality_questions": [{"question": "Do both dogs have four legs?", "tag": "Anatomy"}]}]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    got = ag.load_prompts(str(path), split="train")
+    assert [r["prompt"] for r in got] == ["a red apple", "two dogs"]
+    assert got[0]["semantic_questions"][1] == {"question": "Is the apple red?", "tag": None}
+    assert got[1]["quality_questions"][0]["tag"] == "Anatomy"
+
+
+# --------------------------------------------------------------------------------------------------
+# The reward server (Sec. 4.2)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_toy_verifier_is_graded_and_strict():
+    v = rs.ToyVerifier()
+    q = "Is the bottom half of the image green?"
+    green_bottom = solid((128, 128, 128), bottom=(0, 255, 0))
+    greenish = solid((128, 128, 128), bottom=(100, 160, 100))
+    red_bottom = solid((0, 255, 0), bottom=(255, 0, 0))
+    s_full, s_half, s_red = (v.score(im, [q])[0] for im in (green_bottom, greenish, red_bottom))
+    assert s_full > s_half > 0.5 > s_red  # graded by the colour margin, not a constant
+    # by hand: bottom mean (0,1,0): distance to green 0, nearest other colour at distance 1 -> margin 1
+    assert math.isclose(s_full, 1 / (1 + math.exp(-rs.ToyVerifier.GAIN * 1.0)), rel_tol=1e-9)
+    assert v.score(solid((0, 0, 255)), ["is the image MOSTLY blue?"])[0] > 0.99  # case-insensitive
+    for bad in ("Is the cat green?", "Is the bottom half of the image mauve?", "green?"):
+        with pytest.raises(rs.BadRequest):
+            v.score(green_bottom, [bad])
+
+
+def test_dvreward_is_the_geometric_mean():
+    assert math.isclose(rs.dvreward([0.9, 0.5], [0.4]), math.sqrt(0.7 * 0.4))
+    assert rs.dvreward([], []) == 1.0 and math.isclose(rs.dvreward([0.25], []), 0.5)
+    assert math.isclose(rs.confidence([0.0, math.log(3)], [math.log(4)]), 4 / 8)  # (1 + 3) / (1 + 3 + 4)
+
+
+def test_server_scores_and_rejects_bad_requests():
+    server, url = serve(rs.ToyVerifier())
+    try:
+        assert requests.get(f"{url}/health").json()["status"] == "ok"
+        im = png_b64(solid((0, 255, 0)))
+        q = "Is the image mostly green?"
+        good = {"images": [im, im], "semantic_questions": [[q], [q]], "quality_questions": [[], [q]]}
+        r = requests.post(f"{url}/score", json=good)
+        assert r.status_code == 200
+        got = r.json()
+        s = rs.ToyVerifier().score(solid((0, 255, 0)), [q])[0]
+        assert got["rewards"] == pytest.approx([math.sqrt(s * 1.0), s])  # empty list scores 1.0
+        assert got["semantic_scores"] == [[pytest.approx(s)], [pytest.approx(s)]]
+        bad = [
+            ({"images": [im]}, "'semantic_questions' is missing"),
+            ({**good, "images": ["not base64!"] * 2}, "not valid base64"),
+            ({**good, "images": [base64.b64encode(b"GIF89a").decode()] * 2}, "not a PNG"),
+            ({**good, "images": [base64.b64encode(b"\x89PNG\r\n\x1a\nbroken").decode()] * 2}, "broken PNG"),
+            ({**good, "semantic_questions": [[q]]}, "1 lists for 2 images"),
+            ({**good, "semantic_questions": [[q], [3]]}, "non-empty strings"),
+            ({**good, "semantic_questions": [["Is the cat green?"], [q]]}, "cannot answer"),
+            ([1, 2], "JSON object"),
+        ]
+        for body, msg in bad:
+            r = requests.post(f"{url}/score", json=body)
+            assert r.status_code == 400 and msg in r.json()["error"], (body, r.text)
+        r = requests.post(f"{url}/score", data=b"{oops", headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
+        assert requests.get(f"{url}/nope").status_code == 404
+        assert "error" in requests.post(f"{url}/nope", json={}).json()
+        assert requests.post(f"{url}/score", json=good).json()["rewards"] == pytest.approx([math.sqrt(s), s])
+    finally:
+        server.shutdown()
+
+
+def test_transformers_verifier_over_http_matches_its_logits(toy_dirs):
+    """The tiny random Qwen3-VL loaded from disk as a verifier; each score must equal P(yes)/(P(yes)+P(no))
+    computed here from the same model's logits, one question at a time."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    verifier = rs.TransformersVerifier(toy_dirs[0], device="cpu", dtype="float32")
+    server, url = serve(verifier)
+    try:
+        image = solid((30, 200, 60), bottom=(200, 30, 60))
+        qs = ["Is the image mostly green?", "Is the top half of the image red?", "Is the image bright?"]
+        body = {"images": [png_b64(image)], "semantic_questions": [qs[:2]], "quality_questions": [qs[2:]]}
+        got = requests.post(f"{url}/score", json=body).json()
+    finally:
+        server.shutdown()
+    model = AutoModelForImageTextToText.from_pretrained(toy_dirs[0]).eval()
+    proc = AutoProcessor.from_pretrained(toy_dirs[0])
+    yes = [proc.tokenizer.convert_tokens_to_ids(t) for t in ("Yes", "yes")]
+    no = [proc.tokenizer.convert_tokens_to_ids(t) for t in ("No", "no")]
+    expected = []
+    for q in qs:
+        msgs = [{"role": "system", "content": rs.STRICT_AUDITOR},
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
+        text = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        with torch.no_grad():
+            p = model(**proc(text=[text], images=[image], return_tensors="pt")).logits[0, -1].softmax(-1)
+        expected.append(float(p[yes].sum() / (p[yes].sum() + p[no].sum())))
+    assert got["semantic_scores"][0] + got["quality_scores"][0] == pytest.approx(expected, abs=1e-5)
+    assert got["rewards"][0] == pytest.approx(math.sqrt((expected[0] + expected[1]) / 2 * expected[2]), abs=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------
+
+
+class SlowVerifier(rs.ToyVerifier):
+    name = "slow"
+
+    def score(self, image, questions):
+        time.sleep(0.25)  # x 4 images = 1 s per request
+        return super().score(image, questions)
+
+
+def test_scoring_overlaps_sampling(toy_dirs, tmp_path):
+    server, url = serve(SlowVerifier())
+    try:
+        args = ag.Args(reasoner=toy_dirs[0], renderer=toy_dirs[1], group_size=4, groups_per_step=3, steps=1,
+                       reward_url=url, out=str(tmp_path / "run"), sample_every=0)
+        ag.train(args)
+    finally:
+        server.shutdown()
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    sampling = row["time_reason"] + row["time_render"]
+    scoring = 3 * 1.0  # three requests of four images, 1 s each, answered one after another
+    # sequential would be sampling + scoring + training; overlapped, the wait is less than the scoring
+    assert row["time_step"] - row["time_train"] < sampling + scoring
+    assert row["time_reward_wait"] < scoring
+
+
+def test_metrics_rows_have_every_key_and_no_nan(toy_dirs, tmp_path):
+    args = ag.Args(reasoner=toy_dirs[0], renderer=toy_dirs[1], group_size=4, groups_per_step=2, steps=2,
+                   out=str(tmp_path / "run"), sample_every=1, beta_text=0.01, beta_image=0.01)
+    ag.train(args)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    keys = {"step", "reward_mean", "reward_std", "zero_std_frac", "text_loss", "image_loss", "text_clipfrac",
+            "image_clipfrac", "text_kl", "image_kl", "time_reason", "time_render", "time_reward_wait", "time_train",
+            "score_Spatial"}
+    assert len(rows) == 2 and all(keys <= set(r) for r in rows) and rows[0].keys() == rows[1].keys()
+    assert all(v is None or isinstance(v, (int, float)) and math.isfinite(v) for r in rows for v in r.values())
+    assert rows[0]["text_kl"] is not None and rows[0]["image_kl"] is not None
+    saved = json.loads((tmp_path / "run" / "args.json").read_text())
+    assert saved["group_size"] == 4 and "git_commit" in saved
+    assert (tmp_path / "run" / "samples" / "step_00001.png").exists()
+
+
+def test_toy_task_headroom(toy_dirs):
+    """The toy's question must leave room to learn: best of 64 samples minus the mean >= 0.15."""
+    policy, args = make_policy(toy_dirs, group_size=64)
+    g = rollout(policy, args, seed=0)
+    assert float(g.rewards.max() - g.rewards.mean()) >= 0.15
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_default_run_learns(seed, tmp_path):
+    """`python alphagrpo.py` as a subprocess: the toy models, the toy reward server on a free port, and the
+    reward visibly rises: mean of the last 5 steps >= mean of the first 5 + 0.05."""
+    out = tmp_path / "run"
+    res = subprocess.run([sys.executable, os.path.join(HERE, "alphagrpo.py"), "--seed", str(seed), "--out", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) >= 10
+    first, last = (sum(r["reward_mean"] for r in rows[s]) / 5 for s in (slice(0, 5), slice(-5, None)))
+    assert last >= first + 0.05, [round(r["reward_mean"], 3) for r in rows]
