@@ -623,9 +623,10 @@ TOY_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def build_toy_vlm(path: str, seed: int = 0) -> str:
+def build_toy_vlm(path: str, seed: int = 0, hidden: int = 32, layers: int = 2, image_px: int = 64) -> str:
     """A tiny random Qwen3-VL (the reasoner's and the verifier's class) with a word-level tokenizer built
-    offline with `tokenizers`, saved with save_pretrained. Returns path."""
+    offline with `tokenizers`, saved with save_pretrained. Every image is resized to image_px^2, which gives
+    (image_px / 32)^2 image tokens. Returns path."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import (PreTrainedTokenizerFast, Qwen2VLImageProcessor, Qwen3VLConfig,
                               Qwen3VLForConditionalGeneration, Qwen3VLProcessor)
@@ -638,19 +639,20 @@ def build_toy_vlm(path: str, seed: int = 0) -> str:
     tk.pre_tokenizer, tk.decoder = pre_tokenizers.Whitespace(), decoders.WordPiece(prefix="##")
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                   unk_token="[UNK]", additional_special_tokens=specials[1:7])
-    size = {"shortest_edge": 64 * 64, "longest_edge": 64 * 64}  # every image becomes 64x64 -> 4 tokens
+    size = {"shortest_edge": image_px**2, "longest_edge": image_px**2}
     proc = Qwen3VLProcessor(
         image_processor=Qwen2VLImageProcessor(size=size, patch_size=16, temporal_patch_size=2, merge_size=2),
         video_processor=Qwen3VLVideoProcessor(size=size, patch_size=16, temporal_patch_size=2, merge_size=2),
         tokenizer=tok, chat_template=TOY_CHAT_TEMPLATE)
     config = Qwen3VLConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
+        text_config=dict(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
+                         max_position_embeddings=4096,
                          rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [2, 1, 1],
                                           "mrope_interleaved": True}),
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=16,
-                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=32,
-                           num_position_embeddings=64, deepstack_visual_indexes=[0]),
+                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=hidden,
+                           num_position_embeddings=max(64, (image_px // 16) ** 2), deepstack_visual_indexes=[0]),
         image_token_id=vocab["<|image_pad|>"], video_token_id=vocab["<|video_pad|>"],
         vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"],
         eos_token_id=vocab["<|im_end|>"], pad_token_id=vocab["<|endoftext|>"])
