@@ -648,8 +648,8 @@ def build_toy_vlm(path: str, seed: int = 0, hidden: int = 32, layers: int = 2, i
         text_config=dict(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
                          max_position_embeddings=4096,
-                         rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [2, 1, 1],
-                                          "mrope_interleaved": True}),
+                         rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_interleaved": True,
+                                          "mrope_section": [hidden // 16, hidden // 32, hidden // 32]}),  # T/H/W
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=16,
                            spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=hidden,
                            num_position_embeddings=max(64, (image_px // 16) ** 2), deepstack_visual_indexes=[0]),
