@@ -158,6 +158,12 @@ class Args:
     reward differences then come only from the policy's own choices (text and SDE noise), not from x_T."""
     sample_every: int = 5
     """Write a PNG grid of the step's samples every this many steps (0: never)."""
+    eval_every: int = 10
+    """Evaluate on the test prompts (ODE sampler, fixed seeds) every this many steps (0: never)."""
+    save_every: int = 10
+    """Write a checkpoint (LoRA, optimizer, step; LoRA exported for diffusers and PEFT) every this many steps."""
+    resume: str = ""
+    """Continue a run from a checkpoint folder, or from the newest checkpoint of a run folder."""
 
     # Self-Reflective Refinement (Sec. 4.1)
     srr_candidates: int = 2
@@ -237,9 +243,11 @@ def parse_args(argv=None) -> tuple[str, Args, dict]:
     if command == "sample":
         p.add_argument("--prompt", required=True, help="the request to draw")
         p.add_argument("--refine-rounds", type=int, default=0, help="reflect-and-refine rounds after the first image")
-        p.add_argument("--checkpoint", default="", help="a checkpoint folder whose LoRA weights to load")
+        p.add_argument("--checkpoint", default="", help="a checkpoint (or run) folder whose LoRA weights to load")
+        p.add_argument("--question", action="append", default=[], help="a DVReward question for the reward "
+                       "(repeatable); default: the prompt's questions in the prompt set, if it is there")
     given = vars(p.parse_args(argv))
-    extra = {k: given.pop(k) for k in ("prompt", "refine_rounds", "checkpoint") if k in given}
+    extra = {k: given.pop(k) for k in ("prompt", "refine_rounds", "checkpoint", "question") if k in given}
     preset = given.get("preset", Args.preset)
     if preset not in PRESETS:
         p.error(f"--preset must be one of {sorted(PRESETS)}, not {preset!r}")
@@ -263,16 +271,18 @@ def parse_args(argv=None) -> tuple[str, Args, dict]:
 # --------------------------------------------------------------------------------------------------
 
 
-def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, std_mode: str = "group", eps: float = 1e-4):
+def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, std_mode: str = "group", eps: float = 1e-4,
+                     batch_std: float | None = None):
     """A_i = (R_i - mean_group(R)) / (std + eps), one scalar per trajectory (Sec. 3, GRPO).
 
     rewards, group_ids: (N,). std is the population std (ddof=0) of the group ('group', Flow-GRPO) or of
-    all N rewards ('batch'). A group whose rewards are all equal carries no signal: its advantages are
-    exactly 0 (never NaN). Returns (A (N,), zero_std (N,) bool)."""
+    all N rewards ('batch'; batch_std overrides it, e.g. with all ranks' rewards). A group whose rewards
+    are all equal carries no signal: its advantages are exactly 0 (never NaN). Returns (A (N,), zero_std (N,))."""
     rewards = rewards.double()
     A = torch.zeros_like(rewards)
     zero_std = torch.zeros_like(rewards, dtype=torch.bool)
-    batch_std = rewards.std(unbiased=False) if rewards.numel() > 1 else rewards.new_tensor(0.0)
+    if batch_std is None:
+        batch_std = float(rewards.std(unbiased=False)) if rewards.numel() > 1 else 0.0
     for g in group_ids.unique():
         m = group_ids == g
         r = rewards[m]
@@ -472,6 +482,11 @@ class Reasoner:
             cfg.pad_token_id if cfg.pad_token_id is not None else self.processor.tokenizer.pad_token_id))
         eos = cfg.eos_token_id
         self.eos_ids = torch.tensor(eos if isinstance(eos, list) else [eos], device=device)
+        # Image/video placeholder tokens must never be generated (a stray one breaks the next forward pass).
+        # They are masked identically when sampling and when scoring, so the log-probs stay on-policy.
+        c = self.model.config
+        self.banned = [i for i in (c.image_token_id, c.video_token_id, c.vision_start_token_id,
+                                   c.vision_end_token_id) if i is not None]
         self.lora_params = add_lora(self.model, args.reasoner_lora_targets, args.lora_rank, args.lora_alpha)
         if args.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -492,13 +507,13 @@ class Reasoner:
         inputs = self.chat_inputs(instruction, image, n)
         P = inputs["input_ids"].shape[1]
         out = self.model.generate(**inputs, do_sample=True, temperature=self.temperature, top_p=1.0, top_k=0,
-                                  max_new_tokens=self.max_new_tokens)
+                                  max_new_tokens=self.max_new_tokens, suppress_tokens=self.banned)
         ids = out[:, P:]  # (G, L)
         is_eos = torch.isin(ids, self.eos_ids)
         # 1 up to and including the first EOS: cumsum of EOS before this position must be 0
         mask = ((is_eos.cumsum(1) - is_eos.long()) == 0).long()
         ids = ids.masked_fill(mask == 0, self.model.generation_config.pad_token_id)
-        texts = self.processor.tokenizer.batch_decode(ids * mask + (1 - mask) * ids, skip_special_tokens=True)
+        texts = self.processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
         return TextRollout(inputs=inputs, ids=ids, mask=mask, texts=[t.strip() for t in texts])
 
     def token_logprobs(self, ro: TextRollout) -> torch.Tensor:
@@ -512,8 +527,9 @@ class Reasoner:
         logits = self.model(input_ids=torch.cat([inp["input_ids"], ro.ids], 1),
                             attention_mask=torch.cat([inp["attention_mask"], ro.mask], 1),
                             logits_to_keep=L + 1, use_cache=False, **kwargs).logits[:, :-1]  # (G, L, V)
-        logp = (logits.float() / self.temperature).log_softmax(-1)
-        return logp.gather(-1, ro.ids[..., None]).squeeze(-1)
+        logits = logits.float() / self.temperature
+        logits[..., self.banned] = float("-inf")  # exactly what suppress_tokens does when sampling
+        return logits.log_softmax(-1).gather(-1, ro.ids[..., None]).squeeze(-1)
 
 
 @dataclass
@@ -545,6 +561,11 @@ class Renderer:
             self.transformer.enable_gradient_checkpointing()
         self.device, self.dtype, self.args = device, dtype, args
         self.latent_size = args.resolution // self.pipe.vae_scale_factor
+
+    def noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """x_T ~ N(0, I), (n, C, h, w), drawn on the CPU so that every device gets the same samples."""
+        C, hw = self.transformer.config.in_channels, self.latent_size
+        return torch.randn((n, C, hw, hw), generator=generator).to(self.device)
 
     def sigmas(self, num_steps: int) -> torch.Tensor:
         """The scheduler's shifted sigmas (T+1,), from 1 to 0 (SD3.5: shift 3)."""
@@ -858,6 +879,40 @@ def start_toy_reward_server() -> tuple[subprocess.Popen, str]:
 
 
 @dataclass
+class Policy:
+    """pi = pi_text x pi_img: the two models of the unified trajectory, with their LoRA weights."""
+    reasoner: Reasoner
+    renderer: Renderer
+    device: torch.device
+
+    def lora_state(self) -> dict:
+        return {f"{part}.{n}": p.detach().clone() for part, m in (("reasoner", self.reasoner.model),
+                                                                   ("renderer", self.renderer.transformer))
+                for n, p in m.named_parameters() if ".lora_" in n}
+
+    def load_lora_state(self, state: dict):
+        own = {f"{part}.{n}": p for part, m in (("reasoner", self.reasoner.model), ("renderer", self.renderer.transformer))
+               for n, p in m.named_parameters() if ".lora_" in n}
+        if own.keys() != state.keys() or any(own[k].shape != state[k].shape for k in own):
+            missing, extra = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+            raise ValueError(f"the LoRA weights do not fit these models (missing {missing[:3]}, unexpected "
+                             f"{extra[:3]}, or other shapes): were they made with other --lora-rank/targets?")
+        with torch.no_grad():
+            for k, p in own.items():
+                p.copy_(state[k])
+
+
+def sdedit_start(x_init: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor, strength: float):
+    """The SRR refinement is conditioned on the initial image SDEdit-style: the sampler starts from its
+    latents noised to the sigma where the last `strength` share of the schedule begins. Flow matching
+    noises by interpolation, x_t = (1 - t) x_0 + t eps. Returns (start step index, x_t). Strength 0 gives
+    back x_init exactly (no step runs); strength 1 is a fresh sample."""
+    start = len(sigmas) - 1 - round(strength * (len(sigmas) - 1))
+    t = float(sigmas[start])
+    return start, (1 - t) * x_init + t * noise
+
+
+@dataclass
 class Group:
     task: str  # 'rt2i' or 'srr'
     row: dict  # the prompt row with its questions
@@ -883,11 +938,19 @@ def renderer_text(prompt: str, reasoning: str) -> str:
     return f"{prompt}. {reasoning}" if reasoning else prompt
 
 
-def rollout_group(policy, row: dict, task: str, args: Args, gen: torch.Generator, client: RewardClient,
+def seeded(args: Args, step: int, k: int) -> torch.Generator:
+    """All randomness of group k at a step comes from (seed, step, k): a resumed run, or one on another
+    number of GPUs, draws exactly the same samples. Seeds the reasoner's sampling too."""
+    seed = (args.seed * 1_000_003 + step) * 1009 + k
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def rollout_group(policy: Policy, row: dict, task: str, args: Args, gen: torch.Generator, client,
                   sigmas: torch.Tensor, init=None, timers=None) -> Group:
     """Sample one group (Sec. 4.1): G reasoning texts, then G images conditioned on them, and send the
     images to the reward server without waiting. SRR: `init` = (initial image, its latents, its reward)."""
-    reasoner, renderer, G = policy["reasoner"], policy["renderer"], args.group_size
+    reasoner, renderer, G = policy.reasoner, policy.renderer, args.group_size
     t0 = time.perf_counter()
     if task == "rt2i":  # y is a plan
         text = reasoner.generate(RT2I_INSTRUCTION.format(prompt=row["prompt"]), None, G)
@@ -900,23 +963,16 @@ def rollout_group(policy, row: dict, task: str, args: Args, gen: torch.Generator
                 text.ref_logp = reasoner.token_logprobs(text)
     t1 = time.perf_counter()
     cond = renderer.encode([renderer_text(row["prompt"], y) for y in text.texts])
-    C, hw = renderer.transformer.config.in_channels, renderer.latent_size
-    noise = torch.randn((1 if args.same_init_noise else G, C, hw, hw), generator=gen).expand(G, -1, -1, -1)
-    noise = noise.to(renderer.device)
-    if task == "rt2i":
-        start, x = 0, noise
-    else:  # SDEdit: start from the initial image's latents noised to the strength's sigma
-        start = len(sigmas) - 1 - round(args.srr_strength * (len(sigmas) - 1))
-        s = sigmas[start]
-        x = (1 - s) * init[1].expand(G, -1, -1, -1) + s * noise  # flow matching: x_t = (1 - t) x_0 + t eps
+    noise = renderer.noise(1 if args.same_init_noise else G, gen).expand(G, -1, -1, -1)
+    start, x = (0, noise) if task == "rt2i" else sdedit_start(init[1].expand(G, -1, -1, -1), noise, sigmas,
+                                                             args.srr_strength)
     w0 = start + int(torch.randint(0, args.sde_window_start_max + 1, (1,), generator=gen))
     window = range(w0, min(w0 + args.sde_window, len(sigmas) - 2))  # never the last step
     x0, kept, logp = render(renderer, cond, x, sigmas, window, args.noise_level, gen, start=start)
     images = renderer.decode(x0)
-    t2 = time.perf_counter()
     if timers is not None:
         timers["reason"] += t1 - t0
-        timers["render"] += t2 - t1
+        timers["render"] += time.perf_counter() - t1
     sem, qual = questions(row)
     future = client.submit(images, [sem] * G, [qual] * G)
     image = ImageRollout(cond=cond, latents=kept, sigmas=sigmas[window.start:window.stop + 1],
@@ -926,17 +982,16 @@ def rollout_group(policy, row: dict, task: str, args: Args, gen: torch.Generator
 
 
 @torch.no_grad()
-def initial_candidates(policy, row: dict, args: Args, gen: torch.Generator, client: RewardClient):
+def initial_candidates(policy: Policy, row: dict, args: Args, gen: torch.Generator, client):
     """SRR step 1 (Sec. 4.1): K initial images from the current policy with the deterministic ODE
     sampler and no reasoning, sent for scoring. Returns (images, future)."""
-    renderer, K = policy["renderer"], args.srr_candidates
-    cond = renderer.encode([row["prompt"]] * K)
-    C, hw = renderer.transformer.config.in_channels, renderer.latent_size
-    x = torch.randn((K, C, hw, hw), generator=gen).to(renderer.device)
-    x0, _, _ = render(renderer, cond, x, renderer.sigmas(args.eval_num_steps), range(0), 0.0)
+    renderer = policy.renderer
+    cond = renderer.encode([row["prompt"]] * args.srr_candidates)
+    x0, _, _ = render(renderer, cond, renderer.noise(args.srr_candidates, gen), renderer.sigmas(args.eval_num_steps),
+                      range(0), 0.0)
     images = renderer.decode(x0)
     sem, qual = questions(row)
-    return images, client.submit(images, [sem] * K, [qual] * K)
+    return images, client.submit(images, [sem] * len(images), [qual] * len(images))
 
 
 def pick_initial(images: list, rewards: list, how: str, gen: torch.Generator):
@@ -946,39 +1001,72 @@ def pick_initial(images: list, rewards: list, how: str, gen: torch.Generator):
     return images[i], float(r[i])
 
 
+def rollout_step(policy: Policy, step: int, rows: list, args: Args, client, sigmas, timers, rank=0, world=1):
+    """All rollouts of one step, with the current weights (never stale ones). This rank takes the groups
+    k = rank, rank + world, ...; each group's images are scored while the next group is sampled. SRR first
+    renders every prompt's initial candidates, so their scoring overlaps too."""
+    n_srr = {"rt2i": 0, "srr": args.groups_per_step, "mix": round(args.mix_ratio * args.groups_per_step)}[args.task]
+    mine = [(k, "srr" if k < n_srr else "rt2i", prompt_for(rows, step * args.groups_per_step + k, args.seed))
+            for k in range(rank, args.groups_per_step, world)]
+    cands = {k: initial_candidates(policy, row, args, seeded(args, step, k), client)
+             for k, task, row in mine if task == "srr"}
+    groups = []
+    for k, task, row in mine:
+        gen, init = seeded(args, step, k + 10_000), None
+        if task == "srr":
+            images, future = cands[k]
+            t0 = time.perf_counter()
+            res = future.result()
+            timers["wait"] += time.perf_counter() - t0
+            image, reward = pick_initial(images, res["rewards"], args.srr_pick, gen)
+            init = (image, policy.renderer.encode_image(image), reward)
+        groups.append(rollout_group(policy, row, task, args, gen, client, sigmas, init, timers))
+    return groups
+
+
 def finish_group(g: Group, args: Args):
     """Wait for the group's rewards; SRR groups then go through FPR (before normalization)."""
     res = g.reward_future.result()
-    g.scores = res
-    g.rewards = torch.tensor(res["rewards"], dtype=torch.float32)
+    g.scores, g.rewards = res, torch.tensor(res["rewards"], dtype=torch.float32)
     if g.task == "srr":
         g.failed = g.rewards <= g.init_reward
         if args.fpr:
-            rectified, g.failed, g.skip = false_positive_rectification(g.rewards, g.init_reward, args.fpr_value)
-            g.fpr_rewards = rectified
+            g.fpr_rewards, g.failed, g.skip = false_positive_rectification(g.rewards, g.init_reward, args.fpr_value)
 
 
-def assign_advantages(groups: list, args: Args) -> float:
-    """Group-relative advantages, each task normalized within its own groups. Returns the zero-std share."""
+def assign_advantages(groups: list, args: Args, world: int = 1) -> float:
+    """Group-relative advantages, each task normalized within its own groups. With std_mode 'batch' the std
+    is over all groups of the step, on every rank. Returns the share of zero-std groups here."""
     zero = []
     for task in ("rt2i", "srr"):
         gs = [g for g in groups if g.task == task]
+        r = torch.cat([g.rewards if g.fpr_rewards is None else g.fpr_rewards for g in gs] or [torch.zeros(0)])
+        if world > 1 and args.std_mode == "batch":
+            everyone = [None] * world
+            torch.distributed.all_gather_object(everyone, r.tolist())
+            batch_std = float(torch.tensor(sum(everyone, [])).double().std(unbiased=False))
+        else:
+            batch_std = None
         if not gs:
             continue
-        r = torch.cat([g.rewards if g.fpr_rewards is None else g.fpr_rewards for g in gs])
         ids = torch.cat([torch.full((len(g.rewards),), k) for k, g in enumerate(gs)])
-        A, z = group_advantages(r, ids, args.std_mode)
+        A, z = group_advantages(r, ids, args.std_mode, batch_std=batch_std)
         for k, g in enumerate(gs):
             g.advantages = A[ids == k]
             zero.append(bool(z[ids == k].all()))
     return sum(zero) / max(len(zero), 1)
 
 
-def group_loss(policy, g: Group, args: Args):
+# --------------------------------------------------------------------------------------------------
+# Sec. 4.1: the unified objective and the update
+# --------------------------------------------------------------------------------------------------
+
+
+def group_loss(policy: Policy, g: Group, args: Args):
     """L = L_text + lambda * L_img for one group (Sec. 4.1, unified objective): the same advantage A_i
     drives the reasoning tokens and every trained denoising step of trajectory i."""
-    reasoner, renderer = policy["reasoner"], policy["renderer"]
-    A = g.advantages.to(reasoner.device)  # (G,)
+    reasoner, renderer = policy.reasoner, policy.renderer
+    A = g.advantages.to(policy.device)  # (G,)
     logp = reasoner.token_logprobs(g.text)  # (G, L)
     l_text, text_clipfrac, text_kl = text_loss(logp, g.text.old_logp, g.text.ref_logp, A, g.text.mask,
                                                args.text_clip_low, args.text_clip_high, args.beta_text,
@@ -1006,25 +1094,35 @@ def group_loss(policy, g: Group, args: Args):
                   "image_kl": kl.mean().item() if kl is not None else None}
 
 
-def update(policy, optimizer, params, groups: list, args: Args, rng: random.Random) -> dict:
-    """`updates_per_rollout` optimizer steps, each on a disjoint share of the step's groups. A group dropped
-    by FPR is in no share, so it leaves both the loss and its denominator."""
+def update(policy: Policy, optimizer, groups: list, args: Args, rng: random.Random, world: int = 1) -> list:
+    """`updates_per_rollout` optimizer steps, each on a disjoint share of the step's groups (on every rank).
+    The loss is the mean over the share's groups on all ranks: each rank backpropagates its sum divided by
+    the global count, then the gradients are summed (all-reduce). A group dropped by FPR is in no share,
+    so it leaves both the loss and its denominator. Returns the per-group stats."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     live = [g for g in groups if not g.skip]
     rng.shuffle(live)
     stats = []
     for u in range(args.updates_per_rollout):
         share = live[u::args.updates_per_rollout]
-        if not share:
+        n = torch.tensor(float(len(share)))
+        if world > 1:
+            torch.distributed.all_reduce(n)
+        if n == 0:
             continue
         for g in share:
             loss, st = group_loss(policy, g, args)
-            (loss / len(share)).backward()  # the mean over the share's groups
+            (loss / n).backward()
             stats.append(st)
+        if world > 1:
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                torch.distributed.all_reduce(p.grad)
         torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return {k: mean_or_none([s[k] for s in stats]) for k in
-            ("text_loss", "image_loss", "text_clipfrac", "image_clipfrac", "text_kl", "image_kl")}
+    return stats
 
 
 def mean_or_none(xs):
@@ -1033,14 +1131,112 @@ def mean_or_none(xs):
 
 
 # --------------------------------------------------------------------------------------------------
+# Checkpoints and LoRA export
+# --------------------------------------------------------------------------------------------------
+
+# Arguments that may change between a checkpoint and its resumption; any other difference is refused.
+RESUMABLE = {"steps", "out", "resume", "reward_url", "reward_token", "device", "sample_every", "save_every",
+             "eval_every"}
+
+
+def file_sha256(path: str) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def save_checkpoint(policy: Policy, optimizer, args: Args, step: int, out: str) -> str:
+    """OUT/checkpoints/step_N: LoRA weights, optimizer state, the next step, the arguments, file checksums,
+    and the LoRA exported for diffusers and PEFT. Written to a temporary folder, then renamed (atomic)."""
+    from safetensors.torch import save_file
+
+    final = os.path.join(out, "checkpoints", f"step_{step:06d}")
+    tmp = final + f".tmp{os.getpid()}"
+    os.makedirs(tmp, exist_ok=True)
+    save_file(policy.lora_state(), os.path.join(tmp, "lora.safetensors"))
+    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+    export_lora(policy, args, tmp)
+    files = ["lora.safetensors", "optimizer.pt"]
+    state = {"next_step": step, "args": dataclasses.asdict(args),
+             "sha256": {f: file_sha256(os.path.join(tmp, f)) for f in files}}
+    with open(os.path.join(tmp, "state.json"), "w") as f:
+        json.dump(state, f, indent=1)
+    if os.path.exists(final):
+        import shutil
+
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def load_checkpoint(path: str, policy: Policy, optimizer, args: Args) -> int:
+    """Restore a checkpoint (or the newest one in a run folder); refuse a partial, corrupt or foreign one
+    with a message naming the problem. Returns the step to continue from."""
+    from safetensors.torch import load_file
+
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        done = sorted(d for d in os.listdir(os.path.join(path, "checkpoints")) if ".tmp" not in d)
+        if not done:
+            raise ValueError(f"{path} holds no complete checkpoint")
+        path = os.path.join(path, "checkpoints", done[-1])
+    try:
+        with open(os.path.join(path, "state.json")) as f:
+            state = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a complete checkpoint: state.json unreadable ({e})") from None
+    for name, digest in state["sha256"].items():
+        if not os.path.exists(os.path.join(path, name)) or file_sha256(os.path.join(path, name)) != digest:
+            raise ValueError(f"{path}: {name} is missing or corrupt (its checksum does not match state.json)")
+    diff = {k: (v, getattr(args, k, None)) for k, v in state["args"].items()
+            if k not in RESUMABLE and getattr(args, k, None) != v}
+    if diff:
+        raise ValueError(f"{path} was made with another configuration: " +
+                         ", ".join(f"{k}={a!r} there, {b!r} here" for k, (a, b) in sorted(diff.items())))
+    policy.load_lora_state(load_file(os.path.join(path, "lora.safetensors"), device=str(policy.device)))
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True,
+                                             map_location=policy.device))
+    return state["next_step"]
+
+
+def export_lora(policy: Policy, args: Args, folder: str):
+    """The LoRA weights in the ecosystem's formats:
+    - renderer/pytorch_lora_weights.safetensors, keys `transformer.<module>.lora_A.weight` / `lora_B.weight`,
+      alpha / r folded into lora_B (without adapter metadata diffusers assumes alpha = r), for
+      StableDiffusion3Pipeline.load_lora_weights;
+    - reasoner/: a PEFT adapter (adapter_config.json + adapter_model.safetensors) for PeftModel.from_pretrained."""
+    from safetensors.torch import save_file
+
+    sd = {}
+    for name, m in policy.renderer.transformer.named_modules():
+        if isinstance(m, LoRALinear):
+            sd[f"transformer.{name}.lora_A.weight"] = m.lora_A.weight.detach().float().contiguous()
+            sd[f"transformer.{name}.lora_B.weight"] = (m.lora_B.weight.detach().float() * m.scale).contiguous()
+    os.makedirs(os.path.join(folder, "renderer"), exist_ok=True)
+    save_file(sd, os.path.join(folder, "renderer", "pytorch_lora_weights.safetensors"))
+    sd = {f"base_model.model.{n}": p.detach().float().contiguous()
+          for n, p in policy.reasoner.model.named_parameters() if ".lora_" in n}
+    os.makedirs(os.path.join(folder, "reasoner"), exist_ok=True)
+    save_file(sd, os.path.join(folder, "reasoner", "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "task_type": None, "r": args.lora_rank, "lora_alpha": args.lora_alpha,
+              "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "base_model_name_or_path": args.reasoner,
+              "target_modules": sorted({n.split(".")[-1] for n, m in policy.reasoner.model.named_modules()
+                                        if isinstance(m, LoRALinear)}),
+              "exclude_modules": r".*visual.*"}  # the vision tower's Linear layers carry no LoRA
+    with open(os.path.join(folder, "reasoner", "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+
+
+# --------------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------------
 
 
-def load_policy(args: Args, out: str):
+def load_policy(args: Args, out: str, device=None) -> Policy:
     """Build (toy) or load the reasoner and the renderer, with LoRA, on the chosen device and dtype."""
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = device or torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                                    "cpu" if args.device == "auto" else args.device)
     dtype = getattr(torch, args.dtype)
     reasoner_path, renderer_path = args.reasoner, args.renderer
     # The toy models are fixed artifacts, like real checkpoints: the same weights whatever --seed says.
@@ -1049,8 +1245,7 @@ def load_policy(args: Args, out: str):
     if args.preset == "toy" and not renderer_path:
         renderer_path = build_toy_sd3(os.path.join(out, "toy_models", "renderer"))
     torch.manual_seed(args.seed)  # the LoRA init
-    return {"reasoner": Reasoner(reasoner_path, device, dtype, args),
-            "renderer": Renderer(renderer_path, device, dtype, args), "device": device}
+    return Policy(Reasoner(reasoner_path, device, dtype, args), Renderer(renderer_path, device, dtype, args), device)
 
 
 def prompt_for(rows: list, position: int, seed: int) -> dict:
@@ -1061,130 +1256,246 @@ def prompt_for(rows: list, position: int, seed: int) -> dict:
     return rows[order[i]]
 
 
-def save_grid(path: str, groups: list, max_groups: int = 4):
-    """A PNG of the step's samples: one row per group (SRR: the initial image first), rewards and text."""
-    cell, rows = 128, groups[:max_groups]
-    cols = max(len(g.image.images) + (g.init_image is not None) for g in rows)
-    grid = Image.new("RGB", (cols * cell, len(rows) * (cell + 36)), "white")
+def save_grid(path: str, tiles: list, cols: int):
+    """A PNG grid of (image, label, text) tiles: rewards and the reasoning (SRR: the reflection) under each."""
+    cell, rows = 128, math.ceil(len(tiles) / cols)
+    grid = Image.new("RGB", (cols * cell, rows * (cell + 36)), "white")
     draw = ImageDraw.Draw(grid)
-    for r, g in enumerate(rows):
-        tiles = ([(g.init_image, f"init {g.init_reward:.2f}", "")] if g.init_image is not None else []) + [
-            (im, f"R {float(x):.2f}", y) for im, x, y in zip(g.image.images, g.rewards, g.text.texts)]
-        for c, (im, label, text) in enumerate(tiles):
-            x0, y0 = c * cell, r * (cell + 36)
-            grid.paste(im.resize((cell, cell), Image.NEAREST), (x0, y0))
-            draw.text((x0 + 2, y0 + cell + 1), label, fill="black")
-            draw.text((x0 + 2, y0 + cell + 12), text[:24], fill="gray")
-            draw.text((x0 + 2, y0 + cell + 23), text[24:48], fill="gray")
+    for n, (im, label, text) in enumerate(tiles):
+        x0, y0 = (n % cols) * cell, (n // cols) * (cell + 36)
+        grid.paste(im.resize((cell, cell), Image.NEAREST), (x0, y0))
+        for line, (s, color) in enumerate([(label, "black"), (text[:24], "gray"), (text[24:48], "gray")]):
+            draw.text((x0 + 2, y0 + cell + 1 + 11 * line), s, fill=color)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     grid.save(path)
 
 
-def train(args: Args) -> str:
-    """The training loop. Returns the output folder."""
-    out = args.out or os.path.join("runs", f"{args.preset}-{args.task}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if os.path.exists(os.path.join(out, "metrics.jsonl")):
-        raise SystemExit(f"{out} already holds a run (metrics.jsonl); choose another --out")
-    os.makedirs(out, exist_ok=True)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-    with open(os.path.join(out, "args.json"), "w") as f:
-        json.dump({**dataclasses.asdict(args), "git_commit": commit}, f, indent=1)
+def group_tiles(g: Group, n: int = 6) -> list:
+    """One grid row: SRR shows the initial image first, then the refinements beside it."""
+    init = [(g.init_image, f"initial {g.init_reward:.2f}", "")] if g.init_image is not None else []
+    return init + [(im, f"R {float(r):.2f}", y) for im, r, y in zip(g.image.images[:n], g.rewards, g.text.texts)]
 
-    policy = load_policy(args, out)
-    reasoner, renderer = policy["reasoner"], policy["renderer"]
-    params = reasoner.lora_params + renderer.lora_params
-    optimizer = torch.optim.AdamW([{"params": reasoner.lora_params, "lr": args.reasoner_lr or args.lr},
-                                   {"params": renderer.lora_params}], lr=args.lr, weight_decay=args.weight_decay)
-    rows = TOY_PROMPTS if args.preset == "toy" and not args.prompts else load_prompts(args.prompts, "train")
+
+@torch.no_grad()
+def evaluate(policy: Policy, rows: list, args: Args, client, path: str, rank=0, world=1):
+    """Render the test prompts with reasoning and the ODE sampler at fixed seeds; the mean DVReward over
+    all of them (gathered from every rank) and a PNG grid. Returns the mean."""
+    sigmas, tiles, rewards = policy.renderer.sigmas(args.eval_num_steps), [], []
+    for k in range(rank, len(rows), world):
+        gen = seeded(args, -1, k)  # the same seeds at every evaluation
+        text = policy.reasoner.generate(RT2I_INSTRUCTION.format(prompt=rows[k]["prompt"]), None, 1)
+        cond = policy.renderer.encode([renderer_text(rows[k]["prompt"], text.texts[0])])
+        x0, _, _ = render(policy.renderer, cond, policy.renderer.noise(1, gen), sigmas, range(0), 0.0)
+        image = policy.renderer.decode(x0)[0]
+        sem, qual = questions(rows[k])
+        r = client.submit([image], [sem], [qual]).result()["rewards"][0]
+        rewards.append(r)
+        tiles.append((image, f"R {r:.2f}", rows[k]["prompt"]))
+    if world > 1:
+        everyone = [None] * world
+        torch.distributed.all_gather_object(everyone, rewards)
+        rewards = sum(everyone, [])
+    if rank == 0:
+        save_grid(path, tiles[:64], cols=8)
+    return sum(rewards) / len(rewards)
+
+
+def summarize(g: Group) -> dict:
+    """What the metrics need from a group, as plain numbers (so ranks can gather them)."""
+    tags = {}
+    for key, skey in (("semantic_questions", "semantic_scores"), ("quality_questions", "quality_scores")):
+        for scores in g.scores[skey]:
+            for q, s in zip(g.row[key], scores):
+                tags.setdefault(q["tag"], []).append(s)
+    return {"task": g.task, "rewards": g.rewards.tolist(), "init_reward": g.init_reward, "skip": g.skip,
+            "failed": None if g.failed is None else g.failed.float().mean().item(),
+            "text_len": g.text.mask.sum(1).float().mean().item(), "tags": tags}
+
+
+def metrics_row(step: int, summaries: list, stats: list, zero_std_frac: float, timers: dict, tags: list,
+                args: Args) -> dict:
+    """One JSON row per step; every row has every key (null where it does not apply, never NaN)."""
+    R = torch.tensor([r for s in summaries for r in s["rewards"]])
+    row = {"step": step, "reward_mean": R.mean().item(), "reward_std": R.std(unbiased=False).item(),
+           "zero_std_frac": zero_std_frac,
+           **{k: mean_or_none([st[k] for st in stats]) for k in
+              ("text_loss", "image_loss", "text_clipfrac", "image_clipfrac", "text_kl", "image_kl")},
+           **{f"time_{k}": timers[k] for k in ("reason", "render", "reward_wait", "train", "step")},
+           "text_len": mean_or_none([s["text_len"] for s in summaries]), "eval_reward": None}
+    row.update({f"score_{t}": mean_or_none([x for s in summaries for x in s["tags"].get(t, [])]) for t in tags})
+    if args.task != "rt2i":
+        srr = [s for s in summaries if s["task"] == "srr"]
+        row.update({
+            "reward_init_mean": mean_or_none([s["init_reward"] for s in srr]),
+            "reward_refined_mean": mean_or_none([sum(s["rewards"]) / len(s["rewards"]) for s in srr]),
+            "improved_frac": mean_or_none([sum(r > s["init_reward"] for r in s["rewards"]) / len(s["rewards"])
+                                           for s in srr]),
+            "fpr_frac": mean_or_none([s["failed"] if args.fpr else 0.0 for s in srr]),
+            "skipped_frac": mean_or_none([float(s["skip"]) for s in srr])})
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+
+
+def setup_distributed():
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: one process per GPU (gloo on CPU). Returns (rank, world, device)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1, None
+    cuda = torch.cuda.is_available()
+    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local)
+    return torch.distributed.get_rank(), world, torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
+def train(args: Args) -> str:
+    """The training loop (one process, or one per GPU under torchrun). Returns the output folder."""
+    rank, world, device = setup_distributed()
+    if args.groups_per_step % world or args.groups_per_step // world < args.updates_per_rollout:
+        raise ValueError(f"--groups-per-step {args.groups_per_step} must be a multiple of the {world} processes, "
+                         f"with at least --updates-per-rollout groups on each")
+    out = args.out or args.resume or os.path.join("runs", f"{args.preset}-{args.task}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if rank == 0 and not args.resume and os.path.exists(os.path.join(out, "metrics.jsonl")):
+        raise ValueError(f"{out} already holds a run (metrics.jsonl): pass --resume {out} or another --out")
+    os.makedirs(out, exist_ok=True)
+    policy = load_policy(args, os.path.join(out, f"rank{rank}") if world > 1 else out, device)
+    optimizer = torch.optim.AdamW([{"params": policy.reasoner.lora_params, "lr": args.reasoner_lr or args.lr},
+                                   {"params": policy.renderer.lora_params}], lr=args.lr, weight_decay=args.weight_decay)
+    start = load_checkpoint(args.resume, policy, optimizer, args) if args.resume else 0
+    if rank == 0:
+        keep_metrics_before(os.path.join(out, "metrics.jsonl"), start)
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+        with open(os.path.join(out, "args.json"), "w") as f:
+            json.dump({**dataclasses.asdict(args), "git_commit": commit, "world_size": world}, f, indent=1)
+    toy_rows = args.preset == "toy" and not args.prompts
+    rows = TOY_PROMPTS if toy_rows else load_prompts(args.prompts, "train")
+    eval_rows = TOY_PROMPTS if toy_rows else load_prompts(args.prompts, "test")
     tags = sorted({q["tag"] for r in rows for k in ("semantic_questions", "quality_questions")
                    for q in r[k] if q["tag"]})
     server = None
     if not args.reward_url:
         if args.preset != "toy":
-            raise SystemExit("--reward-url is required: start `python reward_server.py --verifier <model>` first")
+            raise ValueError("--reward-url is required: start `python reward_server.py --verifier <model>` first")
         server, args.reward_url = start_toy_reward_server()
     client = RewardClient(args.reward_url, args.reward_token or os.environ.get("ALPHAGRPO_REWARD_TOKEN", ""))
-    sigmas = renderer.sigmas(args.num_steps)
-    print(f"training {args.preset}/{args.task} for {args.steps} steps on {policy['device']}; "
-          f"reward server {args.reward_url}; writing {out}")
-    bar = tqdm(range(args.steps), desc="train", dynamic_ncols=True)
+    sigmas = policy.renderer.sigmas(args.num_steps)
+    if rank == 0:
+        print(f"training {args.preset}/{args.task}, steps {start}..{args.steps - 1}, {world} process(es) on "
+              f"{policy.device}; reward server {args.reward_url}; writing {out}")
     try:
-        for step in bar:
+        for step in tqdm(range(start, args.steps), desc="train", dynamic_ncols=True, disable=rank != 0):
             t_step = time.perf_counter()
-            torch.manual_seed(args.seed * 1_000_003 + step)  # the reasoner's sampling: exact on resume
-            gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # every image noise
-            timers = {"reason": 0.0, "render": 0.0, "wait": 0.0}
-            n_srr = (args.groups_per_step if args.task == "srr" else
-                     round(args.mix_ratio * args.groups_per_step) if args.task == "mix" else 0)
-            tasks = ["srr"] * n_srr + ["rt2i"] * (args.groups_per_step - n_srr)
-            batch_rows = [prompt_for(rows, step * args.groups_per_step + k, args.seed) for k in range(len(tasks))]
-            groups = rollout_step(policy, batch_rows, tasks, args, gen, client, sigmas, timers)
+            timers = {"reason": 0.0, "render": 0.0, "reward_wait": 0.0, "train": 0.0}
+            groups = rollout_step(policy, step, rows, args, client, sigmas, timers, rank, world)
             t0 = time.perf_counter()
             for g in groups:
                 finish_group(g, args)
-            timers["wait"] += time.perf_counter() - t0
-            zero_std_frac = assign_advantages(groups, args)
+            timers["reward_wait"] = timers.pop("wait", 0.0) + time.perf_counter() - t0
+            zero_std_frac = assign_advantages(groups, args, world)
             t0 = time.perf_counter()
-            stats = update(policy, optimizer, params, groups, args, random.Random(args.seed * 31 + step))
-            row = metrics_row(step, groups, stats, zero_std_frac, timers, time.perf_counter() - t0,
-                              time.perf_counter() - t_step, tags, args)
-            with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(row) + "\n")
-            bar.set_postfix(reward=f"{row['reward_mean']:.3f}")
-            if args.sample_every and (step % args.sample_every == 0 or step == args.steps - 1):
-                save_grid(os.path.join(out, "samples", f"step_{step:05d}.png"), groups)
+            stats = update(policy, optimizer, groups, args, random.Random(args.seed * 31 + step), world)
+            timers["train"] = time.perf_counter() - t0
+            timers["step"] = time.perf_counter() - t_step
+            local = {"summaries": [summarize(g) for g in groups], "stats": stats, "zero": zero_std_frac,
+                     "timers": timers}
+            everyone = [local]
+            if world > 1:
+                everyone = [None] * world
+                torch.distributed.all_gather_object(everyone, local)
+            eval_reward = None
+            last = step == args.steps - 1
+            if args.eval_every and (step % args.eval_every == 0 or last):
+                eval_reward = evaluate(policy, eval_rows, args, client, os.path.join(out, "eval", f"step_{step:06d}.png"),
+                                       rank, world)
+            if args.save_every and ((step + 1) % args.save_every == 0 or last) and rank == 0:
+                save_checkpoint(policy, optimizer, args, step + 1, out)
+            if rank == 0:
+                row = metrics_row(step, [s for e in everyone for s in e["summaries"]],
+                                  [s for e in everyone for s in e["stats"]],
+                                  sum(e["zero"] for e in everyone) / world, everyone[0]["timers"], tags, args)
+                row["eval_reward"] = eval_reward
+                with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                if args.sample_every and (step % args.sample_every == 0 or last):
+                    tiles = [t for g in groups[:4] for t in group_tiles(g)]
+                    save_grid(os.path.join(out, "samples", f"step_{step:06d}.png"), tiles,
+                              cols=max(len(group_tiles(g)) for g in groups[:4]))
     finally:
         client.pool.shutdown(wait=False, cancel_futures=True)
         if server is not None:
             server.terminate()
+        if world > 1:
+            torch.distributed.destroy_process_group()
     return out
 
 
-def rollout_step(policy, batch_rows, tasks, args, gen, client, sigmas, timers) -> list:
-    """All rollouts of one step, with the current weights. Each group's images are scored while the next
-    group is sampled. SRR first renders every prompt's initial candidates, so their scoring overlaps too."""
-    cands = {k: initial_candidates(policy, row, args, gen, client)
-             for k, (row, task) in enumerate(zip(batch_rows, tasks)) if task == "srr"}
-    groups = []
-    for k, (row, task) in enumerate(zip(batch_rows, tasks)):
-        init = None
-        if task == "srr":
-            images, future = cands[k]
-            t0 = time.perf_counter()
-            res = future.result()
-            timers["wait"] += time.perf_counter() - t0
-            image, reward = pick_initial(images, res["rewards"], args.srr_pick, gen)
-            init = (image, policy["renderer"].encode_image(image), reward)
-        groups.append(rollout_group(policy, row, task, args, gen, client, sigmas, init, timers))
-    return groups
+def keep_metrics_before(path: str, step: int):
+    """On resume, drop metric rows at or after the checkpoint's step (a killed run may have written some)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip() and json.loads(line)["step"] < step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(rows)
+    os.replace(path + ".tmp", path)
 
 
-def metrics_row(step, groups, stats, zero_std_frac, timers, time_train, time_step, tags, args) -> dict:
-    """One JSON row per step; every row has every key (null where it does not apply, never NaN)."""
-    R = torch.cat([g.rewards for g in groups])
-    row = {"step": step, "reward_mean": float(R.mean()), "reward_std": float(R.std(unbiased=False)),
-           "zero_std_frac": zero_std_frac, **stats, "time_reason": timers["reason"],
-           "time_render": timers["render"], "time_reward_wait": timers["wait"], "time_train": time_train,
-           "time_step": time_step,
-           "text_len": float(torch.cat([g.text.mask.sum(1).float() for g in groups]).mean())}
-    per_tag = {t: [] for t in tags}
-    for g in groups:
-        for key, skey in (("semantic_questions", "semantic_scores"), ("quality_questions", "quality_scores")):
-            for scores in g.scores[skey]:
-                for q, s in zip(g.row[key], scores):
-                    if q["tag"] in per_tag:
-                        per_tag[q["tag"]].append(s)
-    row.update({f"score_{t}": mean_or_none(v) for t, v in per_tag.items()})
-    if args.task != "rt2i":
-        srr = [g for g in groups if g.task == "srr"]
-        row.update({
-            "reward_init_mean": mean_or_none([g.init_reward for g in srr]),
-            "reward_refined_mean": mean_or_none([float(g.rewards.mean()) for g in srr]),
-            "improved_frac": mean_or_none([float((g.rewards > g.init_reward).float().mean()) for g in srr]),
-            "fpr_frac": mean_or_none([float(g.failed.float().mean()) if args.fpr else 0.0 for g in srr]),
-            "skipped_frac": mean_or_none([float(g.skip) for g in srr])})
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+# --------------------------------------------------------------------------------------------------
+# Inference: reasoning, then rounds of self-reflective refinement (Sec. 4.1, "inference-time" SRR)
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample(args: Args, prompt: str, refine_rounds: int = 0, checkpoint: str = "", question: list = ()):
+    """Draw `prompt` with reasoning (ODE sampler), then `refine_rounds` rounds of reflect-and-refine. Writes
+    each round's image, text and reward (when questions are known: --question, or the prompt's row in the
+    prompt set) and a side-by-side PNG."""
+    out = args.out or os.path.join("runs", f"sample-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(out, exist_ok=True)
+    policy = load_policy(args, out)
+    if checkpoint:
+        load_checkpoint(checkpoint, policy, None, args)
+    rows = TOY_PROMPTS if args.preset == "toy" and not args.prompts else load_prompts(args.prompts, None)
+    row = next((r for r in rows if r["prompt"] == prompt), None)
+    if question:
+        row = {"prompt": prompt, "semantic_questions": [{"question": q, "tag": None} for q in question],
+               "quality_questions": []}
+    server, client = None, None
+    if row is not None and (args.reward_url or args.preset == "toy"):
+        if not args.reward_url:
+            server, args.reward_url = start_toy_reward_server()
+        client = RewardClient(args.reward_url, args.reward_token or os.environ.get("ALPHAGRPO_REWARD_TOKEN", ""))
+    renderer, sigmas, gen = policy.renderer, policy.renderer.sigmas(args.eval_num_steps), seeded(args, 0, 0)
+    rounds, image, latents = [], None, None
+    try:
+        for k in range(refine_rounds + 1):
+            if k == 0:  # RT2I: plan, then draw
+                text = policy.reasoner.generate(RT2I_INSTRUCTION.format(prompt=prompt), None, 1).texts[0]
+                start, x = 0, renderer.noise(1, gen)
+            else:  # SRR: reflect on the last image, then redraw it from its noised latents
+                text = policy.reasoner.generate(REFLECT_INSTRUCTION.format(prompt=prompt), image, 1).texts[0]
+                start, x = sdedit_start(renderer.encode_image(image), renderer.noise(1, gen), sigmas, args.srr_strength)
+            x0, _, _ = render(renderer, renderer.encode([renderer_text(prompt, text)]), x, sigmas, range(0), 0.0,
+                              start=start)
+            image = renderer.decode(x0)[0]
+            reward = None
+            if client is not None:
+                sem, qual = questions(row)
+                reward = client.submit([image], [sem], [qual]).result()["rewards"][0]
+            image.save(os.path.join(out, f"round_{k}.png"))
+            rounds.append({"round": k, "text": text, "reward": reward, "image": f"round_{k}.png"})
+            print(f"round {k}: reward {reward if reward is None else round(reward, 4)} | {text}")
+    finally:
+        if server is not None:
+            server.terminate()
+    with open(os.path.join(out, "rounds.json"), "w") as f:
+        json.dump({"prompt": prompt, "rounds": rounds}, f, indent=1)
+    save_grid(os.path.join(out, "side_by_side.png"), [
+        (Image.open(os.path.join(out, r["image"])), f"round {r['round']}" + (
+            f"  R {r['reward']:.2f}" if r["reward"] is not None else ""), r["text"]) for r in rounds], cols=len(rounds))
+    print(f"wrote {out}/side_by_side.png")
+    return out
 
 
 def main(argv=None):
@@ -1199,12 +1510,14 @@ def main(argv=None):
         lambda record: "truncated because" not in record.getMessage())
     try:
         if command == "train":
-            out = train(args)
-            print(f"done: {out}/metrics.jsonl")
+            print(f"done: {train(args)}/metrics.jsonl")
         else:
             sample(args, **extra)
-    except (RewardError, ValueError, OSError) as e:
+    except (RewardError, ValueError) as e:  # bad input or a verifier that is down: say what and where
         raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted: metrics.jsonl holds every finished step; --resume OUT continues from "
+                         "the last checkpoint") from None
 
 
 if __name__ == "__main__":

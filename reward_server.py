@@ -1,33 +1,63 @@
 """DVReward server: the Decompositional Verifiable Reward of AlphaGRPO (paper Sec. 4.2) over HTTP.
 
-An MLLM verifier answers each atomic yes/no question about an image; the confidence of one question is
-s = P(yes) / (P(yes) + P(no)) from the first answer token, and the reward of an image is the geometric mean
-R = sqrt(mean(s_semantic) * mean(s_quality)). The questions are decomposed offline (prompts.jsonl).
+Offline, an LLM decomposes each prompt into atomic yes/no questions: semantic ones over 10 dimensions, then
+quality ones over 8 aspects (`decompose`). Online, an MLLM verifier answers each question about an image; the
+confidence of one question is s = P(yes) / (P(yes) + P(no)) from the first answer token, and the reward of an
+image is the geometric mean R = sqrt(mean(s_semantic) * mean(s_quality)).
 
-    python reward_server.py --verifier Qwen/Qwen3-VL-8B-Instruct --port 8000   # a transformers verifier
-    python reward_server.py --verifier toy --port 8000                         # the rule-based toy judge
+    python reward_server.py --verifier Qwen/Qwen3-VL-8B-Instruct --port 8000     # transformers verifier (a GPU)
+    python reward_server.py --verifier toy --port 8000                           # the rule-based toy judge
+    python reward_server.py --verifier openai:http://127.0.0.1:30000/v1 --model Qwen/Qwen3-VL-30B-A3B-Instruct
+    python reward_server.py score --image x.png --question "Is there a red apple?" --verifier toy
+    python reward_server.py bench                                                # CPU: naive vs shared prefix
+    python reward_server.py bench --device cuda --dtype bfloat16 --hidden 4096 --layers 36 --heads 32 \
+        --kv-heads 8 --intermediate 12288 --vocab 151936 --vision-hidden 1152 --vision-depth 27 \
+        --vision-heads 16 --vision-intermediate 4304 --images 8                # a Qwen3-VL-8B-like shape
+    python reward_server.py decompose prompts.txt --llm http://127.0.0.1:30000/v1 --model Qwen/Qwen3-32B \
+        --out prompts.jsonl                                                      # or --llm <path | hub id>
 
-API (JSON; images are base64 PNG, never pickle):
-    GET  /health  -> {"status": "ok", "verifier": ...}
+API (JSON; images are base64 PNG, never pickle; 127.0.0.1 by default; with --token or $ALPHAGRPO_REWARD_TOKEN
+every request but GET /health needs "Authorization: Bearer TOKEN"):
+    GET  /health  -> {"status": "ok", "verifier": ..., counters}
     POST /score   {"images": [b64], "semantic_questions": [[str]], "quality_questions": [[str]]}
                -> {"rewards": [float], "semantic_scores": [[float]], "quality_scores": [[float]]}
-One question list per image; an empty list scores 1.0. A malformed request gets HTTP 400 {"error": ...}.
+One question list per image; an empty list scores 1.0. A malformed request gets a 4xx {"error": ...} naming the
+problem (413 beyond a size limit); a verifier endpoint that keeps failing gets 502/503, never a made-up score.
+
+Speed. One worker thread owns the verifier (so concurrent requests never race on the model's state) and gathers
+the requests that arrive within a few milliseconds into one batch. The transformers verifier encodes system
+prompt + image once per image and answers all its questions as one batch of short suffixes on that KV cache
+(`score_naive` keeps the plain path: one full sequence per question). Left out: attention kernels that share the
+prefix without copying it per row (SGLang's radix cache does that; use the openai: backend to get it).
 """
 from __future__ import annotations
 
 import argparse
 import base64
 import binascii
+import hmac
 import io
 import json
 import math
 import os
+import queue
 import re
+import statistics
+import struct
 import sys
+import tempfile
 import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import requests
 from PIL import Image, ImageStat
+
+# --------------------------------------------------------------------------------------------------
+# Constants: the instruction texts and the limits
+# --------------------------------------------------------------------------------------------------
 
 STRICT_AUDITOR = (
     "You are a strict visual auditor. You check generated images against a checklist. Look at the image "
@@ -36,9 +66,83 @@ STRICT_AUDITOR = (
 YES_VARIANTS = ("Yes", "yes", "YES", " Yes", " yes", " YES")
 NO_VARIANTS = ("No", "no", "NO", " No", " no", " NO")
 
+# the official data's tags (Sec. 4.2): 10 semantic dimensions, then 8 quality aspects
+SEMANTIC_TAGS = ("Style", "Environment", "Viewpoint", "Existence", "Count", "Attribute", "Action", "Spatial",
+                 "Text", "Negative")
+QUALITY_TAGS = ("Geometry", "Anatomy", "Texture", "Coherence", "Lighting", "Physics", "Legibility", "Aesthetics")
+
+DECOMPOSE_INSTRUCTION = """\
+You turn a text-to-image prompt into a checklist of atomic yes/no questions that a vision-language model answers \
+by looking at a generated image.
+
+Step 1, semantic questions: does the image follow the prompt? Cover every requirement of the prompt (usually 3 to \
+8 questions) and tag each with one dimension:
+Style (art style, medium), Environment (setting, weather, time of day), Viewpoint (camera angle, framing), \
+Existence (an object is present), Count (how many), Attribute (colour, shape, material, size), Action (what a \
+subject does), Spatial (relative position), Text (written text), Negative (something the prompt excludes is absent).
+
+Step 2, quality questions: is what step 1 asks about rendered well? Build on the objects of step 1 (usually 3 to 6 \
+questions) and tag each with one aspect:
+Geometry (plausible shapes, proportions), Anatomy (bodies, hands, faces), Texture (surfaces, materials), Coherence \
+(consistent parts, no stray artefacts), Lighting (light and shadows agree), Physics (support, contact, gravity, \
+reflections), Legibility (text is crisp and spelled right), Aesthetics (composition, focus).
+
+Rules for every question:
+- It starts with Is, Are, Does, Do, Can, Has or Have and ends with "?".
+- "Yes" means the image is good: "Is the street free of cars?" for "no cars"; "Are the fingers well formed?", not \
+"Are the fingers distorted?".
+- One atomic fact: no "or", never two facts in one question.
+- Only what can be seen: turn abstract words into visible evidence ("Is there steam rising from the cup?", not \
+"Is the coffee hot?").
+- Use only the tags above; skip a dimension the prompt does not touch.
+
+Answer with one JSON object and nothing else:
+{"semantic_questions": [{"question": "...", "tag": "Existence"}], "quality_questions": [{"question": "...", \
+"tag": "Geometry"}]}"""
+DECOMPOSE_RETRY = "That answer is not valid ({error}). Answer again with only the JSON object."
+
+# the rule-based validation of decomposed questions (Sec. 4.2, "invalid questions are filtered")
+AUXILIARY_VERBS = ("is", "are", "does", "do", "did", "can", "could", "has", "have", "had", "was", "were", "will",
+                   "would", "should")
+NON_VISUAL_WORDS = ("smell", "smells", "taste", "tastes", "tasty", "delicious", "sounds", "loud", "noisy", "hear",
+                    "feel", "feels", "think", "believe", "fragrant")
+TEMPERATURES = ("hot", "cold", "warm", "cool", "freezing")  # not visual as the predicate: "Is the coffee hot?"
+DEFECT_WORDS = ("blurry", "blurred", "distorted", "deformed", "disfigured", "mutated", "malformed", "artifact",
+                "artifacts", "garbled", "misspelled", "extra", "missing", "warped", "glitch", "glitches")
+NEGATIONS = ("no", "not", "none", "without", "free", "absent", "empty", "nothing", "nor")
+ABSENCES = NEGATIONS + ("missing", "lacking", "lacks")  # a Negative question asks about an absence
+QUESTION_WORDS = (3, 30)  # length bounds, in words
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one /score request may hold (HTTP 413 beyond it); each is a flag of the server."""
+    max_images: int = 256             # images per request
+    max_side: int = 4096              # pixels per image side, read from the PNG header before decoding
+    max_request_pixels: int = 1 << 27  # all images of a request together (128 Mi pixels = 384 MiB as RGB)
+    max_questions: int = 64           # questions per image, semantic and quality together
+    max_question_chars: int = 500
+
 
 class BadRequest(ValueError):
-    """A request the server cannot score; the message names the problem (HTTP 400)."""
+    """A request the server cannot score; the message names the problem. status: 400, or 413 past a limit."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+class UpstreamError(RuntimeError):
+    """The verifier endpoint failed (HTTP 502: it answered wrongly; 503: unreachable after the retries)."""
+
+    def __init__(self, message: str, status: int = 503):
+        super().__init__(message)
+        self.status = status
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure functions: DVReward arithmetic (Sec. 4.2), request parsing, question validation
+# --------------------------------------------------------------------------------------------------
 
 
 def confidence(yes_logits, no_logits) -> float:
@@ -51,10 +155,172 @@ def confidence(yes_logits, no_logits) -> float:
     return 1.0 / (1.0 + math.exp(lse(no_logits) - lse(yes_logits)))
 
 
+def confidence_from_top_logprobs(top: list, generated: str) -> tuple[float, bool]:
+    """s from an OpenAI-style top_logprobs list [{"token", "logprob"}]: P(yes) and P(no) sum the variants
+    (case- and space-insensitive). Returns (s, found); when neither is among them, s comes from the generated
+    token (1 yes, 0 no, 0.5 otherwise) and found is False, so the caller can count it."""
+    p = {"yes": 0.0, "no": 0.0}
+    for t in top:
+        word = str(t.get("token", "")).strip().lower()
+        if word in p:
+            p[word] += math.exp(float(t["logprob"]))
+    if p["yes"] + p["no"] > 0:
+        return p["yes"] / (p["yes"] + p["no"]), True
+    word = generated.strip().lower()
+    return (1.0 if word == "yes" else 0.0 if word == "no" else 0.5), False
+
+
 def dvreward(semantic: list, quality: list) -> float:
     """R = sqrt(mean(s_semantic) * mean(s_quality)) (Sec. 4.2); an empty list counts as 1.0."""
     mean = lambda xs: sum(xs) / len(xs) if xs else 1.0  # noqa: E731
     return math.sqrt(mean(semantic) * mean(quality))
+
+
+def png_size(data: bytes, where: str) -> tuple[int, int]:
+    """(width, height) from the PNG signature and IHDR chunk, read before any decoding: a small file can
+    declare a huge image (a decompression bomb), so the size is checked first."""
+    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        raise BadRequest(f"{where} is not a PNG image")
+    if len(data) < 24 or data[12:16] != b"IHDR":
+        raise BadRequest(f"{where} is a broken PNG (no IHDR header)")
+    return struct.unpack(">II", data[16:24])
+
+
+def decode_png(data: bytes, where: str) -> Image.Image:
+    try:
+        image = Image.open(io.BytesIO(data), formats=["PNG"])
+        image.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise BadRequest(f"{where} is a broken PNG ({e})") from None
+    return image.convert("RGB")
+
+
+def parse_score_request(body, limits: Limits = Limits()) -> tuple[list, list, list]:
+    """Validate a /score body; raises BadRequest naming the field. Every check that needs no decoding runs
+    before any image is decoded."""
+    keys = ("images", "semantic_questions", "quality_questions")
+    if not isinstance(body, dict):
+        raise BadRequest(f"the body must be a JSON object with {', '.join(keys)}, got {type(body).__name__}")
+    unknown = sorted(set(body) - set(keys))
+    if unknown:
+        raise BadRequest(f"unknown key(s) {', '.join(map(repr, unknown))}; expected {', '.join(keys)}")
+    for key in keys:
+        if not isinstance(body.get(key), list):
+            raise BadRequest(f"'{key}' is missing or not a list")
+    n = len(body["images"])
+    if n > limits.max_images:
+        raise BadRequest(f"'images' has {n} images; the limit is {limits.max_images} per request", 413)
+    for key in keys[1:]:
+        if len(body[key]) != n:
+            raise BadRequest(f"'{key}' has {len(body[key])} lists for {n} images (one list per image)")
+        for i, qs in enumerate(body[key]):
+            if not isinstance(qs, list) or not all(isinstance(q, str) and q.strip() for q in qs):
+                raise BadRequest(f"'{key}'[{i}] must be a list of non-empty strings")
+            for j, q in enumerate(qs):
+                if len(q) > limits.max_question_chars:
+                    raise BadRequest(f"'{key}'[{i}][{j}] has {len(q)} characters; the limit is "
+                                     f"{limits.max_question_chars}", 413)
+    for i in range(n):
+        count = len(body["semantic_questions"][i]) + len(body["quality_questions"][i])
+        if count > limits.max_questions:
+            raise BadRequest(f"image {i} has {count} questions; the limit is {limits.max_questions} per image", 413)
+    blobs, pixels = [], 0
+    for i, b64 in enumerate(body["images"]):
+        if not isinstance(b64, str):
+            raise BadRequest(f"images[{i}] must be a base64 string, got {type(b64).__name__}")
+        try:
+            data = base64.b64decode(b64, validate=True)
+        except (binascii.Error, ValueError):
+            raise BadRequest(f"images[{i}] is not valid base64") from None
+        w, h = png_size(data, f"images[{i}]")
+        if not (0 < w <= limits.max_side and 0 < h <= limits.max_side):
+            raise BadRequest(f"images[{i}] is {w}x{h} pixels; each side must be 1 to {limits.max_side}", 413)
+        pixels += w * h
+        if pixels > limits.max_request_pixels:
+            raise BadRequest(f"the images up to images[{i}] hold {pixels} pixels; the limit is "
+                             f"{limits.max_request_pixels} per request", 413)
+        blobs.append(data)
+    images = [decode_png(data, f"images[{i}]") for i, data in enumerate(blobs)]
+    return images, body["semantic_questions"], body["quality_questions"]
+
+
+def score_items(verifier, items: list) -> list:
+    """items: [(image, questions)] -> one score list per item. A verifier may batch them (score_many);
+    otherwise each image is scored on its own."""
+    if hasattr(verifier, "score_many"):
+        return verifier.score_many(items)
+    return [verifier.score(image, questions) for image, questions in items]
+
+
+def score_batch(verifier, images, semantic, quality) -> dict:
+    items = [(image, list(sem) + list(qual)) for image, sem, qual in zip(images, semantic, quality)]
+    out = {"rewards": [], "semantic_scores": [], "quality_scores": []}
+    for s, sem in zip(score_items(verifier, items), semantic):
+        out["semantic_scores"].append(s[:len(sem)])
+        out["quality_scores"].append(s[len(sem):])
+        out["rewards"].append(dvreward(s[:len(sem)], s[len(sem):]))
+    return out
+
+
+def check_question(q, tags: tuple, quality: bool) -> str | None:
+    """Why a decomposed question is invalid (not yes/no, not visual, not atomic, ...), or None if it is fine."""
+    if not isinstance(q, dict) or not isinstance(q.get("question"), str):
+        return "not a {question, tag} object"
+    text, words = q["question"].strip(), re.findall(r"[a-z']+", q["question"].lower())
+    if q.get("tag") not in tags:
+        return "tag not in the allowed set"
+    if not text.endswith("?") or text.count("?") > 1:
+        return "not one question ending with '?'"
+    if not words or words[0] not in AUXILIARY_VERBS:
+        return "not a yes/no question (must start with an auxiliary verb such as Is/Are/Does)"
+    if not QUESTION_WORDS[0] <= len(words) <= QUESTION_WORDS[1]:
+        return f"length outside {QUESTION_WORDS[0]}-{QUESTION_WORDS[1]} words"
+    if "or" in words:  # "Is it red or blue?" asks for a choice, "Is A red or is B blue?" joins two facts
+        return "not atomic ('or': a choice or two facts, not one yes/no fact)"
+    if any(w in NON_VISUAL_WORDS for w in words) or words[-1] in TEMPERATURES:
+        return "not visual (asks about something that cannot be seen)"
+    negated = any(w in NEGATIONS or w.endswith("n't") for w in words)
+    if q["tag"] == "Negative" and not (negated or any(w in ABSENCES for w in words)):
+        return "a Negative question must ask about an absence, so that 'yes' means good"
+    if quality and not negated and any(w in DEFECT_WORDS for w in words):
+        return "'yes' would mean a defect"
+    return None
+
+
+def validate_questions(qs, tags: tuple, quality: bool, seen: set) -> tuple[list, list]:
+    """-> (kept [{question, tag}], dropped [(question, reason)]); seen holds normalized questions (duplicates)."""
+    kept, dropped = [], []
+    for q in qs if isinstance(qs, list) else []:
+        reason = check_question(q, tags, quality)
+        key = " ".join(re.findall(r"[a-z0-9']+", q["question"].lower())) if reason is None else None
+        if reason is None and key in seen:
+            reason = "duplicate"
+        if reason:
+            dropped.append((q.get("question") if isinstance(q, dict) else q, reason))
+        else:
+            seen.add(key)
+            kept.append({"question": q["question"].strip(), "tag": q["tag"]})
+    return kept, dropped
+
+
+def parse_llm_json(text: str) -> dict:
+    """The decomposition answer as a dict; tolerates a <think> block and a ```json fence. Raises ValueError."""
+    text = text.split("</think>")[-1].strip()
+    fence = re.search(r"```(?:json)?\s*(.*?)```", text, re.DOTALL)
+    text = fence.group(1) if fence else text[text.find("{"):text.rfind("}") + 1]
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not JSON: {e}") from None
+    if not isinstance(obj, dict) or not all(isinstance(obj.get(k), list)
+                                            for k in ("semantic_questions", "quality_questions")):
+        raise ValueError("the JSON object needs 'semantic_questions' and 'quality_questions' lists")
+    return obj
+
+
+# --------------------------------------------------------------------------------------------------
+# Verifiers: score(image, questions) -> [s]; score_many([(image, questions)]) batches where it helps
+# --------------------------------------------------------------------------------------------------
 
 
 class ToyVerifier:
@@ -91,10 +357,21 @@ class ToyVerifier:
 
 
 class TransformersVerifier:
-    """A Qwen-VL instruct model from transformers: for each question, one forward pass over system prompt,
-    image and question, and the first answer token's yes/no probabilities."""
+    """A Qwen-VL instruct model from transformers; s from the first answer token's yes/no probabilities.
 
-    def __init__(self, path: str, device: str = "auto", dtype: str = "auto"):
+    Shared image prefix (the default): the chat text is [system prompt, image] + [question, assistant turn], and
+    the first part is the same for every question about one image. So per image it is encoded once (vision tower
+    and prefill, images with the same token count batched together), and the questions run as one right-padded
+    batch of suffixes on copies of that KV cache; each row's answer is read at its last real token. Qwen-VL's
+    rotary positions are 3-D (time, height, width) and the image advances them by max(h, w) tokens, not by its
+    token count, so the prefix positions come from the model's get_rope_index and every suffix continues at
+    their maximum + 1; they are passed explicitly, so the model's stored `rope_deltas` is neither read nor
+    written. This relies on Qwen-VL internals (`model.model.get_rope_index`, `model.lm_head`, the `cache` keyword,
+    DynamicCache layers' keys/values), hence requirements.txt pins transformers>=5.24,<5.25.
+    `score_naive` is the plain path: each question as one full sequence, all in one left-padded batch."""
+
+    def __init__(self, path: str, device: str = "auto", dtype: str = "auto", shared_prefix: bool = True,
+                 prefill_batch: int = 8, row_batch: int = 64, model=None):
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -104,7 +381,9 @@ class TransformersVerifier:
         dt = (torch.bfloat16 if self.device.type == "cuda" else torch.float32) if dtype == "auto" else getattr(torch, dtype)
         self.name = path
         self.processor = AutoProcessor.from_pretrained(path)
-        self.model = AutoModelForImageTextToText.from_pretrained(path, dtype=dt).to(self.device).eval()
+        # model: an already built model (the benchmark's random ones), else loaded from path
+        self.model = (model or AutoModelForImageTextToText.from_pretrained(path, dtype=dt)).to(self.device).eval()
+        self.prefill_batch, self.row_batch = prefill_batch, row_batch  # images per prefill, suffix rows per pass
         tok = self.processor.tokenizer
         # every single-token spelling of yes / no, found with the tokenizer at start-up (an unknown-token
         # id would count any unknown word as a yes, so each id must decode back to the word)
@@ -123,6 +402,15 @@ class TransformersVerifier:
         if "<think>" in probe[-40:]:
             raise ValueError(f"{path}: its chat template opens a <think> block; use an Instruct (non-thinking) model, "
                              "since the first answer token must be the yes/no")
+        # the prefix is the chat text up to the image's closing token; the question must come after it
+        end_id = getattr(self.model.config, "vision_end_token_id", None)
+        vision_end = tok.convert_ids_to_tokens(end_id) if end_id is not None else None
+        self.prefix_text = probe[:probe.rfind(vision_end) + len(vision_end)] if vision_end and vision_end in probe else ""
+        self.shared_prefix = shared_prefix
+        if shared_prefix and not (self.prefix_text and hasattr(getattr(self.model, "model", None), "get_rope_index")):
+            print(f"{path}: not a Qwen-VL model with the image before the question; scoring with the naive path "
+                  "(one full sequence per question)", file=sys.stderr)
+            self.shared_prefix = False
 
     def chat_text(self, question: str) -> str:
         messages = [{"role": "system", "content": STRICT_AUDITOR},
@@ -130,128 +418,604 @@ class TransformersVerifier:
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def score(self, image: Image.Image, questions: list[str]) -> list[float]:
-        if not questions:
-            return []
+        return self.score_many([(image, questions)])[0]
+
+    def score_many(self, items: list) -> list:
+        """items: [(image, questions)] -> one score list per item."""
+        if self.shared_prefix:
+            logits = self.logits_shared(items)
+        else:
+            logits = [self.logits_naive(image, qs) for image, qs in items]
+        return [self.confidences(x) for x in logits]
+
+    def score_naive(self, image: Image.Image, questions: list[str]) -> list[float]:
+        return self.confidences(self.logits_naive(image, questions))
+
+    def confidences(self, logits) -> list[float]:
+        return [confidence(row[self.yes_ids].tolist(), row[self.no_ids].tolist()) for row in logits]
+
+    def logits_naive(self, image: Image.Image, questions: list[str]):
+        """(n, V) first-answer-token logits, one full sequence per question (the image encoded n times)."""
         torch = self.torch
+        if not questions:
+            return torch.zeros(0, 1)
         texts = [self.chat_text(q) for q in questions]
         inputs = self.processor(text=texts, images=[image] * len(texts), padding=True, padding_side="left",
                                 return_tensors="pt").to(self.device)
-        with torch.no_grad():
-            logits = self.model(**inputs, logits_to_keep=1).logits[:, -1].float()  # (n, V): the first answer token
-        return [confidence(row[self.yes_ids].tolist(), row[self.no_ids].tolist()) for row in logits]
+        with torch.inference_mode():
+            return self.model(**inputs, logits_to_keep=1).logits[:, -1].float()  # (n, V)
+
+    def logits_shared(self, items: list) -> list:
+        """[(n_i, V)] first-answer-token logits per item: one prefill per image, the questions as suffixes."""
+        torch, tok = self.torch, self.processor.tokenizer
+        out = [torch.zeros(0, 1) for _ in items]
+        encoded = {}  # images with the same token count share a prefill batch: {grid: [(item index, inputs)]}
+        for i, (image, questions) in enumerate(items):
+            if questions:
+                enc = self.processor(text=[self.prefix_text], images=[image], return_tensors="pt")
+                encoded.setdefault(tuple(enc["image_grid_thw"].flatten().tolist()), []).append((i, enc))
+        suffixes = {}
+        for i, (_, questions) in enumerate(items):
+            for q in questions:
+                text = self.chat_text(q)
+                if not text.startswith(self.prefix_text):  # a question that changes the prefix (never expected)
+                    raise ValueError(f"the chat text of {q!r} does not start with the shared prefix")
+                suffixes[i, q] = tok(text[len(self.prefix_text):], add_special_tokens=False)["input_ids"]
+        with torch.inference_mode():
+            for group in encoded.values():
+                for start in range(0, len(group), self.prefill_batch):
+                    chunk = group[start:start + self.prefill_batch]
+                    cache, next_pos = self.prefill([enc for _, enc in chunk])
+                    rows = [(k, suffixes[i, q]) for k, (i, _) in enumerate(chunk) for q in items[i][1]]
+                    logits = torch.cat([self.suffix_logits(cache, next_pos, rows[r:r + self.row_batch])
+                                        for r in range(0, len(rows), self.row_batch)])
+                    counts = [len(items[i][1]) for i, _ in chunk]
+                    for (i, _), x in zip(chunk, logits.split(counts)):
+                        out[i] = x
+        return out
+
+    def prefill(self, encs: list):
+        """Encode system prompt + image for n images of one size. -> (KV cache with n rows, next position (n,))."""
+        torch = self.torch
+        cat = lambda key: torch.cat([e[key] for e in encs]).to(self.device)  # noqa: E731
+        ids, mm_types, grid = cat("input_ids"), cat("mm_token_type_ids"), cat("image_grid_thw")  # ids: (n, P)
+        pos, _ = self.model.model.get_rope_index(ids, mm_token_type_ids=mm_types, image_grid_thw=grid)  # (3, n, P)
+        out = self.model.model(input_ids=ids, pixel_values=cat("pixel_values"), image_grid_thw=grid,
+                               mm_token_type_ids=mm_types, position_ids=pos, use_cache=True)
+        return out.cache, pos.amax(dim=(0, 2)) + 1
+
+    def suffix_logits(self, cache, next_pos, rows: list):
+        """rows: [(prefix row, suffix token ids)] -> (B, V) logits at each row's last real suffix token."""
+        from transformers import DynamicCache
+
+        torch = self.torch
+        B, S, P = len(rows), max(len(ids) for _, ids in rows), cache.get_seq_length()
+        which = torch.tensor([k for k, _ in rows], device=self.device)  # (B,) the prefix row of each suffix
+        lengths = torch.tensor([len(ids) for _, ids in rows], device=self.device)
+        suffix = torch.full((B, S), self.processor.tokenizer.pad_token_id or 0, device=self.device)
+        for r, (_, ids) in enumerate(rows):
+            suffix[r, :len(ids)] = torch.tensor(ids)
+        real = torch.arange(S, device=self.device)[None] < lengths[:, None]  # (B, S), right padding
+        mask = torch.cat([torch.ones(B, P, dtype=torch.long, device=self.device), real.long()], 1)  # (B, P+S)
+        pos = (next_pos[which][:, None] + torch.arange(S, device=self.device)[None]).expand(3, B, S)  # text: t=h=w
+        # the prefix cache copied to B rows (each row's own image); the suffix pass appends to this copy only
+        rows_cache = DynamicCache(ddp_cache_data=[(layer.keys[which], layer.values[which]) for layer in cache.layers])
+        h = self.model.model(input_ids=suffix, attention_mask=mask, position_ids=pos, cache=rows_cache,
+                             use_cache=True).last_hidden_state  # (B, S, C)
+        return self.model.lm_head(h[torch.arange(B, device=self.device), lengths - 1]).float()  # (B, V)
 
 
-def decode_png(b64, where: str) -> Image.Image:
-    if not isinstance(b64, str):
-        raise BadRequest(f"{where} must be a base64 string, got {type(b64).__name__}")
-    try:
-        data = base64.b64decode(b64, validate=True)
-    except (binascii.Error, ValueError):
-        raise BadRequest(f"{where} is not valid base64") from None
-    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
-        raise BadRequest(f"{where} is not a PNG image")
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except (OSError, SyntaxError, ValueError) as e:
-        raise BadRequest(f"{where} is a broken PNG ({e})") from None
-    return image.convert("RGB")
+class OpenAIVerifier:
+    """An MLLM served behind an OpenAI-compatible endpoint (SGLang or vLLM, as the paper serves its verifier):
+    one /chat/completions request per question with max_tokens 1 and the top 20 log-probs of the first token.
+    Questions are sent concurrently; failures are retried with backoff, then raised (HTTP 502/503), never
+    turned into a score."""
+
+    def __init__(self, base_url: str, model: str, api_key: str = "", workers: int = 8, tries: int = 5,
+                 backoff_s: float = 0.5, timeout_s: float = 120.0):
+        if not model:
+            raise ValueError("an openai: verifier needs --model (the name the endpoint serves)")
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.name = f"openai:{base_url} ({model})"
+        self.model, self.tries, self.backoff_s, self.timeout_s = model, tries, backoff_s, timeout_s
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.pool = ThreadPoolExecutor(max_workers=workers)
+        self.sessions = threading.local()  # requests.Session is not thread-safe: one per pool thread
+        self.lock = threading.Lock()
+        self.counters = {"endpoint_requests": 0, "endpoint_retries": 0, "no_yes_no_in_top_logprobs": 0}
+
+    def count(self, key: str):
+        with self.lock:
+            self.counters[key] += 1
+
+    def score(self, image: Image.Image, questions: list[str]) -> list[float]:
+        return self.score_many([(image, questions)])[0]
+
+    def score_many(self, items: list) -> list:
+        urls = []
+        for image, _ in items:  # each image encoded once, whatever its number of questions
+            buf = io.BytesIO()
+            image.save(buf, format="PNG", compress_level=1)
+            urls.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
+        jobs = [(url, q) for url, (_, qs) in zip(urls, items) for q in qs]
+        scores = iter(list(self.pool.map(lambda job: self.ask(*job), jobs)))
+        return [[next(scores) for _ in qs] for _, qs in items]
+
+    def ask(self, image_url: str, question: str) -> float:
+        body = {"model": self.model, "max_tokens": 1, "temperature": 0, "logprobs": True, "top_logprobs": 20,
+                "messages": [{"role": "system", "content": STRICT_AUDITOR},
+                             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
+                                                          {"type": "text", "text": question}]}]}
+        answer = self.post(body)
+        try:
+            first = answer["choices"][0]["logprobs"]["content"][0]
+            s, found = confidence_from_top_logprobs(first["top_logprobs"], first.get("token", ""))
+        except (KeyError, IndexError, TypeError, ValueError) as e:
+            raise UpstreamError(f"{self.url} answered without choices[0].logprobs.content[0].top_logprobs "
+                                f"({type(e).__name__}: {e}); does the server support logprobs?", 502) from None
+        if not found:  # counted in /health: many of these mean the prompt or the model is off
+            self.count("no_yes_no_in_top_logprobs")
+        return s
+
+    def post(self, body: dict) -> dict:
+        if not hasattr(self.sessions, "s"):
+            self.sessions.s = requests.Session()
+        problem = ""
+        for attempt in range(self.tries):
+            if attempt:
+                self.count("endpoint_retries")
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            self.count("endpoint_requests")
+            try:
+                r = self.sessions.s.post(self.url, json=body, headers=self.headers, timeout=self.timeout_s)
+            except requests.RequestException as e:
+                problem = f"cannot reach it ({type(e).__name__})"
+                continue
+            if r.status_code == 200:
+                try:
+                    return r.json()
+                except ValueError:
+                    raise UpstreamError(f"{self.url} answered 200 with a body that is not JSON", 502) from None
+            problem = f"HTTP {r.status_code}: {r.text[:300]}"
+            if r.status_code < 500 and r.status_code != 429:  # our request is wrong: retrying will not help
+                raise UpstreamError(f"{self.url} rejected the request ({problem})", 502)
+        raise UpstreamError(f"verifier endpoint {self.url} failed {self.tries} tries; the last: {problem}", 503)
 
 
-def parse_score_request(body: dict) -> tuple[list, list, list]:
-    """Validate a /score body; raises BadRequest naming the field."""
-    if not isinstance(body, dict):
-        raise BadRequest("the body must be a JSON object")
-    for key in ("images", "semantic_questions", "quality_questions"):
-        if not isinstance(body.get(key), list):
-            raise BadRequest(f"'{key}' is missing or not a list")
-    n = len(body["images"])
-    for key in ("semantic_questions", "quality_questions"):
-        if len(body[key]) != n:
-            raise BadRequest(f"'{key}' has {len(body[key])} lists for {n} images (one list per image)")
-        for i, qs in enumerate(body[key]):
-            if not isinstance(qs, list) or not all(isinstance(q, str) and q.strip() for q in qs):
-                raise BadRequest(f"'{key}'[{i}] must be a list of non-empty strings")
-    images = [decode_png(b, f"images[{i}]") for i, b in enumerate(body["images"])]
-    return images, body["semantic_questions"], body["quality_questions"]
+# --------------------------------------------------------------------------------------------------
+# Server: a worker thread batches concurrent requests; the HTTP handler validates and waits
+# --------------------------------------------------------------------------------------------------
 
 
-def score_batch(verifier, images, semantic, quality) -> dict:
-    out = {"rewards": [], "semantic_scores": [], "quality_scores": []}
-    for image, sem, qual in zip(images, semantic, quality):
-        s = verifier.score(image, list(sem) + list(qual))
-        out["semantic_scores"].append(s[:len(sem)])
-        out["quality_scores"].append(s[len(sem):])
-        out["rewards"].append(dvreward(s[:len(sem)], s[len(sem):]))
-    return out
+class Batcher:
+    """One worker thread owns the verifier. It takes a request, waits up to wait_s for more, up to max_images
+    images, and scores them as one batch. Acts as a verifier itself (score_many), so score_batch works on it."""
+
+    def __init__(self, verifier, max_images: int = 32, wait_s: float = 0.005):
+        self.verifier, self.name, self.max_images, self.wait_s = verifier, verifier.name, max_images, wait_s
+        self.jobs = queue.Queue()
+        self.counters = {"requests": 0, "batches": 0, "images": 0}
+        threading.Thread(target=self.run, name="verifier-worker", daemon=True).start()
+
+    def score_many(self, items: list) -> list:
+        done = Future()
+        self.jobs.put((items, done))
+        return done.result()
+
+    def run(self):
+        while True:
+            batch = [self.jobs.get()]
+            n, deadline = len(batch[0][0]), time.monotonic() + self.wait_s
+            while n < self.max_images and (left := deadline - time.monotonic()) > 0:
+                try:
+                    batch.append(self.jobs.get(timeout=left))
+                except queue.Empty:
+                    break
+                n += len(batch[-1][0])
+            self.counters["batches"] += 1
+            self.counters["requests"] += len(batch)
+            self.counters["images"] += n
+            self.score(batch)
+
+    def score(self, batch: list):
+        try:
+            scores = score_items(self.verifier, [item for items, _ in batch for item in items])
+        except BadRequest as e:
+            if len(batch) > 1:  # one request's bad question must not fail the others: score each alone
+                for job in batch:
+                    self.score([job])
+            else:
+                batch[0][1].set_exception(e)
+            return
+        except Exception as e:  # noqa: BLE001 - delivered to every waiting request (HTTP 5xx), not swallowed
+            for _, done in batch:
+                done.set_exception(e)
+            return
+        for items, done in batch:
+            done.set_result(scores[:len(items)])
+            scores = scores[len(items):]
 
 
-def make_handler(verifier, token: str = "", max_body: int = 64 << 20):
-    lock = threading.Lock()  # the model is not thread-safe: one request at a time uses it
+def make_handler(verifier, token: str = "", max_body: int = 64 << 20, limits: Limits = Limits(),
+                 max_batch_images: int = 32, batch_wait_s: float = 0.005):
+    """The HTTP handler class for ThreadingHTTPServer; it owns the Batcher (Handler.batcher) of `verifier`."""
+    batcher = Batcher(verifier, max_batch_images, batch_wait_s)
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        timeout = 120  # seconds a client may take to send its request (a stalled client frees its thread)
 
-        def reply(self, code: int, obj: dict):
+        def reply(self, code: int, obj: dict, close: bool = False):
             data = json.dumps(obj).encode()
+            self.close_connection = self.close_connection or close
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            if close:
+                self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(data)
+
+        def fail(self, code: int, message: str):
+            """An error before the body was read: reply and close, since the body is still on the socket."""
+            self.reply(code, {"error": message}, close=True)
 
         def log_request(self, code="-", size="-"):  # quiet: log errors only
             if str(code)[0] in "45":
                 super().log_request(code, size)
 
+        def authorized(self) -> bool:
+            given = self.headers.get("Authorization", "")
+            return not token or hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+
         def do_GET(self):
-            if self.path == "/health":
-                return self.reply(200, {"status": "ok", "verifier": verifier.name})
-            self.reply(404, {"error": f"no such path {self.path!r}; use GET /health or POST /score"})
+            if self.path == "/health":  # open without the token: a liveness probe
+                counters = {**batcher.counters, **getattr(verifier, "counters", {})}
+                return self.reply(200, {"status": "ok", "verifier": verifier.name, **counters})
+            if not self.authorized():
+                return self.fail(401, "missing or wrong bearer token (send 'Authorization: Bearer TOKEN')")
+            if self.path == "/score":
+                return self.fail(405, "use POST /score")
+            self.fail(404, f"no such path {self.path!r}; use GET /health or POST /score")
 
         def do_POST(self):
-            length = int(self.headers.get("Content-Length") or 0)
+            if not self.authorized():
+                return self.fail(401, "missing or wrong bearer token (send 'Authorization: Bearer TOKEN')")
             if self.path != "/score":
-                self.rfile.read(length)
-                return self.reply(404, {"error": f"no such path {self.path!r}; use POST /score"})
-            if token and self.headers.get("Authorization") != f"Bearer {token}":
-                self.rfile.read(length)
-                return self.reply(401, {"error": "missing or wrong bearer token"})
-            if length > max_body:
-                self.close_connection = True
-                return self.reply(413, {"error": f"body of {length} bytes exceeds the limit of {max_body}"})
+                return self.fail(404, f"no such path {self.path!r}; use POST /score")
+            if self.headers.get("Content-Type", "").split(";")[0].strip().lower() != "application/json":
+                return self.fail(415, "the body must be JSON with 'Content-Type: application/json'")
+            if self.headers.get("Transfer-Encoding") or self.headers.get("Content-Length") is None:
+                return self.fail(411, "a Content-Length header is required (chunked bodies are not accepted)")
+            try:
+                length = int(self.headers["Content-Length"])
+            except ValueError:
+                return self.fail(400, f"Content-Length {self.headers['Content-Length']!r} is not a number")
+            if length > max_body or length < 0:
+                return self.fail(413, f"body of {length} bytes exceeds the limit of {max_body}")
             try:
                 body = json.loads(self.rfile.read(length) or b"null")
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                return self.reply(400, {"error": f"the body is not valid JSON ({e})"})
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+                return self.reply(400, {"error": f"the body is not valid JSON ({type(e).__name__}: {e})"})
             try:
-                images, sem, qual = parse_score_request(body)
-                with lock:
-                    result = score_batch(verifier, images, sem, qual)
-            except BadRequest as e:
-                return self.reply(400, {"error": str(e)})
+                images, sem, qual = parse_score_request(body, limits)
+                result = score_batch(batcher, images, sem, qual)
+            except (BadRequest, UpstreamError) as e:
+                return self.reply(e.status, {"error": str(e)})
+            except Exception as e:  # noqa: BLE001 - the client gets a 500 naming it; the trace goes to the log
+                self.log_error("scoring failed: %r", e)
+                return self.reply(500, {"error": f"the verifier failed: {type(e).__name__}: {e}"})
             self.reply(200, result)
 
+    Handler.batcher = batcher
     return Handler
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--verifier", default="toy", help="'toy' or a Qwen-VL instruct model path / hub id")
+# --------------------------------------------------------------------------------------------------
+# CLI: serve (the default), score, bench, decompose
+# --------------------------------------------------------------------------------------------------
+
+
+def add_verifier_args(p: argparse.ArgumentParser):
+    p.add_argument("--verifier", default="toy",
+                   help="'toy', a Qwen-VL instruct model path / hub id, or openai:http://HOST:PORT/v1")
+    p.add_argument("--model", default="", help="model name at an openai: endpoint")
+    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", ""),
+                   help="bearer key of an openai: endpoint (default $OPENAI_API_KEY)")
+    p.add_argument("--device", default="auto", help="device of a transformers verifier")
+    p.add_argument("--dtype", default="auto", help="dtype of a transformers verifier (auto: bf16 on cuda)")
+    p.add_argument("--naive", action="store_true", help="transformers: one full sequence per question")
+
+
+def load_verifier(args):
+    if args.verifier == "toy":
+        return ToyVerifier()
+    if args.verifier.startswith("openai:"):
+        return OpenAIVerifier(args.verifier[len("openai:"):], args.model, args.api_key)
+    return TransformersVerifier(args.verifier, args.device, args.dtype, shared_prefix=not args.naive)
+
+
+def cmd_serve(argv):
+    p = argparse.ArgumentParser(prog="reward_server.py", description=__doc__.split("\n\n")[0])
+    add_verifier_args(p)
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port; 0 picks a free one (printed at start)")
     p.add_argument("--token", default=os.environ.get("ALPHAGRPO_REWARD_TOKEN", ""),
                    help="require 'Authorization: Bearer TOKEN' (default $ALPHAGRPO_REWARD_TOKEN)")
-    p.add_argument("--device", default="auto", help="device of a transformers verifier")
-    p.add_argument("--dtype", default="auto", help="dtype of a transformers verifier (auto: bf16 on cuda)")
+    p.add_argument("--max-body", type=int, default=64 << 20, help="bytes per request body")
+    for field, default in Limits.__dataclass_fields__.items():
+        p.add_argument("--" + field.replace("_", "-"), type=int, default=default.default, help="a request limit")
+    p.add_argument("--max-batch-images", type=int, default=32, help="images the worker scores in one batch")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long the worker waits to fill a batch")
     args = p.parse_args(argv)
-    verifier = ToyVerifier() if args.verifier == "toy" else TransformersVerifier(args.verifier, args.device, args.dtype)
-    server = ThreadingHTTPServer((args.host, args.port), make_handler(verifier, args.token))
+    limits = Limits(**{f: getattr(args, f) for f in Limits.__dataclass_fields__})
+    handler = make_handler(load_verifier(args), args.token, args.max_body, limits, args.max_batch_images,
+                           args.batch_wait_ms / 1000)
+    server = ThreadingHTTPServer((args.host, args.port), handler)
     print(f"reward server listening on http://{args.host}:{server.server_address[1]}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
+
+
+def cmd_score(argv):
+    p = argparse.ArgumentParser(prog="reward_server.py score", description="Score one image's questions, to check "
+                                "a question set before training.")
+    add_verifier_args(p)
+    p.add_argument("--image", required=True, help="a PNG or JPEG file")
+    p.add_argument("--question", action="append", required=True, help="a semantic question (repeat the flag)")
+    p.add_argument("--quality-question", action="append", default=[], help="a quality question (repeat the flag)")
+    args = p.parse_args(argv)
+    image = Image.open(args.image).convert("RGB")
+    scores = load_verifier(args).score(image, args.question + args.quality_question)
+    for q, s in zip(args.question + args.quality_question, scores):
+        print(f"{s:.4f}  {q}")
+    sem, qual = scores[:len(args.question)], scores[len(args.question):]
+    print(f"R = sqrt(mean(semantic) * mean(quality)) = {dvreward(sem, qual):.4f}")
+
+
+def cmd_bench(argv):
+    """Naive vs shared-prefix scoring of a random Qwen3-VL at a chosen shape, then latency over HTTP."""
+    p = argparse.ArgumentParser(prog="reward_server.py bench", description=cmd_bench.__doc__)
+    p.add_argument("--image-px", type=int, default=512, help="images are resized to this square: (px/32)^2 tokens")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--intermediate", type=int, default=0, help="MLP width (0: 2 x hidden)")
+    p.add_argument("--vocab", type=int, default=0, help="vocabulary rows (0: the toy's; Qwen3-VL has 151936)")
+    p.add_argument("--vision-hidden", type=int, default=32)
+    p.add_argument("--vision-depth", type=int, default=2)
+    p.add_argument("--vision-heads", type=int, default=4)
+    p.add_argument("--vision-intermediate", type=int, default=0, help="0: 2 x vision hidden")
+    p.add_argument("--questions", type=int, default=16, help="questions per image")
+    p.add_argument("--images", type=int, default=4, help="images timed per path")
+    p.add_argument("--clients", type=int, default=8, help="concurrent HTTP clients")
+    p.add_argument("--seconds", type=float, default=5.0, help="duration of each HTTP load run")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    import random
+
+    import torch
+    from transformers import AutoConfig, Qwen3VLForConditionalGeneration
+
+    import alphagrpo as ag
+
+    tmp = tempfile.TemporaryDirectory()
+    # the toy's processor and word-level tokenizer, then a random model of the requested shape built in memory
+    # (saving a multi-billion-parameter random model to disk would take longer than the benchmark)
+    ag.build_toy_vlm(tmp.name, seed=args.seed, hidden=32, layers=1, image_px=args.image_px)
+    config = AutoConfig.from_pretrained(tmp.name)
+    hd = args.hidden // args.heads
+    text = config.text_config
+    text.hidden_size, text.num_hidden_layers, text.head_dim = args.hidden, args.layers, hd
+    text.num_attention_heads, text.num_key_value_heads = args.heads, args.kv_heads
+    text.intermediate_size = args.intermediate or 2 * args.hidden
+    text.vocab_size = args.vocab or text.vocab_size
+    text.rope_parameters["mrope_section"] = [hd // 2 - 2 * (hd * 5 // 32), hd * 5 // 32, hd * 5 // 32]  # T/H/W
+    vis = config.vision_config
+    vis.hidden_size, vis.depth, vis.num_heads = args.vision_hidden, args.vision_depth, args.vision_heads
+    vis.intermediate_size, vis.out_hidden_size = args.vision_intermediate or 2 * args.vision_hidden, args.hidden
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu" if args.device == "auto" else args.device
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.bfloat16 if device == "cuda" else torch.float32
+    torch.manual_seed(args.seed)
+    with torch.device(device):
+        model = Qwen3VLForConditionalGeneration._from_config(config, dtype=dtype)
+    v = TransformersVerifier(tmp.name, device, str(dtype).split(".")[-1], model=model)
+    v.name = "bench"
+    rng = random.Random(args.seed)
+    words = [w for w in ag.TOY_WORDS if w.isalpha()]
+    questions = [" ".join(["Is", "the"] + rng.choices(words, k=rng.randint(4, 14))) + " ?" for _ in range(args.questions)]
+    images = [Image.frombytes("RGB", (args.image_px,) * 2, rng.randbytes(3 * args.image_px ** 2))
+              for _ in range(args.images)]
+    prefix_len = v.processor(text=[v.prefix_text], images=images[:1], return_tensors="pt")["input_ids"].shape[1]
+    suffix_lens = [len(v.processor.tokenizer(v.chat_text(q)[len(v.prefix_text):])["input_ids"]) for q in questions]
+    print(f"bench: random Qwen3-VL, text {args.layers} x {args.hidden} (heads {args.heads}/{args.kv_heads}), vision "
+          f"{args.vision_depth} x {args.vision_hidden}, {(args.image_px // 32) ** 2} image tokens, prefix {prefix_len} "
+          f"tokens, suffixes {min(suffix_lens)}-{max(suffix_lens)} tokens, {args.questions} questions per image, "
+          f"{device} {str(dtype).split('.')[-1]}", flush=True)
+
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def questions_per_s(shared: bool, per_call: int) -> float:
+        v.shared_prefix = shared
+        v.score_many([(images[0], questions)])  # warm-up
+        sync()
+        t = time.perf_counter()
+        for i in range(0, len(images), per_call):
+            v.score_many([(im, questions) for im in images[i:i + per_call]])
+        sync()
+        return len(images) * len(questions) / (time.perf_counter() - t)
+
+    def load(shared: bool) -> dict:
+        v.shared_prefix = shared
+        server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(v))
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}/score"
+        bodies = []
+        for im in images:
+            buf = io.BytesIO()
+            im.save(buf, format="PNG", compress_level=1)
+            bodies.append({"images": [base64.b64encode(buf.getvalue()).decode()], "semantic_questions": [questions],
+                           "quality_questions": [[]]})
+        latencies, end = [], time.monotonic() + args.seconds
+
+        def client(k):
+            with requests.Session() as s:
+                while time.monotonic() < end:
+                    t = time.perf_counter()
+                    r = s.post(url, json=bodies[k % len(bodies)], timeout=600)
+                    r.raise_for_status()
+                    latencies.append(time.perf_counter() - t)
+                    k += 1
+
+        t = time.perf_counter()
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(args.clients)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        wall = time.perf_counter() - t
+        server.shutdown()
+        c = server.RequestHandlerClass.batcher.counters
+        q = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else [latencies[0]] * 99
+        return {"requests/s": len(latencies) / wall, "questions/s": len(latencies) * len(questions) / wall,
+                "latency p50 (ms)": 1000 * q[49], "latency p90 (ms)": 1000 * q[89], "latency p99 (ms)": 1000 * q[98],
+                "images per batch": c["images"] / max(c["batches"], 1), "requests": len(latencies)}
+
+    rows = [(f"questions/s, 1 image per call", questions_per_s(False, 1), questions_per_s(True, 1)),
+            (f"questions/s, {len(images)} images per call", questions_per_s(False, len(images)),
+             questions_per_s(True, len(images)))]
+    v.shared_prefix = False
+    naive = v.score_many([(images[0], questions)])[0]
+    v.shared_prefix = True
+    diff = max(abs(a - b) for a, b in zip(naive, v.score_many([(images[0], questions)])[0]))
+    naive_load, shared_load = load(False), load(True)
+    rows += [(f"HTTP, {args.clients} clients, {args.seconds:g} s: {k}", naive_load[k], shared_load[k])
+             for k in naive_load]
+    print(f"{'':58}{'naive':>12}{'shared':>12}{'ratio':>9}")
+    for name, a, b in rows:
+        print(f"{name:58}{a:12.1f}{b:12.1f}{b / a if a else float('nan'):8.2f}x")
+    print(f"max |shared - naive| score difference: {diff:.2e}")
+
+
+def cmd_decompose(argv):
+    """Decompose prompts into DVReward questions with an LLM (Sec. 4.2, offline)."""
+    p = argparse.ArgumentParser(prog="reward_server.py decompose", description=cmd_decompose.__doc__)
+    p.add_argument("input", help="plain-text prompts (one a line) or JSONL rows with a 'prompt' (other fields kept)")
+    p.add_argument("--llm", required=True, help="a causal LM path / hub id, or an OpenAI-compatible URL .../v1")
+    p.add_argument("--model", default="", help="model name at an OpenAI-compatible --llm")
+    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", ""))
+    p.add_argument("--out", required=True, help="output JSONL (the trainer's prompts.jsonl format)")
+    p.add_argument("--workers", type=int, default=8, help="prompts in flight at an OpenAI-compatible --llm")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-new-tokens", type=int, default=1024)
+    args = p.parse_args(argv)
+
+    rows, problems = [], []
+    with open(args.input, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if line.lstrip().startswith("{"):
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    row = e.msg
+                if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+                    problems.append(f"{args.input}:{n}: not a JSON object with a non-empty 'prompt'; row skipped")
+                    continue
+            else:
+                row = {"prompt": line}
+            rows.append((n, {**row, "prompt": row["prompt"].strip()}))
+    ask = make_llm(args)
+    workers = args.workers if args.llm.startswith(("http://", "https://")) else 1  # a local model: one at a time
+
+    def decompose(job):
+        n, row = job
+        messages = [{"role": "system", "content": DECOMPOSE_INSTRUCTION},
+                    {"role": "user", "content": f"Prompt: {row['prompt']}"}]
+        for attempt in range(2):  # one retry, told what was wrong
+            answer = ask(messages)
+            try:
+                parsed = parse_llm_json(answer)
+                break
+            except ValueError as e:
+                error = e
+                messages = messages + [{"role": "assistant", "content": answer},
+                                       {"role": "user", "content": DECOMPOSE_RETRY.format(error=e)}]
+        else:
+            return n, None, f"the LLM answer is not valid JSON after a retry ({error})", []
+        seen = set()
+        sem, dropped = validate_questions(parsed["semantic_questions"], SEMANTIC_TAGS, False, seen)
+        qual, dropped_q = validate_questions(parsed["quality_questions"], QUALITY_TAGS, True, seen)
+        if not sem:
+            return n, None, "no valid semantic question left", dropped + dropped_q
+        out = {"prompt": row["prompt"], "semantic_questions": sem, "quality_questions": qual}
+        out.update({k: v for k, v in row.items() if k not in out})
+        return n, out, None, dropped + dropped_q
+
+    written, reasons, total = 0, {}, 0
+    with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool, open(args.out, "w", encoding="utf-8") as f:
+        for n, out, problem, dropped in pool.map(decompose, rows):
+            for q, reason in dropped:
+                print(f"{args.input}:{n}: dropped {q!r}: {reason}", file=sys.stderr)
+                reasons[reason] = reasons.get(reason, 0) + 1
+            total += len(dropped) + (len(out["semantic_questions"]) + len(out["quality_questions"]) if out else 0)
+            if out is None:
+                problems.append(f"{args.input}:{n}: {problem}; row skipped")
+                continue
+            f.write(json.dumps(out, ensure_ascii=False) + "\n")
+            written += 1
+    for line in problems:
+        print(line, file=sys.stderr)
+    print(f"wrote {written} rows to {args.out}; skipped {len(problems)} rows")
+    print(f"dropped {sum(reasons.values())} of {total} questions" +
+          "".join(f"\n  {c:5d}  {r}" for r, c in sorted(reasons.items(), key=lambda x: -x[1])))
+
+
+def make_llm(args):
+    """ask(messages) -> str, from an OpenAI-compatible URL or a local transformers causal LM (greedy)."""
+    if args.llm.startswith(("http://", "https://")):
+        chat = OpenAIVerifier(args.llm, args.model or "default", args.api_key)  # for its retrying post()
+
+        def ask(messages):
+            answer = chat.post({"model": chat.model, "messages": messages, "temperature": 0,
+                                "max_tokens": args.max_new_tokens})
+            try:
+                return answer["choices"][0]["message"]["content"] or ""
+            except (KeyError, IndexError, TypeError):
+                raise UpstreamError(f"{chat.url} answered without choices[0].message.content", 502) from None
+        return ask
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu" if args.device == "auto" else args.device
+    tok = AutoTokenizer.from_pretrained(args.llm)
+    model = AutoModelForCausalLM.from_pretrained(args.llm, dtype="auto").to(device).eval()
+
+    def ask(messages):
+        inputs = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                         return_dict=True).to(device)
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+        return tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return ask
+
+
+COMMANDS = {"serve": cmd_serve, "score": cmd_score, "bench": cmd_bench, "decompose": cmd_decompose}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in COMMANDS:
+        return COMMANDS[argv[0]](argv[1:])
+    return cmd_serve(argv)  # no subcommand: serve, as `python reward_server.py --verifier ... --port ...`
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def randomize_lora(policy, scale=0.05, seed=1):
     """Non-zero LoRA B, so that a rollout computed with LoRA off could not match a training pass."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for model in (policy["reasoner"].model, policy["renderer"].transformer):
+        for model in (policy.reasoner.model, policy.renderer.transformer):
             for m in model.modules():
                 if isinstance(m, ag.LoRALinear):
                     m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * scale)
@@ -295,12 +295,12 @@ def rollout(policy, args, task="rt2i", seed=0, row=None):
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     row = row or ag.TOY_PROMPTS[0]
-    sigmas = policy["renderer"].sigmas(args.num_steps)
+    sigmas = policy.renderer.sigmas(args.num_steps)
     init = None
     if task == "srr":
         images, fut = ag.initial_candidates(policy, row, args, gen, LocalClient())
         image, reward = ag.pick_initial(images, fut.result()["rewards"], "min", gen)
-        init = (image, policy["renderer"].encode_image(image), reward)
+        init = (image, policy.renderer.encode_image(image), reward)
     g = ag.rollout_group(policy, row, task, args, gen, LocalClient(), sigmas, init)
     ag.finish_group(g, args)
     ag.assign_advantages([g], args)
@@ -309,10 +309,10 @@ def rollout(policy, args, task="rt2i", seed=0, row=None):
 
 def current_logps(policy, g, args):
     """Text (G, L) and image (G, W) log-probs of the stored rollout under the current weights."""
-    text = policy["reasoner"].token_logprobs(g.text)
+    text = policy.reasoner.token_logprobs(g.text)
     im, lps = g.image, []
     for j in range(im.latents.shape[1] - 1):
-        v = policy["renderer"].velocity(im.latents[:, j], float(im.sigmas[j]), im.cond)
+        v = policy.renderer.velocity(im.latents[:, j], float(im.sigmas[j]), im.cond)
         lps.append(ag.sde_step(v, im.latents[:, j], float(im.sigmas[j]), float(im.sigmas[j + 1]), args.noise_level,
                                im.sigma_1, prev_sample=im.latents[:, j + 1])[1])
     return text, torch.stack(lps, 1)
@@ -327,7 +327,7 @@ def test_first_update_ratio_is_exactly_one_with_nonzero_lora(toy_dirs):
     assert torch.equal(text * g.text.mask, g.text.old_logp * g.text.mask)
     assert torch.equal(image, g.image.old_logp)
     # a rollout computed with LoRA off would not match: the check above has teeth
-    with torch.no_grad(), ag.lora_disabled(policy["reasoner"].model, policy["renderer"].transformer):
+    with torch.no_grad(), ag.lora_disabled(policy.reasoner.model, policy.renderer.transformer):
         text_off, image_off = current_logps(policy, g, args)
     assert not torch.allclose(text_off * g.text.mask, g.text.old_logp * g.text.mask)
     assert not torch.allclose(image_off, g.image.old_logp)
@@ -340,12 +340,14 @@ def test_generation_is_plain_temperature_sampling(toy_dirs):
     """generate() must not apply top-p/top-k: its processed scores equal the raw logits / T, and the
     teacher-forced log-probs equal the sampler's own, so the stored log-probs are on-policy."""
     policy, args = make_policy(toy_dirs, temperature=0.7)
-    r = policy["reasoner"]
+    r = policy.reasoner
     inputs = r.chat_inputs("the bottom half is green", None, 3)
     out = r.model.generate(**inputs, do_sample=True, temperature=0.7, top_p=1.0, top_k=0, max_new_tokens=5,
-                           output_scores=True, output_logits=True, return_dict_in_generate=True)
+                           suppress_tokens=r.banned, output_scores=True, output_logits=True, return_dict_in_generate=True)
     for scores, logits in zip(out.scores, out.logits):
-        assert torch.allclose(scores.log_softmax(-1), (logits / 0.7).log_softmax(-1), atol=1e-5)
+        ref = logits / 0.7
+        ref[:, r.banned] = float("-inf")  # the placeholder tokens, masked the same way by token_logprobs
+        assert torch.allclose(scores.log_softmax(-1), ref.log_softmax(-1), atol=1e-5)
     ro = r.generate("the bottom half is green", None, 3)
     assert ro.ids.shape[0] == 3 and ro.mask.sum() > 0
     assert r.model.generation_config.top_p is None or r.model.generation_config.top_p == 1.0
@@ -357,7 +359,7 @@ def test_one_update_moves_logprobs_with_the_advantage(toy_dirs):
     policy, args = make_policy(toy_dirs, group_size=6, lr=1e-3, updates_per_rollout=1)
     g = rollout(policy, args, seed=3)
     assert g.advantages.abs().sum() > 0
-    params = policy["reasoner"].lora_params + policy["renderer"].lora_params
+    params = policy.reasoner.lora_params + policy.renderer.lora_params
     opt = torch.optim.SGD(params, lr=1e-2)
     with torch.no_grad():
         t0, i0 = current_logps(policy, g, args)
@@ -374,7 +376,7 @@ def test_one_update_moves_logprobs_with_the_advantage(toy_dirs):
         policy, args = make_policy(toy_dirs, group_size=1)
         g = rollout(policy, args, seed=4)
         g.advantages = torch.tensor([sign])
-        params = policy["reasoner"].lora_params + policy["renderer"].lora_params
+        params = policy.reasoner.lora_params + policy.renderer.lora_params
         opt = torch.optim.SGD(params, lr=1e-2)
         with torch.no_grad():
             t0, i0 = current_logps(policy, g, args)
@@ -534,7 +536,7 @@ def test_scoring_overlaps_sampling(toy_dirs, tmp_path):
     server, url = serve(SlowVerifier())
     try:
         args = ag.Args(reasoner=toy_dirs[0], renderer=toy_dirs[1], group_size=4, groups_per_step=3, steps=1,
-                       reward_url=url, out=str(tmp_path / "run"), sample_every=0)
+                       reward_url=url, out=str(tmp_path / "run"), sample_every=0, eval_every=0, save_every=0)
         ag.train(args)
     finally:
         server.shutdown()
@@ -547,19 +549,23 @@ def test_scoring_overlaps_sampling(toy_dirs, tmp_path):
 
 
 def test_metrics_rows_have_every_key_and_no_nan(toy_dirs, tmp_path):
-    args = ag.Args(reasoner=toy_dirs[0], renderer=toy_dirs[1], group_size=4, groups_per_step=2, steps=2,
-                   out=str(tmp_path / "run"), sample_every=1, beta_text=0.01, beta_image=0.01)
+    args = ag.Args(reasoner=toy_dirs[0], renderer=toy_dirs[1], group_size=4, groups_per_step=2, steps=3,
+                   out=str(tmp_path / "run"), sample_every=1, eval_every=2, save_every=2, beta_text=0.01,
+                   beta_image=0.01)
     ag.train(args)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     keys = {"step", "reward_mean", "reward_std", "zero_std_frac", "text_loss", "image_loss", "text_clipfrac",
             "image_clipfrac", "text_kl", "image_kl", "time_reason", "time_render", "time_reward_wait", "time_train",
-            "score_Spatial"}
-    assert len(rows) == 2 and all(keys <= set(r) for r in rows) and rows[0].keys() == rows[1].keys()
+            "score_Spatial", "eval_reward"}
+    assert len(rows) == 3 and all(keys <= set(r) for r in rows) and all(r.keys() == rows[0].keys() for r in rows)
     assert all(v is None or isinstance(v, (int, float)) and math.isfinite(v) for r in rows for v in r.values())
     assert rows[0]["text_kl"] is not None and rows[0]["image_kl"] is not None
+    assert [r["eval_reward"] is None for r in rows] == [False, True, False]  # steps 0 and 2 (the last)
     saved = json.loads((tmp_path / "run" / "args.json").read_text())
     assert saved["group_size"] == 4 and "git_commit" in saved
-    assert (tmp_path / "run" / "samples" / "step_00001.png").exists()
+    assert (tmp_path / "run" / "samples" / "step_000001.png").exists()
+    assert (tmp_path / "run" / "eval" / "step_000002.png").exists()
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["step_000002", "step_000003"]
 
 
 def test_toy_task_headroom(toy_dirs):
