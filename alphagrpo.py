@@ -805,8 +805,13 @@ class RewardClient:
     def __init__(self, urls: str, token: str = "", max_body: int = 32 << 20, retries: int = 5):
         self.urls = [u.strip().rstrip("/") for u in urls.split(",") if u.strip()]
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.max_body, self.retries, self.calls = max_body, retries, 0
+        self.max_body, self.retries, self.calls, self.closed = max_body, retries, 0, False
         self.pool = ThreadPoolExecutor(max_workers=4 * len(self.urls))
+
+    def close(self):
+        """Stop: queued requests are cancelled and running ones stop retrying."""
+        self.closed = True
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
     def submit(self, images: list, semantic: list, quality: list) -> Future:
         """images: PIL list; semantic / quality: one list of question strings per image."""
@@ -852,7 +857,7 @@ class RewardClient:
                     problem = f"HTTP {r.status_code}: {r.text[:200]}"
                 if r.status_code < 500:  # our request is wrong: retrying will not help
                     raise RewardError(f"reward server {url} rejected the request: {problem}")
-            if attempt < self.retries:
+            if attempt < self.retries and not self.closed:
                 print(f"reward server {url}: {problem}; retrying in {delay:.0f} s "
                       f"({attempt + 1}/{self.retries})", file=sys.stderr)
                 time.sleep(delay)
@@ -996,9 +1001,9 @@ def initial_candidates(policy: Policy, row: dict, args: Args, gen: torch.Generat
 
 def pick_initial(images: list, rewards: list, how: str, gen: torch.Generator):
     """Keep the worst candidate (official code), or draw one with P ~ softmax(1 - R)."""
-    r = torch.tensor(rewards)
+    r = torch.tensor(rewards, dtype=torch.float64)
     i = int(r.argmin()) if how == "min" else int(torch.multinomial(torch.softmax(1 - r, 0), 1, generator=gen))
-    return images[i], float(r[i])
+    return images[i], rewards[i]
 
 
 def rollout_step(policy: Policy, step: int, rows: list, args: Args, client, sigmas, timers, rank=0, world=1):
@@ -1017,7 +1022,7 @@ def rollout_step(policy: Policy, step: int, rows: list, args: Args, client, sigm
             images, future = cands[k]
             t0 = time.perf_counter()
             res = future.result()
-            timers["wait"] += time.perf_counter() - t0
+            timers["reward_wait"] += time.perf_counter() - t0
             image, reward = pick_initial(images, res["rewards"], args.srr_pick, gen)
             init = (image, policy.renderer.encode_image(image), reward)
         groups.append(rollout_group(policy, row, task, args, gen, client, sigmas, init, timers))
@@ -1391,7 +1396,7 @@ def train(args: Args) -> str:
             t0 = time.perf_counter()
             for g in groups:
                 finish_group(g, args)
-            timers["reward_wait"] = timers.pop("wait", 0.0) + time.perf_counter() - t0
+            timers["reward_wait"] += time.perf_counter() - t0
             zero_std_frac = assign_advantages(groups, args, world)
             t0 = time.perf_counter()
             stats = update(policy, optimizer, groups, args, random.Random(args.seed * 31 + step), world)
@@ -1422,7 +1427,7 @@ def train(args: Args) -> str:
                     save_grid(os.path.join(out, "samples", f"step_{step:06d}.png"), tiles,
                               cols=max(len(group_tiles(g)) for g in groups[:4]))
     finally:
-        client.pool.shutdown(wait=False, cancel_futures=True)
+        client.close()
         if server is not None:
             server.terminate()
         if world > 1:

@@ -24,11 +24,9 @@ every request but GET /health needs "Authorization: Bearer TOKEN"):
 One question list per image; an empty list scores 1.0. A malformed request gets a 4xx {"error": ...} naming the
 problem (413 beyond a size limit); a verifier endpoint that keeps failing gets 502/503, never a made-up score.
 
-Speed. One worker thread owns the verifier (so concurrent requests never race on the model's state) and gathers
-the requests that arrive within a few milliseconds into one batch. The transformers verifier encodes system
-prompt + image once per image and answers all its questions as one batch of short suffixes on that KV cache
-(`score_naive` keeps the plain path: one full sequence per question). Left out: attention kernels that share the
-prefix without copying it per row (SGLang's radix cache does that; use the openai: backend to get it).
+Speed: one worker thread owns the verifier and batches concurrent requests (Batcher); the transformers verifier
+encodes system prompt + image once per image and answers its questions as a batch of suffixes on that KV cache.
+Left out: attention kernels that share the prefix without copying it per row (SGLang's radix cache does that).
 """
 from __future__ import annotations
 
@@ -48,8 +46,9 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import requests
@@ -117,11 +116,11 @@ QUESTION_WORDS = (3, 30)  # length bounds, in words
 @dataclass(frozen=True)
 class Limits:
     """What one /score request may hold (HTTP 413 beyond it); each is a flag of the server."""
-    max_images: int = 256             # images per request
-    max_side: int = 4096              # pixels per image side, read from the PNG header before decoding
-    max_request_pixels: int = 1 << 27  # all images of a request together (128 Mi pixels = 384 MiB as RGB)
-    max_questions: int = 64           # questions per image, semantic and quality together
-    max_question_chars: int = 500
+    max_images: int = field(default=256, metadata={"help": "images per request"})
+    max_side: int = field(default=4096, metadata={"help": "pixels per image side (read before decoding)"})
+    max_request_pixels: int = field(default=1 << 27, metadata={"help": "pixels of all images of a request"})
+    max_questions: int = field(default=64, metadata={"help": "questions per image, semantic and quality"})
+    max_question_chars: int = field(default=500, metadata={"help": "characters per question"})
 
 
 class BadRequest(ValueError):
@@ -184,6 +183,12 @@ def png_size(data: bytes, where: str) -> tuple[int, int]:
     if len(data) < 24 or data[12:16] != b"IHDR":
         raise BadRequest(f"{where} is a broken PNG (no IHDR header)")
     return struct.unpack(">II", data[16:24])
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=1)  # fast: lossless either way
+    return buf.getvalue()
 
 
 def decode_png(data: bytes, where: str) -> Image.Image:
@@ -323,6 +328,14 @@ def parse_llm_json(text: str) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 
+def pick_device(device: str = "auto", dtype: str = "auto"):
+    """-> (device, torch dtype); auto: cuda if there is one, bf16 on cuda and fp32 elsewhere."""
+    import torch
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    return device, getattr(torch, dtype) if dtype != "auto" else torch.bfloat16 if device == "cuda" else torch.float32
+
+
 class ToyVerifier:
     """A rule-based judge for the toy preset. It answers a closed grammar of questions about colours,
     `Is the image [mostly] <colour>?` and `Is the (top|bottom|left|right) half of the image <colour>?`,
@@ -376,13 +389,13 @@ class TransformersVerifier:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         self.torch = torch
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                                   "cpu" if device == "auto" else device)
-        dt = (torch.bfloat16 if self.device.type == "cuda" else torch.float32) if dtype == "auto" else getattr(torch, dtype)
+        device, dt = pick_device(device, dtype)
+        self.device = torch.device(device)
         self.name = path
         self.processor = AutoProcessor.from_pretrained(path)
         # model: an already built model (the benchmark's random ones), else loaded from path
-        self.model = (model or AutoModelForImageTextToText.from_pretrained(path, dtype=dt)).to(self.device).eval()
+        model = model if model is not None else AutoModelForImageTextToText.from_pretrained(path, dtype=dt)
+        self.model = model.to(self.device).eval()
         self.prefill_batch, self.row_batch = prefill_batch, row_batch  # images per prefill, suffix rows per pass
         tok = self.processor.tokenizer
         # every single-token spelling of yes / no, found with the tokenizer at start-up (an unknown-token
@@ -405,7 +418,8 @@ class TransformersVerifier:
         # the prefix is the chat text up to the image's closing token; the question must come after it
         end_id = getattr(self.model.config, "vision_end_token_id", None)
         vision_end = tok.convert_ids_to_tokens(end_id) if end_id is not None else None
-        self.prefix_text = probe[:probe.rfind(vision_end) + len(vision_end)] if vision_end and vision_end in probe else ""
+        cut = probe.rfind(vision_end) + len(vision_end) if vision_end and vision_end in probe else 0
+        self.prefix_text = probe[:cut]
         self.shared_prefix = shared_prefix
         if shared_prefix and not (self.prefix_text and hasattr(getattr(self.model, "model", None), "get_rope_index")):
             print(f"{path}: not a Qwen-VL model with the image before the question; scoring with the naive path "
@@ -532,11 +546,8 @@ class OpenAIVerifier:
         return self.score_many([(image, questions)])[0]
 
     def score_many(self, items: list) -> list:
-        urls = []
-        for image, _ in items:  # each image encoded once, whatever its number of questions
-            buf = io.BytesIO()
-            image.save(buf, format="PNG", compress_level=1)
-            urls.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
+        # each image encoded once, whatever its number of questions
+        urls = ["data:image/png;base64," + base64.b64encode(png_bytes(image)).decode() for image, _ in items]
         jobs = [(url, q) for url, (_, qs) in zip(urls, items) for q in qs]
         scores = iter(list(self.pool.map(lambda job: self.ask(*job), jobs)))
         return [[next(scores) for _ in qs] for _, qs in items]
@@ -588,11 +599,14 @@ class OpenAIVerifier:
 
 
 class Batcher:
-    """One worker thread owns the verifier. It takes a request, waits up to wait_s for more, up to max_images
-    images, and scores them as one batch. Acts as a verifier itself (score_many), so score_batch works on it."""
+    """One worker thread owns the verifier, so concurrent requests never race on the model's state. It takes a
+    request, waits up to wait_s for more, up to max_images images, and scores them as one batch (only for a
+    verifier that batches, score_many: for the others a merged batch would only delay the first request).
+    It acts as a verifier itself (score_many), so score_batch works on it."""
 
     def __init__(self, verifier, max_images: int = 32, wait_s: float = 0.005):
-        self.verifier, self.name, self.max_images, self.wait_s = verifier, verifier.name, max_images, wait_s
+        self.verifier, self.name, self.wait_s = verifier, verifier.name, wait_s
+        self.max_images = max_images if hasattr(verifier, "score_many") else 1
         self.jobs = queue.Queue()
         self.counters = {"requests": 0, "batches": 0, "images": 0}
         threading.Thread(target=self.run, name="verifier-worker", daemon=True).start()
@@ -702,8 +716,8 @@ def make_handler(verifier, token: str = "", max_body: int = 64 << 20, limits: Li
                 result = score_batch(batcher, images, sem, qual)
             except (BadRequest, UpstreamError) as e:
                 return self.reply(e.status, {"error": str(e)})
-            except Exception as e:  # noqa: BLE001 - the client gets a 500 naming it; the trace goes to the log
-                self.log_error("scoring failed: %r", e)
+            except Exception as e:  # noqa: BLE001 - the client gets a 500 naming it; the traceback goes to the log
+                self.log_error("scoring failed:\n%s", "".join(traceback.format_exception(e)))
                 return self.reply(500, {"error": f"the verifier failed: {type(e).__name__}: {e}"})
             self.reply(200, result)
 
@@ -743,12 +757,12 @@ def cmd_serve(argv):
     p.add_argument("--token", default=os.environ.get("ALPHAGRPO_REWARD_TOKEN", ""),
                    help="require 'Authorization: Bearer TOKEN' (default $ALPHAGRPO_REWARD_TOKEN)")
     p.add_argument("--max-body", type=int, default=64 << 20, help="bytes per request body")
-    for field, default in Limits.__dataclass_fields__.items():
-        p.add_argument("--" + field.replace("_", "-"), type=int, default=default.default, help="a request limit")
+    for f in fields(Limits):
+        p.add_argument("--" + f.name.replace("_", "-"), type=int, default=f.default, help=f.metadata["help"])
     p.add_argument("--max-batch-images", type=int, default=32, help="images the worker scores in one batch")
     p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long the worker waits to fill a batch")
     args = p.parse_args(argv)
-    limits = Limits(**{f: getattr(args, f) for f in Limits.__dataclass_fields__})
+    limits = Limits(**{f.name: getattr(args, f.name) for f in fields(Limits)})
     handler = make_handler(load_verifier(args), args.token, args.max_body, limits, args.max_batch_images,
                            args.batch_wait_ms / 1000)
     server = ThreadingHTTPServer((args.host, args.port), handler)
@@ -775,24 +789,20 @@ def cmd_score(argv):
     print(f"R = sqrt(mean(semantic) * mean(quality)) = {dvreward(sem, qual):.4f}")
 
 
+BENCH_SHAPE = {"hidden": 256, "layers": 4, "heads": 4, "kv_heads": 2, "intermediate": 512, "vocab": 0,
+               "vision_hidden": 32, "vision_depth": 2, "vision_heads": 4, "vision_intermediate": 64}
+
+
 def cmd_bench(argv):
     """Naive vs shared-prefix scoring of a random Qwen3-VL at a chosen shape, then latency over HTTP."""
     p = argparse.ArgumentParser(prog="reward_server.py bench", description=cmd_bench.__doc__)
+    for key, default in BENCH_SHAPE.items():  # the model's shape (vocab 0: the toy's; Qwen3-VL has 151936)
+        p.add_argument("--" + key.replace("_", "-"), type=int, default=default)
     p.add_argument("--image-px", type=int, default=512, help="images are resized to this square: (px/32)^2 tokens")
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--intermediate", type=int, default=0, help="MLP width (0: 2 x hidden)")
-    p.add_argument("--vocab", type=int, default=0, help="vocabulary rows (0: the toy's; Qwen3-VL has 151936)")
-    p.add_argument("--vision-hidden", type=int, default=32)
-    p.add_argument("--vision-depth", type=int, default=2)
-    p.add_argument("--vision-heads", type=int, default=4)
-    p.add_argument("--vision-intermediate", type=int, default=0, help="0: 2 x vision hidden")
     p.add_argument("--questions", type=int, default=16, help="questions per image")
     p.add_argument("--images", type=int, default=4, help="images timed per path")
     p.add_argument("--clients", type=int, default=8, help="concurrent HTTP clients")
-    p.add_argument("--seconds", type=float, default=5.0, help="duration of each HTTP load run")
+    p.add_argument("--seconds", type=float, default=5.0, help="duration of each HTTP load run (0: none)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--seed", type=int, default=0)
@@ -804,52 +814,41 @@ def cmd_bench(argv):
 
     import alphagrpo as ag
 
-    tmp = tempfile.TemporaryDirectory()
     # the toy's processor and word-level tokenizer, then a random model of the requested shape built in memory
     # (saving a multi-billion-parameter random model to disk would take longer than the benchmark)
+    tmp = tempfile.TemporaryDirectory()
     ag.build_toy_vlm(tmp.name, seed=args.seed, hidden=32, layers=1, image_px=args.image_px)
     config = AutoConfig.from_pretrained(tmp.name)
-    hd = args.hidden // args.heads
-    text = config.text_config
-    text.hidden_size, text.num_hidden_layers, text.head_dim = args.hidden, args.layers, hd
-    text.num_attention_heads, text.num_key_value_heads = args.heads, args.kv_heads
-    text.intermediate_size = args.intermediate or 2 * args.hidden
+    text, vis, hd = config.text_config, config.vision_config, args.hidden // args.heads
+    text.hidden_size, text.num_hidden_layers, text.intermediate_size = args.hidden, args.layers, args.intermediate
+    text.num_attention_heads, text.num_key_value_heads, text.head_dim = args.heads, args.kv_heads, hd
     text.vocab_size = args.vocab or text.vocab_size
     text.rope_parameters["mrope_section"] = [hd // 2 - 2 * (hd * 5 // 32), hd * 5 // 32, hd * 5 // 32]  # T/H/W
-    vis = config.vision_config
     vis.hidden_size, vis.depth, vis.num_heads = args.vision_hidden, args.vision_depth, args.vision_heads
-    vis.intermediate_size, vis.out_hidden_size = args.vision_intermediate or 2 * args.vision_hidden, args.hidden
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu" if args.device == "auto" else args.device
-    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.bfloat16 if device == "cuda" else torch.float32
+    vis.intermediate_size, vis.out_hidden_size = args.vision_intermediate, args.hidden
+    device, dtype = pick_device(args.device, args.dtype)
     torch.manual_seed(args.seed)
     with torch.device(device):
         model = Qwen3VLForConditionalGeneration._from_config(config, dtype=dtype)
-    v = TransformersVerifier(tmp.name, device, str(dtype).split(".")[-1], model=model)
-    v.name = "bench"
+    v = TransformersVerifier(tmp.name, device, args.dtype, model=model)
     rng = random.Random(args.seed)
     words = [w for w in ag.TOY_WORDS if w.isalpha()]
-    questions = [" ".join(["Is", "the"] + rng.choices(words, k=rng.randint(4, 14))) + " ?" for _ in range(args.questions)]
+    questions = [" ".join(["Is", "the", *rng.choices(words, k=rng.randint(4, 14)), "?"]) for _ in range(args.questions)]
     images = [Image.frombytes("RGB", (args.image_px,) * 2, rng.randbytes(3 * args.image_px ** 2))
               for _ in range(args.images)]
-    prefix_len = v.processor(text=[v.prefix_text], images=images[:1], return_tensors="pt")["input_ids"].shape[1]
-    suffix_lens = [len(v.processor.tokenizer(v.chat_text(q)[len(v.prefix_text):])["input_ids"]) for q in questions]
+    prefix = v.processor(text=[v.prefix_text], images=images[:1], return_tensors="pt")["input_ids"].shape[1]
+    suffixes = [len(v.processor.tokenizer(v.chat_text(q)[len(v.prefix_text):])["input_ids"]) for q in questions]
     print(f"bench: random Qwen3-VL, text {args.layers} x {args.hidden} (heads {args.heads}/{args.kv_heads}), vision "
-          f"{args.vision_depth} x {args.vision_hidden}, {(args.image_px // 32) ** 2} image tokens, prefix {prefix_len} "
-          f"tokens, suffixes {min(suffix_lens)}-{max(suffix_lens)} tokens, {args.questions} questions per image, "
-          f"{device} {str(dtype).split('.')[-1]}", flush=True)
+          f"{args.vision_depth} x {args.vision_hidden}, {(args.image_px // 32) ** 2} image tokens, prefix {prefix} "
+          f"tokens, suffixes {min(suffixes)}-{max(suffixes)} tokens, {args.questions} questions per image, "
+          f"{device} {str(dtype).removeprefix('torch.')}", flush=True)
 
-    def sync():
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-
-    def questions_per_s(shared: bool, per_call: int) -> float:
+    def questions_per_s(shared: bool) -> float:
         v.shared_prefix = shared
-        v.score_many([(images[0], questions)])  # warm-up
-        sync()
+        v.score(images[0], questions)  # warm-up
         t = time.perf_counter()
-        for i in range(0, len(images), per_call):
-            v.score_many([(im, questions) for im in images[i:i + per_call]])
-        sync()
+        for image in images:
+            v.score(image, questions)  # its .tolist() waits for the device
         return len(images) * len(questions) / (time.perf_counter() - t)
 
     def load(shared: bool) -> dict:
@@ -857,50 +856,37 @@ def cmd_bench(argv):
         server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(v))
         threading.Thread(target=server.serve_forever, daemon=True).start()
         url = f"http://127.0.0.1:{server.server_address[1]}/score"
-        bodies = []
-        for im in images:
-            buf = io.BytesIO()
-            im.save(buf, format="PNG", compress_level=1)
-            bodies.append({"images": [base64.b64encode(buf.getvalue()).decode()], "semantic_questions": [questions],
-                           "quality_questions": [[]]})
+        bodies = [{"images": [base64.b64encode(png).decode()], "semantic_questions": [questions],
+                   "quality_questions": [[]]} for png in map(png_bytes, images)]
         latencies, end = [], time.monotonic() + args.seconds
 
         def client(k):
             with requests.Session() as s:
                 while time.monotonic() < end:
                     t = time.perf_counter()
-                    r = s.post(url, json=bodies[k % len(bodies)], timeout=600)
-                    r.raise_for_status()
+                    s.post(url, json=bodies[k % len(bodies)], timeout=600).raise_for_status()
                     latencies.append(time.perf_counter() - t)
                     k += 1
 
         t = time.perf_counter()
-        threads = [threading.Thread(target=client, args=(k,)) for k in range(args.clients)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
+        with ThreadPoolExecutor(args.clients) as clients:
+            list(clients.map(client, range(args.clients)))
         wall = time.perf_counter() - t
         server.shutdown()
         c = server.RequestHandlerClass.batcher.counters
-        q = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else [latencies[0]] * 99
+        q = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else latencies * 99
         return {"requests/s": len(latencies) / wall, "questions/s": len(latencies) * len(questions) / wall,
                 "latency p50 (ms)": 1000 * q[49], "latency p90 (ms)": 1000 * q[89], "latency p99 (ms)": 1000 * q[98],
-                "images per batch": c["images"] / max(c["batches"], 1), "requests": len(latencies)}
+                "requests answered": len(latencies), "requests per batch": c["requests"] / max(c["batches"], 1)}
 
-    rows = [(f"questions/s, 1 image per call", questions_per_s(False, 1), questions_per_s(True, 1)),
-            (f"questions/s, {len(images)} images per call", questions_per_s(False, len(images)),
-             questions_per_s(True, len(images)))]
-    v.shared_prefix = False
-    naive = v.score_many([(images[0], questions)])[0]
-    v.shared_prefix = True
-    diff = max(abs(a - b) for a, b in zip(naive, v.score_many([(images[0], questions)])[0]))
-    naive_load, shared_load = load(False), load(True)
-    rows += [(f"HTTP, {args.clients} clients, {args.seconds:g} s: {k}", naive_load[k], shared_load[k])
-             for k in naive_load]
-    print(f"{'':58}{'naive':>12}{'shared':>12}{'ratio':>9}")
+    rows = [("questions/s, one image per call", questions_per_s(False), questions_per_s(True))]
+    diff = max(abs(a - b) for a, b in zip(v.score_naive(images[0], questions), v.score(images[0], questions)))
+    if args.seconds > 0:
+        naive, shared = load(False), load(True)
+        rows += [(f"HTTP, {args.clients} clients, {args.seconds:g} s: {k}", naive[k], shared[k]) for k in naive]
+    print(f"{'':50}{'naive':>10}{'shared':>10}{'ratio':>9}")
     for name, a, b in rows:
-        print(f"{name:58}{a:12.1f}{b:12.1f}{b / a if a else float('nan'):8.2f}x")
+        print(f"{name:50}{a:10.1f}{b:10.1f}" + (f"{b / a:8.2f}x" if "/s" in name or "latency" in name else ""))
     print(f"max |shared - naive| score difference: {diff:.2e}")
 
 
@@ -916,27 +902,22 @@ def cmd_decompose(argv):
     p.add_argument("--device", default="auto")
     p.add_argument("--max-new-tokens", type=int, default=1024)
     args = p.parse_args(argv)
-
     rows, problems = [], []
     with open(args.input, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            if line.lstrip().startswith("{"):
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    row = e.msg
-                if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-                    problems.append(f"{args.input}:{n}: not a JSON object with a non-empty 'prompt'; row skipped")
-                    continue
+            try:  # a JSONL row, or else a plain-text prompt
+                row = json.loads(line) if line.lstrip().startswith("{") else {"prompt": line}
+            except json.JSONDecodeError:
+                row = None
+            if isinstance(row, dict) and isinstance(row.get("prompt"), str) and row["prompt"].strip():
+                rows.append((n, {**row, "prompt": row["prompt"].strip()}))
             else:
-                row = {"prompt": line}
-            rows.append((n, {**row, "prompt": row["prompt"].strip()}))
+                problems.append(f"{args.input}:{n}: not a JSON object with a non-empty 'prompt'; row skipped")
     ask = make_llm(args)
-    workers = args.workers if args.llm.startswith(("http://", "https://")) else 1  # a local model: one at a time
 
-    def decompose(job):
+    def decompose(job):  # -> (line number, output row or None, why None, dropped [(question, reason)])
         n, row = job
         messages = [{"role": "system", "content": DECOMPOSE_INSTRUCTION},
                     {"role": "user", "content": f"Prompt: {row['prompt']}"}]
@@ -954,14 +935,13 @@ def cmd_decompose(argv):
         seen = set()
         sem, dropped = validate_questions(parsed["semantic_questions"], SEMANTIC_TAGS, False, seen)
         qual, dropped_q = validate_questions(parsed["quality_questions"], QUALITY_TAGS, True, seen)
-        if not sem:
-            return n, None, "no valid semantic question left", dropped + dropped_q
         out = {"prompt": row["prompt"], "semantic_questions": sem, "quality_questions": qual}
         out.update({k: v for k, v in row.items() if k not in out})
-        return n, out, None, dropped + dropped_q
+        return n, out if sem else None, "no valid semantic question left", dropped + dropped_q
 
     written, reasons, total = 0, {}, 0
-    with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool, open(args.out, "w", encoding="utf-8") as f:
+    workers = args.workers if args.llm.startswith(("http://", "https://")) else 1  # a local model: one at a time
+    with ThreadPoolExecutor(max(workers, 1)) as pool, open(args.out, "w", encoding="utf-8") as f:
         for n, out, problem, dropped in pool.map(decompose, rows):
             for q, reason in dropped:
                 print(f"{args.input}:{n}: dropped {q!r}: {reason}", file=sys.stderr)
@@ -969,14 +949,13 @@ def cmd_decompose(argv):
             total += len(dropped) + (len(out["semantic_questions"]) + len(out["quality_questions"]) if out else 0)
             if out is None:
                 problems.append(f"{args.input}:{n}: {problem}; row skipped")
-                continue
-            f.write(json.dumps(out, ensure_ascii=False) + "\n")
-            written += 1
-    for line in problems:
-        print(line, file=sys.stderr)
-    print(f"wrote {written} rows to {args.out}; skipped {len(problems)} rows")
-    print(f"dropped {sum(reasons.values())} of {total} questions" +
-          "".join(f"\n  {c:5d}  {r}" for r, c in sorted(reasons.items(), key=lambda x: -x[1])))
+            else:
+                f.write(json.dumps(out, ensure_ascii=False) + "\n")
+                written += 1
+    if problems:
+        print("\n".join(problems), file=sys.stderr)
+    print(f"wrote {written} rows to {args.out}; skipped {len(problems)} rows\ndropped {sum(reasons.values())} of "
+          f"{total} questions" + "".join(f"\n  {c:5d}  {r}" for r, c in sorted(reasons.items(), key=lambda x: -x[1])))
 
 
 def make_llm(args):
@@ -995,8 +974,7 @@ def make_llm(args):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu" if args.device == "auto" else args.device
-    tok = AutoTokenizer.from_pretrained(args.llm)
+    device, tok = pick_device(args.device)[0], AutoTokenizer.from_pretrained(args.llm)
     model = AutoModelForCausalLM.from_pretrained(args.llm, dtype="auto").to(device).eval()
 
     def ask(messages):
@@ -1013,9 +991,11 @@ COMMANDS = {"serve": cmd_serve, "score": cmd_score, "bench": cmd_bench, "decompo
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in COMMANDS:
-        return COMMANDS[argv[0]](argv[1:])
-    return cmd_serve(argv)  # no subcommand: serve, as `python reward_server.py --verifier ... --port ...`
+    command = COMMANDS[argv.pop(0)] if argv and argv[0] in COMMANDS else cmd_serve  # default: serve
+    try:
+        return command(argv)
+    except (BadRequest, UpstreamError) as e:  # a question the verifier rejects, an endpoint that keeps failing
+        raise SystemExit(f"reward_server.py: {e}") from None
 
 
 if __name__ == "__main__":

@@ -587,3 +587,247 @@ def test_default_run_learns(seed, tmp_path):
     assert len(rows) >= 10
     first, last = (sum(r["reward_mean"] for r in rows[s]) / 5 for s in (slice(0, 5), slice(-5, None)))
     assert last >= first + 0.05, [round(r["reward_mean"], 3) for r in rows]
+
+
+# --------------------------------------------------------------------------------------------------
+# Self-Reflective Refinement (Sec. 4.1) and inference
+# --------------------------------------------------------------------------------------------------
+
+
+def test_sdedit_strength_zero_returns_the_initial_latents_exactly():
+    sigmas = torch.tensor([1.0, 0.9, 0.75, 0.5, 0.0])
+    x_init, noise = torch.randn(2, 16, 4, 4), torch.randn(2, 16, 4, 4)
+    start, x = ag.sdedit_start(x_init, noise, sigmas, 0.0)
+    assert start == 4 and torch.equal(x, x_init)
+    start, x = ag.sdedit_start(x_init, noise, sigmas, 1.0)
+    assert start == 0 and torch.equal(x, noise)
+    start, x = ag.sdedit_start(x_init, noise, sigmas, 0.5)  # x_t = (1 - t) x_0 + t eps at t = sigmas[2]
+    assert start == 2 and torch.allclose(x, 0.25 * x_init + 0.75 * noise)
+
+
+def test_srr_initial_image_gets_no_gradient(toy_dirs):
+    policy, args = make_policy(toy_dirs, group_size=4, srr_strength=0.75)
+    randomize_lora(policy)
+    row = ag.TOY_PROMPTS[0]
+    gen = torch.Generator().manual_seed(0)
+    images, fut = ag.initial_candidates(policy, row, args, gen, LocalClient())
+    image, reward = ag.pick_initial(images, fut.result()["rewards"], "min", gen)
+    assert reward == min(fut.result()["rewards"])  # the worst candidate is kept
+    init_latents = policy.renderer.encode_image(image).requires_grad_(True)
+    g = ag.rollout_group(policy, row, "srr", args, gen, LocalClient(), policy.renderer.sigmas(args.num_steps),
+                         (image, init_latents, reward))
+    ag.finish_group(g, args)
+    ag.assign_advantages([g], args)
+    assert g.init_image is image and g.image.latents.shape[1] >= 2  # refined from the init, with trained steps
+    loss, _ = ag.group_loss(policy, g, args)
+    loss.backward()
+    assert init_latents.grad is None  # the shared initial image is context, not a trained trajectory
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.renderer.lora_params)
+
+
+def test_fpr_dropped_group_leaves_the_update_unchanged(toy_dirs):
+    """A group where no refinement improved is dropped from the loss and from its denominator: updating on
+    [live, dropped] must give exactly the weights of updating on [live] alone."""
+    results = []
+    for with_dropped in (True, False):
+        policy, args = make_policy(toy_dirs, group_size=4, updates_per_rollout=1)
+        live = rollout(policy, args, seed=1)
+        groups = [live]
+        if with_dropped:
+            dropped = rollout(policy, args, seed=2)
+            dropped.skip = True
+            groups.append(dropped)
+        opt = torch.optim.AdamW(policy.reasoner.lora_params + policy.renderer.lora_params, lr=1e-2)
+        ag.update(policy, opt, groups, args, __import__("random").Random(0))
+        results.append([p.detach().clone() for p in policy.reasoner.lora_params + policy.renderer.lora_params])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_srr_and_mix_rows_carry_the_refinement_metrics(toy_dirs, tmp_path):
+    for task in ("srr", "mix"):
+        args = ag.Args(reasoner=toy_dirs[0], renderer=toy_dirs[1], task=task, group_size=4, groups_per_step=2,
+                       steps=2, srr_strength=0.75, out=str(tmp_path / task), sample_every=1, eval_every=0,
+                       save_every=0)
+        ag.train(args)
+        rows = [json.loads(line) for line in (tmp_path / task / "metrics.jsonl").read_text().splitlines()]
+        for r in rows:
+            assert 0 <= r["improved_frac"] <= 1 and 0 <= r["fpr_frac"] <= 1 and 0 <= r["skipped_frac"] <= 1
+            assert r["reward_init_mean"] is not None and r["reward_refined_mean"] is not None
+            # with FPR, every refinement either improved or was rectified
+            assert math.isclose(r["improved_frac"] + r["fpr_frac"], 1.0, abs_tol=1e-9)
+        assert (tmp_path / task / "samples" / "step_000001.png").exists()
+
+
+def test_sample_command_refines(tmp_path):
+    out = tmp_path / "sample"
+    res = subprocess.run([sys.executable, os.path.join(HERE, "alphagrpo.py"), "sample", "--prompt",
+                          "the bottom half is green", "--refine-rounds", "2", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rounds = json.loads((out / "rounds.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert all(isinstance(r["reward"], float) and 0 <= r["reward"] <= 1 for r in rounds)
+    assert all((out / r["image"]).exists() for r in rounds) and (out / "side_by_side.png").exists()
+    # the rewards are the server's scores of the written images
+    v = rs.ToyVerifier()
+    for r in rounds:
+        s = v.score(Image.open(out / r["image"]), ["Is the bottom half of the image green?"])[0]
+        assert r["reward"] == pytest.approx(math.sqrt(s), abs=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints, resume, export
+# --------------------------------------------------------------------------------------------------
+
+
+def strip_times(rows):
+    return [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]
+
+
+def test_resume_is_exact(toy_dirs, tmp_path):
+    common = dict(reasoner=toy_dirs[0], renderer=toy_dirs[1], group_size=4, groups_per_step=2, save_every=2,
+                  sample_every=0, eval_every=2)
+    ag.train(ag.Args(steps=4, out=str(tmp_path / "straight"), **common))
+    ag.train(ag.Args(steps=2, out=str(tmp_path / "split"), **common))
+    # a killed run may have written a row after its last checkpoint: resume must drop it
+    with open(tmp_path / "split" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 2, "reward_mean": -1}) + "\n")
+    ag.train(ag.Args(steps=4, out=str(tmp_path / "split"), resume=str(tmp_path / "split"), **common))
+    read = lambda p: [json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    straight, split = read(tmp_path / "straight"), read(tmp_path / "split")
+    assert [r["step"] for r in split] == [0, 1, 2, 3]
+    assert split[1].pop("eval_reward") is not None and straight[1].pop("eval_reward") is None  # the 2-step run's end
+    assert strip_times(straight) == strip_times(split)
+
+
+def test_checkpoints_are_refused_when_corrupt_partial_or_foreign(toy_dirs, tmp_path):
+    import shutil
+
+    common = dict(reasoner=toy_dirs[0], renderer=toy_dirs[1], group_size=4, groups_per_step=2, sample_every=0,
+                  eval_every=0, save_every=1)
+    ag.train(ag.Args(steps=1, out=str(tmp_path / "run"), **common))
+    ckpt = tmp_path / "run" / "checkpoints" / "step_000001"
+    policy, args = make_policy(toy_dirs, group_size=4, groups_per_step=2)
+    with pytest.raises(ValueError, match="lr=0.01 there, 0.5 here"):
+        ag.load_checkpoint(str(ckpt), policy, None, ag.Args(**{**common, "lr": 0.5}))
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpt, bad)
+    data = bytearray((bad / "lora.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (bad / "lora.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="lora.safetensors is missing or corrupt"):
+        ag.load_checkpoint(str(bad), policy, None, ag.Args(**common))
+    (bad / "state.json").unlink()
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        ag.load_checkpoint(str(bad), policy, None, ag.Args(**common))
+
+
+def test_renderer_lora_export_loads_in_diffusers_and_merges(toy_dirs, tmp_path):
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    policy, args = make_policy(toy_dirs, lora_rank=4, lora_alpha=12.0)  # scale 3: the folding matters
+    randomize_lora(policy, scale=0.2)
+    ag.export_lora(policy, args, str(tmp_path))
+    sd = StableDiffusion3Pipeline.lora_state_dict(str(tmp_path / "renderer"))
+    base = SD3Transformer2DModel.from_pretrained(toy_dirs[1], subfolder="transformer")
+    modules = dict(base.named_modules())
+    assert sd and all(k.startswith("transformer.") for k in sd)
+    for k, w in sd.items():
+        name, kind = k[len("transformer."):].rsplit(".lora_", 1)
+        lin = modules[name]
+        assert isinstance(lin, torch.nn.Linear)
+        assert w.shape == ((4, lin.in_features) if kind == "A.weight" else (lin.out_features, 4))
+    # merge W + B A by hand (alpha / r already folded into B) and compare with our LoRA-wrapped model
+    with torch.no_grad():
+        for k in sd:
+            if k.endswith("lora_A.weight"):
+                name = k[len("transformer."):-len(".lora_A.weight")]
+                modules[name].weight += sd[f"transformer.{name}.lora_B.weight"] @ sd[k]
+    torch.manual_seed(0)
+    x, ctx, pooled = torch.randn(2, 16, 4, 4), torch.randn(2, 7, 32), torch.randn(2, 32)
+    t = torch.tensor([500.0, 500.0])
+    ours = policy.renderer.transformer(hidden_states=x, timestep=t, encoder_hidden_states=ctx, pooled_projections=pooled,
+                                       return_dict=False)[0]
+    merged = base(hidden_states=x, timestep=t, encoder_hidden_states=ctx, pooled_projections=pooled, return_dict=False)[0]
+    assert torch.allclose(ours, merged, atol=1e-5)
+    with ag.lora_disabled(policy.renderer.transformer):
+        assert not torch.allclose(policy.renderer.transformer(hidden_states=x, timestep=t, encoder_hidden_states=ctx,
+                                  pooled_projections=pooled, return_dict=False)[0], merged, atol=1e-3)
+
+
+def test_reasoner_lora_export_is_a_peft_adapter(toy_dirs, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    policy, args = make_policy(toy_dirs)
+    randomize_lora(policy)
+    ag.export_lora(policy, args, str(tmp_path))
+    config = json.loads((tmp_path / "reasoner" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == args.lora_rank and config["lora_alpha"] == args.lora_alpha
+    assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                             "down_proj"}
+    sd = load_file(str(tmp_path / "reasoner" / "adapter_model.safetensors"))
+    base = dict(AutoModelForImageTextToText.from_pretrained(toy_dirs[0]).named_modules())
+    assert sd
+    for k, w in sd.items():  # PEFT's layout: base_model.model.<module>.lora_A.weight
+        assert k.startswith("base_model.model.") and ".visual." not in k
+        name, kind = k[len("base_model.model."):].rsplit(".lora_", 1)
+        lin = base[name]
+        assert w.shape == ((args.lora_rank, lin.in_features) if kind == "A.weight" else (lin.out_features, args.lora_rank))
+    ours = {n: p for n, p in policy.reasoner.model.named_parameters() if ".lora_" in n}
+    assert all(torch.equal(sd["base_model.model." + n], p) for n, p in ours.items())  # alpha stays in the config
+
+
+# --------------------------------------------------------------------------------------------------
+# Multi-GPU: torchrun with torch.distributed (gloo on the CPU)
+# --------------------------------------------------------------------------------------------------
+
+
+def _dist_worker(rank, world, port, toy, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    import random as _random
+
+    from transformers.utils import logging as tl
+
+    tl.disable_progress_bar()
+    if world > 1:
+        torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    policy, args = make_policy(toy, group_size=4, groups_per_step=4, updates_per_rollout=1)
+    randomize_lora(policy)
+    # the same fixed rollout data everywhere (seeded per group), each rank training on its share
+    groups = [rollout(policy, args, seed=k) for k in range(4)]
+    mine = groups[rank::world]
+    opt = torch.optim.SGD(policy.reasoner.lora_params + policy.renderer.lora_params, lr=0.1)
+    grads = {}
+    orig_step = opt.step
+
+    def step_and_record(*a, **kw):
+        for i, p in enumerate(policy.reasoner.lora_params + policy.renderer.lora_params):
+            grads[i] = p.grad.detach().clone()
+        return orig_step(*a, **kw)
+
+    opt.step = step_and_record
+    ag.update(policy, opt, mine, args, _random.Random(0), world)
+    torch.save({"grads": grads, "params": [p.detach() for p in policy.reasoner.lora_params + policy.renderer.lora_params]},
+               os.path.join(out, f"w{world}_r{rank}.pt"))
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_processes_match_one(toy_dirs, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _dist_worker(0, 1, port, toy_dirs, str(tmp_path))
+    mp.spawn(_dist_worker, args=(2, port, toy_dirs, str(tmp_path)), nprocs=2, join=True)
+    one = torch.load(tmp_path / "w1_r0.pt")
+    r0, r1 = torch.load(tmp_path / "w2_r0.pt"), torch.load(tmp_path / "w2_r1.pt")
+    for i in one["grads"]:
+        assert torch.allclose(r0["grads"][i], one["grads"][i], atol=1e-6, rtol=1e-4), i
+    assert all(torch.equal(a, b) for a, b in zip(r0["params"], r1["params"]))  # identical weights on both ranks
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(r0["params"], one["params"]))
