@@ -164,6 +164,9 @@ class Args:
     """Write a checkpoint (LoRA, optimizer, step; LoRA exported for diffusers and PEFT) every this many steps."""
     resume: str = ""
     """Continue a run from a checkpoint folder, or from the newest checkpoint of a run folder."""
+    dry_run: bool = False
+    """Build the preset's models at their real shapes from the embedded configs (no download), print the
+    parameter counts and the memory plan; on a GPU, with random weights, also run one full training step."""
 
     # Self-Reflective Refinement (Sec. 4.1)
     srr_candidates: int = 2
@@ -470,11 +473,10 @@ class Reasoner:
     """pi_text: a Qwen-VL instruct model from transformers. It writes the plan (RT2I) or looks at an image
     and writes the diagnosis and fix (SRR). Interface: generate() and token_logprobs()."""
 
-    def __init__(self, path: str, device, dtype, args: Args):
-        from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
+    def __init__(self, processor, model, device, args: Args):
+        from transformers import GenerationConfig
 
-        self.processor = AutoProcessor.from_pretrained(path)
-        self.model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device).eval()
+        self.processor, self.model = processor, model.to(device).eval()
         cfg = self.model.generation_config
         # The shipped generation_config holds top_p/top_k/temperature defaults; sampling with them while
         # scoring with the plain softmax would make the stored log-probs off-policy. Keep only the ids.
@@ -489,7 +491,7 @@ class Reasoner:
                                    c.vision_end_token_id) if i is not None]
         self.lora_params = add_lora(self.model, args.reasoner_lora_targets, args.lora_rank, args.lora_alpha)
         if args.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.device, self.temperature, self.max_new_tokens = device, args.temperature, args.max_new_tokens
 
     def chat_inputs(self, instruction: str, image: Image.Image | None, n: int) -> dict:
@@ -547,10 +549,8 @@ class Renderer:
     """pi_img: Stable Diffusion 3(.5) from diffusers, driven by our own sampler. Interface: encode(),
     velocity(), decode(), encode_image()."""
 
-    def __init__(self, path: str, device, dtype, args: Args):
-        from diffusers import StableDiffusion3Pipeline
-
-        self.pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=dtype, low_cpu_mem_usage=False).to(device)
+    def __init__(self, pipe, device, args: Args):
+        self.pipe = pipe.to(device)
         self.pipe.set_progress_bar_config(disable=True)
         self.transformer, self.vae, self.scheduler = self.pipe.transformer, self.pipe.vae, self.pipe.scheduler
         self.transformer.eval()
@@ -559,7 +559,7 @@ class Renderer:
             m.requires_grad_(False)
         if args.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
-        self.device, self.dtype, self.args = device, dtype, args
+        self.device, self.dtype, self.args = device, self.transformer.dtype, args
         self.latent_size = args.resolution // self.pipe.vae_scale_factor
 
     def noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -633,10 +633,46 @@ def render(renderer: Renderer, cond: tuple, x: torch.Tensor, sigmas: torch.Tenso
 # Toy models: the real classes at tiny sizes, saved with save_pretrained and loaded with from_pretrained
 # --------------------------------------------------------------------------------------------------
 
+# Model sizes. The toy preset and the real one build the same classes; only these numbers differ. The real
+# ones are the published configs of Qwen3-VL-4B-Instruct and Stable Diffusion 3.5 medium (used by --dry-run;
+# a test checks the parameter counts they give against the published ones).
+SHAPES = {
+    "toy": {
+        "text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=8, max_position_embeddings=4096),
+        "vision": dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32,
+                       num_position_embeddings=64, deepstack_visual_indexes=[0]),
+        "transformer": dict(sample_size=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+                            joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=32,
+                            pos_embed_max_size=8, dual_attention_layers=(0,)),
+        # 4 blocks: the real 8x downsampling, so a 32 px image has 4x4 latents whose colours vary between samples
+        "vae": dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4, sample_size=32),
+        "clip_l": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, projection_dim=16),
+        "clip_g": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, projection_dim=16),
+        "t5": dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8),
+    },
+    "sd35": {
+        "text": dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
+                     tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 5e6,
+                                                                "mrope_section": [24, 20, 20], "mrope_interleaved": True}),
+        "vision": dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2560,
+                       num_position_embeddings=2304, deepstack_visual_indexes=[5, 11, 17]),
+        "transformer": dict(sample_size=128, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+                            joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+                            pos_embed_max_size=384, dual_attention_layers=tuple(range(13))),
+        "vae": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, sample_size=1024),
+        "clip_l": dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                       num_attention_heads=12, projection_dim=768, hidden_act="quick_gelu"),
+        "clip_g": dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                       num_attention_heads=20, projection_dim=1280, hidden_act="gelu"),
+        "t5": dict(vocab_size=32128, d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24,
+                   feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, relative_attention_max_distance=128),
+    },
+}
 TOY_WORDS = ("red green blue yellow cyan magenta white black top bottom left right half image mostly bright dark "
              "the a of is and with in on sky sun sea grass fire light shadow Yes No yes no Is The A Answer Diagnosis Fix "
-             ": . , ? ! "
-             "system user assistant").split()
+             ": . , ? ! system user assistant").split()
 TOY_CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
     "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
@@ -644,10 +680,10 @@ TOY_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def build_toy_vlm(path: str, seed: int = 0, hidden: int = 32, layers: int = 2, image_px: int = 64) -> str:
-    """A tiny random Qwen3-VL (the reasoner's and the verifier's class) with a word-level tokenizer built
-    offline with `tokenizers`, saved with save_pretrained. Every image is resized to image_px^2, which gives
-    (image_px / 32)^2 image tokens. Returns path."""
+def make_vlm(text: dict, vision: dict, image_px: int, seed: int = 0):
+    """A random Qwen3-VL (the reasoner's and the verifier's class) of the given sizes, and its processor with
+    a word-level tokenizer built offline with `tokenizers` (no download). Every image is resized to
+    image_px^2, i.e. (image_px / 32)^2 image tokens. Returns (processor, model)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import (PreTrainedTokenizerFast, Qwen2VLImageProcessor, Qwen3VLConfig,
                               Qwen3VLForConditionalGeneration, Qwen3VLProcessor)
@@ -661,32 +697,30 @@ def build_toy_vlm(path: str, seed: int = 0, hidden: int = 32, layers: int = 2, i
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                   unk_token="[UNK]", additional_special_tokens=specials[1:7])
     size = {"shortest_edge": image_px**2, "longest_edge": image_px**2}
-    proc = Qwen3VLProcessor(
+    processor = Qwen3VLProcessor(
         image_processor=Qwen2VLImageProcessor(size=size, patch_size=16, temporal_patch_size=2, merge_size=2),
         video_processor=Qwen3VLVideoProcessor(size=size, patch_size=16, temporal_patch_size=2, merge_size=2),
         tokenizer=tok, chat_template=TOY_CHAT_TEMPLATE)
+    hd = text.get("head_dim", 8)
+    text = {"vocab_size": len(vocab), "rope_parameters": {  # T/H/W split of the rotary dimensions (M-RoPE)
+        "rope_type": "default", "rope_theta": 5e6, "mrope_interleaved": True,
+        "mrope_section": [hd // 4, hd // 8, hd // 8]}, **text}
     config = Qwen3VLConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
-                         max_position_embeddings=4096,
-                         rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_interleaved": True,
-                                          "mrope_section": [hidden // 16, hidden // 32, hidden // 32]}),  # T/H/W
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=16,
-                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=hidden,
-                           num_position_embeddings=max(64, (image_px // 16) ** 2), deepstack_visual_indexes=[0]),
+        text_config=text, vision_config={"patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                                         **vision, "num_position_embeddings": max(vision["num_position_embeddings"],
+                                                                                  (image_px // 16) ** 2)},
         image_token_id=vocab["<|image_pad|>"], video_token_id=vocab["<|video_pad|>"],
         vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"],
-        eos_token_id=vocab["<|im_end|>"], pad_token_id=vocab["<|endoftext|>"])
+        eos_token_id=vocab["<|im_end|>"], pad_token_id=vocab["<|endoftext|>"],
+        tie_word_embeddings=text.get("tie_word_embeddings", False))
     torch.manual_seed(seed)
-    Qwen3VLForConditionalGeneration(config).save_pretrained(path)
-    proc.save_pretrained(path)
-    return path
+    return processor, Qwen3VLForConditionalGeneration(config)
 
 
-def build_toy_sd3(path: str, seed: int = 0) -> str:
-    """A tiny random StableDiffusion3Pipeline that keeps SD3.5-medium's non-default fields (16 latent
-    channels, VAE scaling/shift factors, no quant convs, qk RMS-norm, a dual-attention layer, shift 3).
-    Tokenizers are built offline (character-level CLIP BPE, T5 unigram). Returns path."""
+def make_sd3(shapes: dict, seed: int = 0):
+    """A random StableDiffusion3Pipeline of the given sizes, with SD3.5-medium's fixed fields (16 latent
+    channels, VAE scaling/shift factors, no quant convs, qk RMS-norm, dual-attention layers, flow shift 3)
+    and tokenizers built offline (character-level CLIP BPE, T5 unigram)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
@@ -701,39 +735,47 @@ def build_toy_sd3(path: str, seed: int = 0) -> str:
                 + [("\u2581" + c, -4.0) for c in letters])
     t5_tok = T5Tokenizer(vocab=t5_vocab, extra_ids=0, model_max_length=512)
 
-    def clip(seed_offset):
+    def clip(sizes, seed_offset):
         torch.manual_seed(seed + seed_offset)
-        return CLIPTextModelWithProjection(CLIPTextConfig(
-            vocab_size=len(clip_vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-            num_attention_heads=2, projection_dim=16, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-            pad_token_id=1))
+        return CLIPTextModelWithProjection(CLIPTextConfig(**{
+            "vocab_size": len(clip_vocab), "max_position_embeddings": 77, "bos_token_id": 0, "eos_token_id": 1,
+            "pad_token_id": 1, **sizes}))
 
-    te1, te2 = clip(1), clip(2)
-    te3 = T5EncoderModel(T5Config(vocab_size=len(t5_vocab), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                                  relative_attention_num_buckets=8))
-    transformer = SD3Transformer2DModel(
-        sample_size=4, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
-        num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=32,
-        pos_embed_max_size=8, dual_attention_layers=(0,), qk_norm="rms_norm")
-    # 4 blocks: the real 8x downsampling, so a 32 px image has 4x4 latents and its colours vary between samples
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
-        latent_channels=16, norm_num_groups=4, sample_size=32, scaling_factor=1.5305,
-        shift_factor=0.0609,
-        use_quant_conv=False, use_post_quant_conv=False)
-    with torch.no_grad():  # hand-set weights, so that the toy task can be learnt in 20 CPU steps (README):
-        # zero the decoder's residual branches (ResNet conv2, attention output): it becomes a near-linear
-        # map from latents to pixels, so "greener" is one direction in latent space, not a maze;
-        for name, m in vae.decoder.named_modules():
-            if name.endswith(("conv2", "to_out.0")):
-                m.weight.zero_()
-                m.bias.zero_()
-        vae.decoder.conv_out.weight.mul_(3.0)  # and raise the contrast: random init decodes to near-grey
-    pipe = StableDiffusion3Pipeline(
+    te1, te2 = clip(shapes["clip_l"], 1), clip(shapes["clip_g"], 2)
+    te3 = T5EncoderModel(T5Config(**{"vocab_size": len(t5_vocab), **shapes["t5"]}))
+    transformer = SD3Transformer2DModel(patch_size=2, in_channels=16, out_channels=16, qk_norm="rms_norm",
+                                        **shapes["transformer"])
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        use_quant_conv=False, use_post_quant_conv=False, **shapes["vae"])
+    return StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
         text_encoder=te1, tokenizer=clip_tok, text_encoder_2=te2, tokenizer_2=clip_tok,
         text_encoder_3=te3, tokenizer_3=t5_tok)
+
+
+def build_toy_vlm(path: str, seed: int = 0, hidden: int = 32, layers: int = 2, image_px: int = 64) -> str:
+    """The toy reasoner / verifier, saved with save_pretrained (so from_pretrained, the real loading code,
+    reads it back). hidden/layers/image_px give bigger random models for benchmarks. Returns path."""
+    text = {**SHAPES["toy"]["text"], "hidden_size": hidden, "intermediate_size": 2 * hidden,
+            "num_hidden_layers": layers, "head_dim": hidden // 4}
+    processor, model = make_vlm(text, {**SHAPES["toy"]["vision"], "out_hidden_size": hidden}, image_px, seed)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def build_toy_sd3(path: str, seed: int = 0) -> str:
+    """The toy renderer, saved with save_pretrained. Returns path."""
+    pipe = make_sd3(SHAPES["toy"], seed)
+    with torch.no_grad():  # hand-set weights, so that the toy task can be learnt in 20 CPU steps (README):
+        # zero the decoder's residual branches (ResNet conv2, attention output): it becomes a near-linear
+        # map from latents to pixels, so "greener" is one direction in latent space, not a maze;
+        for name, m in pipe.vae.decoder.named_modules():
+            if name.endswith(("conv2", "to_out.0")):
+                m.weight.zero_()
+                m.bias.zero_()
+        pipe.vae.decoder.conv_out.weight.mul_(3.0)  # and raise the contrast: random init decodes to near-grey
     pipe.save_pretrained(path)
     return path
 
@@ -864,6 +906,25 @@ class RewardClient:
                 delay = min(delay * 2, 30.0)
         raise RewardError(f"reward server {url} unreachable after {self.retries + 1} tries: {problem}. "
                           "Start it with `python reward_server.py ...` or pass --reward-url.")
+
+
+class RandomRewards:
+    """--dry-run without --reward-url: seeded random scores in place of a verifier. A dry run measures
+    memory and time, not learning."""
+
+    def __init__(self):
+        self.rng = random.Random(0)
+
+    def submit(self, images: list, semantic: list, quality: list) -> Future:
+        sem = [[self.rng.random() for _ in qs] for qs in semantic]
+        qual = [[self.rng.random() for _ in qs] for qs in quality]
+        f = Future()
+        f.set_result({"rewards": [math.sqrt((sum(s) / len(s) if s else 1.0) * (sum(q) / len(q) if q else 1.0))
+                                  for s, q in zip(sem, qual)], "semantic_scores": sem, "quality_scores": qual})
+        return f
+
+    def close(self):
+        pass
 
 
 def start_toy_reward_server() -> tuple[subprocess.Popen, str]:
@@ -1249,8 +1310,14 @@ def load_policy(args: Args, out: str, device=None) -> Policy:
         reasoner_path = build_toy_vlm(os.path.join(out, "toy_models", "reasoner"))
     if args.preset == "toy" and not renderer_path:
         renderer_path = build_toy_sd3(os.path.join(out, "toy_models", "renderer"))
+    from diffusers import StableDiffusion3Pipeline
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(reasoner_path)
+    model = AutoModelForImageTextToText.from_pretrained(reasoner_path, dtype=dtype)
+    pipe = StableDiffusion3Pipeline.from_pretrained(renderer_path, dtype=dtype, low_cpu_mem_usage=False)
     torch.manual_seed(args.seed)  # the LoRA init
-    return Policy(Reasoner(reasoner_path, device, dtype, args), Renderer(renderer_path, device, dtype, args), device)
+    return Policy(Reasoner(processor, model, device, args), Renderer(pipe, device, args), device)
 
 
 def prompt_for(rows: list, position: int, seed: int) -> dict:
@@ -1353,7 +1420,7 @@ def setup_distributed():
     return torch.distributed.get_rank(), world, torch.device(f"cuda:{local}" if cuda else "cpu")
 
 
-def train(args: Args) -> str:
+def train(args: Args, policy: Policy | None = None) -> str:
     """The training loop (one process, or one per GPU under torchrun). Returns the output folder."""
     rank, world, device = setup_distributed()
     if args.groups_per_step % world or args.groups_per_step // world < args.updates_per_rollout:
@@ -1363,7 +1430,7 @@ def train(args: Args) -> str:
     if rank == 0 and not args.resume and os.path.exists(os.path.join(out, "metrics.jsonl")):
         raise ValueError(f"{out} already holds a run (metrics.jsonl): pass --resume {out} or another --out")
     os.makedirs(out, exist_ok=True)
-    policy = load_policy(args, os.path.join(out, f"rank{rank}") if world > 1 else out, device)
+    policy = policy or load_policy(args, os.path.join(out, f"rank{rank}") if world > 1 else out, device)
     optimizer = torch.optim.AdamW([{"params": policy.reasoner.lora_params, "lr": args.reasoner_lr or args.lr},
                                    {"params": policy.renderer.lora_params}], lr=args.lr, weight_decay=args.weight_decay)
     start = load_checkpoint(args.resume, policy, optimizer, args) if args.resume else 0
@@ -1379,11 +1446,14 @@ def train(args: Args) -> str:
     tags = sorted({q["tag"] for r in rows for k in ("semantic_questions", "quality_questions")
                    for q in r[k] if q["tag"]})
     server = None
-    if not args.reward_url:
-        if args.preset != "toy":
-            raise ValueError("--reward-url is required: start `python reward_server.py --verifier <model>` first")
-        server, args.reward_url = start_toy_reward_server()
-    client = RewardClient(args.reward_url, args.reward_token or os.environ.get("ALPHAGRPO_REWARD_TOKEN", ""))
+    if args.dry_run and not args.reward_url:
+        client = RandomRewards()
+    else:
+        if not args.reward_url:
+            if args.preset != "toy":
+                raise ValueError("--reward-url is required: start `python reward_server.py --verifier <model>` first")
+            server, args.reward_url = start_toy_reward_server()
+        client = RewardClient(args.reward_url, args.reward_token or os.environ.get("ALPHAGRPO_REWARD_TOKEN", ""))
     sigmas = policy.renderer.sigmas(args.num_steps)
     if rank == 0:
         print(f"training {args.preset}/{args.task}, steps {start}..{args.steps - 1}, {world} process(es) on "
@@ -1503,6 +1573,67 @@ def sample(args: Args, prompt: str, refine_rounds: int = 0, checkpoint: str = ""
     return out
 
 
+def memory_plan(policy_parts: dict, args: Args) -> list:
+    """Rows (component, parameters, GB) of the GPU memory plan for one group of G trajectories. Frozen
+    weights in args.dtype; LoRA weights, grads and AdamW moments in fp32 (16 bytes a parameter); activations
+    with gradient checkpointing: one saved (tokens, hidden) input per block and trained step, x2 for CFG."""
+    w = 2 if args.dtype == "bfloat16" else 4
+    numel = lambda m: sum(t.numel() for n, t in list(m.named_parameters()) + list(m.named_buffers())  # noqa: E731
+                          if ".lora_" not in n)
+    rows = [(name, numel(m), numel(m) * w / 1e9) for name, m in policy_parts.items()]
+    lora = sum(p.numel() for m in policy_parts.values() for n, p in m.named_parameters() if ".lora_" in n)
+    rows.append(("LoRA weights + grads + AdamW (fp32)", lora, lora * 16 / 1e9))
+    t = policy_parts["renderer.transformer"].config
+    tokens = (args.resolution // 16) ** 2 + 77 + args.max_t5_tokens  # image patches + CLIP + T5 tokens
+    hidden = t.num_attention_heads * t.attention_head_dim
+    act = 2 * args.group_size * tokens * hidden * w * t.num_layers * args.sde_window
+    rows.append((f"renderer activations ({args.sde_window} trained steps, CFG)", None, act / 1e9))
+    r = policy_parts["reasoner"].config.text_config
+    seq = 128 + args.max_new_tokens
+    act = args.group_size * seq * r.hidden_size * w * r.num_hidden_layers + 2 * args.group_size * args.max_new_tokens \
+        * r.vocab_size * 4  # saved layer inputs + fp32 logits and their log-softmax
+    rows.append(("reasoner activations (+ fp32 logits)", None, act / 1e9))
+    return rows
+
+
+def dry_run(args: Args):
+    """--dry-run: the preset's models at real shapes from SHAPES (meta device without a GPU: no memory at
+    all), their parameter counts and the memory plan; with a GPU, random weights and one full step."""
+    shapes = SHAPES[args.preset]
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    run_step = cuda or args.preset == "toy"  # a real-size step needs a GPU; the toy one runs anywhere
+    device = torch.device("cuda" if cuda else "cpu" if run_step else "meta")
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, args.dtype))  # build straight in the weights' dtype, on the device
+    try:
+        with torch.device(device):
+            processor, model = make_vlm(shapes["text"], shapes["vision"], image_px=args.resolution)
+            pipe = make_sd3(shapes)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    torch.manual_seed(args.seed)
+    policy = Policy(Reasoner(processor, model, device, args), Renderer(pipe, device, args), device)  # adds LoRA
+    parts = {"reasoner": model, "renderer.transformer": pipe.transformer, "renderer.vae": pipe.vae,
+             "renderer.text_encoder (CLIP-L)": pipe.text_encoder, "renderer.text_encoder_2 (CLIP-G)": pipe.text_encoder_2,
+             "renderer.text_encoder_3 (T5)": pipe.text_encoder_3}
+    rows = memory_plan(parts, args)
+    print(f"--dry-run of the {args.preset} preset ({'random weights on ' + torch.cuda.get_device_name() if cuda else 'meta device'}"
+          f"), G={args.group_size}, {args.resolution}px, W={args.sde_window}, {args.dtype}")
+    for name, n, gb in rows:
+        print(f"  {name:<48} {'' if n is None else f'{n / 1e9:7.3f} B params':>16} {gb:8.2f} GB")
+    print(f"  {'total (estimate)':<48} {'':>16} {sum(r[2] for r in rows):8.2f} GB")
+    if not run_step:
+        print("no GPU here: nothing was allocated; on a GPU, --dry-run also runs one full step with random weights")
+        return rows
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    out = train(dataclasses.replace(args, steps=1, save_every=0, eval_every=0), policy=policy)
+    if cuda:
+        print(f"peak GPU memory of one step: {torch.cuda.max_memory_allocated() / 1e9:.2f} GB")
+    print(f"one step done: {out}/metrics.jsonl")
+    return rows
+
+
 def main(argv=None):
     command, args, extra = parse_args(argv)
     from diffusers.utils import logging as diffusers_logging
@@ -1514,7 +1645,9 @@ def main(argv=None):
     diffusers_logging.get_logger("diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3").addFilter(
         lambda record: "truncated because" not in record.getMessage())
     try:
-        if command == "train":
+        if command == "train" and args.dry_run:
+            dry_run(args)
+        elif command == "train":
             print(f"done: {train(args)}/metrics.jsonl")
         else:
             sample(args, **extra)

@@ -831,3 +831,54 @@ def test_two_processes_match_one(toy_dirs, tmp_path):
         assert torch.allclose(r0["grads"][i], one["grads"][i], atol=1e-6, rtol=1e-4), i
     assert all(torch.equal(a, b) for a, b in zip(r0["params"], r1["params"]))  # identical weights on both ranks
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(r0["params"], one["params"]))
+
+
+# --------------------------------------------------------------------------------------------------
+# The real preset (sd35): its shapes, and its code path at toy sizes
+# --------------------------------------------------------------------------------------------------
+
+
+def test_sd35_dry_run_has_the_published_parameter_counts(capsys):
+    """--dry-run builds Qwen3-VL-4B-Instruct and SD3.5-medium on the meta device from the embedded configs;
+    their sizes must be the published ones (model cards and safetensors sizes), LoRA excluded."""
+    _, args, _ = ag.parse_args(["--preset", "sd35", "--dry-run", "--device", "cpu"])
+    rows = {name: n for name, n, _ in ag.dry_run(args)}
+    assert rows["reasoner"] == 4_437_815_808
+    assert rows["renderer.transformer"] == 2_243_171_520 + 226_492_416  # + the saved pos-embed buffer
+    for name, published in [("renderer.text_encoder (CLIP-L)", 123.65e6), ("renderer.text_encoder_2 (CLIP-G)", 694.66e6),
+                            ("renderer.text_encoder_3 (T5)", 4.762e9), ("renderer.vae", 83.8e6)]:
+        assert rows[name] == pytest.approx(published, rel=2e-3), name
+    assert "total (estimate)" in capsys.readouterr().out
+
+
+def test_toy_dry_run_runs_one_step(tmp_path):
+    _, args, _ = ag.parse_args(["--dry-run", "--out", str(tmp_path / "dry"), "--groups-per-step", "2",
+                                "--group-size", "4"])
+    ag.dry_run(args)
+    row = json.loads((tmp_path / "dry" / "metrics.jsonl").read_text())
+    assert row["step"] == 0 and math.isfinite(row["text_loss"]) and math.isfinite(row["image_loss"])
+
+
+def test_real_preset_code_path_at_toy_sizes(toy_dirs, tmp_path):
+    """The sd35 preset's path (prompts.jsonl with its tags, a transformers verifier over HTTP, gradient
+    checkpointing, evaluation on the test split) with the toy models in place of the real ones."""
+    rows = [json.loads(x) for x in open(os.path.join(HERE, "prompts.jsonl"))]
+    subset = [r for r in rows if r["split"] == "train"][:2] + [r for r in rows if r["split"] == "test"][:2]
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in subset))
+    server, url = serve(rs.TransformersVerifier(toy_dirs[0], device="cpu", dtype="float32"))
+    try:
+        _, args, _ = ag.parse_args([
+            "--preset", "sd35", "--reasoner", toy_dirs[0], "--renderer", toy_dirs[1], "--prompts", str(tmp_path / "p.jsonl"),
+            "--reward-url", url, "--out", str(tmp_path / "run"), "--dtype", "float32", "--device", "cpu",
+            "--resolution", "32", "--num-steps", "4", "--eval-num-steps", "4", "--sde-window", "2",
+            "--sde-window-start-max", "0", "--group-size", "2", "--groups-per-step", "2", "--max-new-tokens", "6",
+            "--max-t5-tokens", "64", "--steps", "2", "--eval-every", "1", "--save-every", "0", "--sample-every", "1"])
+        assert args.gradient_checkpointing and args.image_clip == 1e-4 and args.lora_rank == 32
+        ag.train(args)
+    finally:
+        server.shutdown()
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["eval_reward"] is not None for m in metrics] == [True, True]
+    tags = {q["tag"] for r in subset[:2] for k in ("semantic_questions", "quality_questions") for q in r[k]}
+    assert all(metrics[0][f"score_{t}"] is not None for t in tags)
+    assert (tmp_path / "run" / "eval" / "step_000001.png").exists()
