@@ -1578,8 +1578,11 @@ def memory_plan(policy_parts: dict, args: Args) -> list:
     weights in args.dtype; LoRA weights, grads and AdamW moments in fp32 (16 bytes a parameter); activations
     with gradient checkpointing: one saved (tokens, hidden) input per block and trained step, x2 for CFG."""
     w = 2 if args.dtype == "bfloat16" else 4
-    numel = lambda m: sum(t.numel() for n, t in list(m.named_parameters()) + list(m.named_buffers())  # noqa: E731
-                          if ".lora_" not in n)
+    def numel(m):  # parameters (tied ones once) and the buffers that are saved, without LoRA
+        saved = m.state_dict().keys()
+        return sum(t.numel() for n, t in list(m.named_parameters()) + [b for b in m.named_buffers() if b[0] in saved]
+                   if ".lora_" not in n)
+
     rows = [(name, numel(m), numel(m) * w / 1e9) for name, m in policy_parts.items()]
     lora = sum(p.numel() for m in policy_parts.values() for n, p in m.named_parameters() if ".lora_" in n)
     rows.append(("LoRA weights + grads + AdamW (fp32)", lora, lora * 16 / 1e9))

@@ -882,3 +882,72 @@ def test_real_preset_code_path_at_toy_sizes(toy_dirs, tmp_path):
     tags = {q["tag"] for r in subset[:2] for k in ("semantic_questions", "quality_questions") for q in r[k]}
     assert all(metrics[0][f"score_{t}"] is not None for t in tags)
     assert (tmp_path / "run" / "eval" / "step_000001.png").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# The shipped prompt set (prompts.jsonl, Sec. 4.3)
+# --------------------------------------------------------------------------------------------------
+
+REASONING_TASKS = {"world_knowledge", "cultural_knowledge", "scientific_reasoning", "temporal_reasoning"}
+
+
+def check_prompt_set(rows):
+    """Raise AssertionError if rows (parsed prompts.jsonl) break the prompt-set contract."""
+    import re
+    from collections import Counter
+
+    keys = {"prompt", "split", "task", "difficulty", "semantic_questions", "quality_questions"}
+    prompts = Counter()
+    for i, row in enumerate(rows):
+        assert isinstance(row, dict) and set(row) == keys, f"row {i}: keys {sorted(row)}"
+        assert isinstance(row["prompt"], str) and row["prompt"].strip(), f"row {i}: empty prompt"
+        assert row["split"] in ("train", "test") and row["difficulty"] in ("easy", "medium", "hard"), f"row {i}"
+        assert isinstance(row["task"], str) and re.fullmatch(r"[a-z][a-z0-9_]*", row["task"]), f"row {i}: task"
+        seen = set()
+        for field, tags, lo, hi in (("semantic_questions", ag.SEMANTIC_TAGS, 2, 14),
+                                    ("quality_questions", ag.QUALITY_TAGS, 2, 8)):
+            qs = row[field]
+            assert isinstance(qs, list) and lo <= len(qs) <= hi, f"row {i}: {len(qs)} {field}"
+            for q in qs:
+                assert isinstance(q, dict) and set(q) == {"question", "tag"}, f"row {i}: {q!r}"
+                assert isinstance(q["question"], str) and q["question"].strip().endswith("?"), f"row {i}: {q!r}"
+                assert q["tag"] in tags, f"row {i}: tag {q['tag']!r} not allowed in {field}"
+                assert q["question"].strip().lower() not in seen, f"row {i}: duplicate question {q['question']!r}"
+                seen.add(q["question"].strip().lower())
+        prompts[" ".join(row["prompt"].lower().split())] += 1
+    assert not [p for p, n in prompts.items() if n > 1], "duplicate prompts"
+    train = {r["prompt"] for r in rows if r["split"] == "train"}
+    test = {r["prompt"] for r in rows if r["split"] == "test"}
+    assert not train & test and len(train) >= 400 and len(test) >= 64, (len(train), len(test))
+    tasks = {s: {r["task"] for r in rows if r["split"] == s} for s in ("train", "test")}
+    assert len(tasks["train"] | tasks["test"]) >= 20 and tasks["train"] == tasks["test"], "task types per split"
+    tiers = Counter(r["difficulty"] for r in rows)
+    for tier, target in (("easy", 0.3), ("medium", 0.5), ("hard", 0.2)):
+        assert abs(tiers[tier] / len(rows) - target) <= 0.05, f"{tier}: {tiers[tier] / len(rows):.3f}"
+    assert sum(r["task"] in REASONING_TASKS for r in rows) >= 60, "reasoning prompts"
+    counts = Counter(q for r in rows for q in {x["question"].strip().lower() for x in r["quality_questions"]})
+    assert not [q for q, n in counts.items() if n > 0.05 * len(rows)], "boilerplate quality questions"
+
+
+def shipped_rows():
+    return [json.loads(line) for line in open(os.path.join(HERE, "prompts.jsonl"), encoding="utf-8")]
+
+
+def test_shipped_prompt_set():
+    check_prompt_set(shipped_rows())
+    assert len(ag.load_prompts(os.path.join(HERE, "prompts.jsonl"), "train")) >= 400  # the loader accepts it
+    assert len(ag.load_prompts(os.path.join(HERE, "prompts.jsonl"), "test")) >= 64
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda rows: rows.append(dict(rows[0])),  # a duplicate prompt
+    lambda rows: rows[0]["semantic_questions"][0].update(tag="Mood"),  # an unknown tag
+    lambda rows: rows[-1].pop("difficulty"),  # a missing field
+    lambda rows: rows[3]["quality_questions"].append(dict(rows[3]["quality_questions"][0])),  # a repeated question
+    lambda rows: [r.update(split="train") for r in rows if r["task"] == "counting"],  # a task missing from test
+])
+def test_prompt_set_check_catches_broken_sets(mutate):
+    rows = shipped_rows()
+    mutate(rows)
+    with pytest.raises(AssertionError):
+        check_prompt_set(rows)
