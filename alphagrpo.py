@@ -27,7 +27,7 @@ Launch
     python alphagrpo.py --task srr                        # Self-Reflective Refinement with FPR
     python reward_server.py --verifier Qwen/Qwen3-VL-8B-Instruct --port 8000          # on a GPU
     python alphagrpo.py --preset sd35 --reward-url http://127.0.0.1:8000              # on an 80 GB GPU
-    python alphagrpo.py sample --prompt "a red image" --refine-rounds 2
+    python alphagrpo.py sample --prompt "the bottom half is green" --refine-rounds 2
 
 Shapes: G group size, L generated tokens, P prompt tokens, V vocabulary, C latent channels,
 h x w latent size, W trained (SDE) steps, T sampling steps.
@@ -48,7 +48,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import requests
 import torch
@@ -173,7 +173,7 @@ class Args:
     """K initial images rendered per SRR prompt (ODE, no reasoning); the worst is kept."""
     srr_pick: str = "min"
     """'min': keep the lowest-reward candidate (official); 'sample': draw one, favouring low rewards."""
-    srr_strength: float = 0.6
+    srr_strength: float = 0.75
     """SDEdit strength of the refinement: the share of the schedule re-run from the noised initial image."""
     fpr: bool = True
     """False-Positive Rectification: refinements that do not beat the initial image get the minimum."""
@@ -191,7 +191,8 @@ PRESETS = {
         reasoner="Qwen/Qwen3-VL-4B-Instruct", renderer="stabilityai/stable-diffusion-3.5-medium",
         prompts="prompts.jsonl", dtype="bfloat16", steps=1000, resolution=512, num_steps=10,
         eval_num_steps=40, sde_window=4, sde_window_start_max=3, max_new_tokens=256, max_t5_tokens=256,
-        image_clip=1e-4, lr=5e-5, lora_rank=32, lora_alpha=64.0, lam=4.0, gradient_checkpointing=True,
+        image_clip=1e-4, lr=5e-5, lora_rank=32, lora_alpha=64.0, gradient_checkpointing=True,
+        lam=4.0,  # = W trained steps: the official text_loss_weight = 1 / K
         group_size=8, groups_per_step=4, srr_candidates=4, srr_strength=0.7,
     ),
 }
@@ -1542,7 +1543,7 @@ def sample(args: Args, prompt: str, refine_rounds: int = 0, checkpoint: str = ""
             server, args.reward_url = start_toy_reward_server()
         client = RewardClient(args.reward_url, args.reward_token or os.environ.get("ALPHAGRPO_REWARD_TOKEN", ""))
     renderer, sigmas, gen = policy.renderer, policy.renderer.sigmas(args.eval_num_steps), seeded(args, 0, 0)
-    rounds, image, latents = [], None, None
+    rounds, image = [], None
     try:
         for k in range(refine_rounds + 1):
             if k == 0:  # RT2I: plan, then draw
