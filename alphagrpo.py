@@ -81,6 +81,8 @@ class Args:
     """Comma-separated reward server URLs. Empty with the toy preset: start the toy server locally."""
     reward_token: str = ""
     """Bearer token for the reward server (default: $ALPHAGRPO_REWARD_TOKEN)."""
+    reward_patience: float = 300.0
+    """Seconds to keep retrying a reward server that is down (it may be restarting) before the run stops."""
     reasoner: str = ""
     """Reasoner path or hub id (a Qwen-VL instruct model). Toy: built under OUT/toy_models."""
     renderer: str = ""
@@ -845,10 +847,10 @@ class RewardClient:
     """Scores images on the DVReward server(s) in background threads: submit() returns a Future, so the
     next group is sampled while the last is scored (Sec. 4.3, "asynchronously calling the reward model")."""
 
-    def __init__(self, urls: str, token: str = "", max_body: int = 32 << 20, retries: int = 5):
+    def __init__(self, urls: str, token: str = "", patience: float = 300.0, max_body: int = 32 << 20):
         self.urls = [u.strip().rstrip("/") for u in urls.split(",") if u.strip()]
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.max_body, self.retries, self.calls, self.closed = max_body, retries, 0, False
+        self.patience, self.max_body, self.calls, self.closed = patience, max_body, 0, False
         self.pool = ThreadPoolExecutor(max_workers=4 * len(self.urls))
 
     def close(self):
@@ -858,11 +860,11 @@ class RewardClient:
 
     def submit(self, images: list, semantic: list, quality: list) -> Future:
         """images: PIL list; semantic / quality: one list of question strings per image."""
-        url = self.urls[self.calls % len(self.urls)]  # spread requests over the servers
+        first = self.calls % len(self.urls)  # spread requests over the servers
         self.calls += 1
-        return self.pool.submit(self._score, url, images, semantic, quality)
+        return self.pool.submit(self._score, first, images, semantic, quality)
 
-    def _score(self, url, images, semantic, quality) -> dict:
+    def _score(self, first: int, images, semantic, quality) -> dict:
         # PNG with fast compression: lossless, and cheap next to the verifier's forward pass
         encoded = []
         for im in images:
@@ -878,15 +880,18 @@ class RewardClient:
                 end += 1
             body = {"images": encoded[start:end], "semantic_questions": semantic[start:end],
                     "quality_questions": quality[start:end]}
-            part = self._post(url, body)
+            part = self._post(first, body)
             for k in out:
                 out[k] += part[k]
             start = end
         return out
 
-    def _post(self, url: str, body: dict) -> dict:
-        delay = 1.0
-        for attempt in range(self.retries + 1):
+    def _post(self, first: int, body: dict) -> dict:
+        """POST /score; a server that is down or failing is retried (the next URL first) with exponential
+        backoff for up to `patience` seconds, then the run stops with a clear error: never zero rewards."""
+        delay, deadline, attempt = 1.0, time.monotonic() + self.patience, 0
+        while True:
+            url = self.urls[(first + attempt) % len(self.urls)]
             try:
                 r = requests.post(f"{url}/score", json=body, headers=self.headers, timeout=600)
             except requests.ConnectionError as e:
@@ -900,13 +905,13 @@ class RewardClient:
                     problem = f"HTTP {r.status_code}: {r.text[:200]}"
                 if r.status_code < 500:  # our request is wrong: retrying will not help
                     raise RewardError(f"reward server {url} rejected the request: {problem}")
-            if attempt < self.retries and not self.closed:
-                print(f"reward server {url}: {problem}; retrying in {delay:.0f} s "
-                      f"({attempt + 1}/{self.retries})", file=sys.stderr)
-                time.sleep(delay)
-                delay = min(delay * 2, 30.0)
-        raise RewardError(f"reward server {url} unreachable after {self.retries + 1} tries: {problem}. "
-                          "Start it with `python reward_server.py ...` or pass --reward-url.")
+            attempt += 1
+            if self.closed or time.monotonic() + delay > deadline:
+                raise RewardError(f"reward server {url}: {problem}; gave up after {attempt} tries in "
+                                  f"{self.patience:.0f} s (--reward-patience)")
+            print(f"reward server {url}: {problem}; retrying in {delay:.0f} s", file=sys.stderr)
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
 
 
 class RandomRewards:
@@ -1202,8 +1207,8 @@ def mean_or_none(xs):
 # --------------------------------------------------------------------------------------------------
 
 # Arguments that may change between a checkpoint and its resumption; any other difference is refused.
-RESUMABLE = {"steps", "out", "resume", "reward_url", "reward_token", "device", "sample_every", "save_every",
-             "eval_every"}
+RESUMABLE = {"steps", "out", "resume", "reward_url", "reward_token", "reward_patience", "device", "sample_every",
+             "save_every", "eval_every"}
 
 
 def file_sha256(path: str) -> str:
@@ -1454,7 +1459,8 @@ def train(args: Args, policy: Policy | None = None) -> str:
             if args.preset != "toy":
                 raise ValueError("--reward-url is required: start `python reward_server.py --verifier <model>` first")
             server, args.reward_url = start_toy_reward_server()
-        client = RewardClient(args.reward_url, args.reward_token or os.environ.get("ALPHAGRPO_REWARD_TOKEN", ""))
+        client = RewardClient(args.reward_url, args.reward_token or os.environ.get("ALPHAGRPO_REWARD_TOKEN", ""),
+                              args.reward_patience)
     sigmas = policy.renderer.sigmas(args.num_steps)
     if rank == 0:
         print(f"training {args.preset}/{args.task}, steps {start}..{args.steps - 1}, {world} process(es) on "
@@ -1497,6 +1503,10 @@ def train(args: Args, policy: Policy | None = None) -> str:
                     tiles = [t for g in groups[:4] for t in group_tiles(g)]
                     save_grid(os.path.join(out, "samples", f"step_{step:06d}.png"), tiles,
                               cols=max(len(group_tiles(g)) for g in groups[:4]))
+    except RewardError as e:
+        last = sorted(os.listdir(os.path.join(out, "checkpoints"))) if os.path.isdir(os.path.join(out, "checkpoints")) else []
+        raise RewardError(f"{e}. The run stopped at step {step}: metrics.jsonl holds every finished step; the last "
+                          f"checkpoint is {last[-1] if last else 'none yet'} (continue with --resume {out})") from None
     finally:
         client.close()
         if server is not None:
@@ -1541,7 +1551,8 @@ def sample(args: Args, prompt: str, refine_rounds: int = 0, checkpoint: str = ""
     if row is not None and (args.reward_url or args.preset == "toy"):
         if not args.reward_url:
             server, args.reward_url = start_toy_reward_server()
-        client = RewardClient(args.reward_url, args.reward_token or os.environ.get("ALPHAGRPO_REWARD_TOKEN", ""))
+        client = RewardClient(args.reward_url, args.reward_token or os.environ.get("ALPHAGRPO_REWARD_TOKEN", ""),
+                              args.reward_patience)
     renderer, sigmas, gen = policy.renderer, policy.renderer.sigmas(args.eval_num_steps), seeded(args, 0, 0)
     rounds, image = [], None
     try:

@@ -951,3 +951,53 @@ def test_prompt_set_check_catches_broken_sets(mutate):
     mutate(rows)
     with pytest.raises(AssertionError):
         check_prompt_set(rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# The trainer's side of a reward server that is down or restarts
+# --------------------------------------------------------------------------------------------------
+
+
+def test_training_stops_clearly_when_the_verifier_is_down(toy_dirs, tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here
+    args = ag.Args(reasoner=toy_dirs[0], renderer=toy_dirs[1], group_size=2, groups_per_step=2, steps=2,
+                   reward_url=f"http://127.0.0.1:{port}", reward_patience=2.0, out=str(tmp_path / "run"),
+                   sample_every=0, eval_every=0, save_every=0)
+    with pytest.raises(ag.RewardError, match=r"cannot connect.*gave up.*The run stopped at step 0.*--resume"):
+        ag.train(args)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # no step was written with made-up rewards
+
+
+def test_training_survives_a_verifier_restart(toy_dirs, tmp_path):
+    state = {"calls": 0}
+
+    class Restarting(rs.ToyVerifier):
+        def score(self, image, questions):
+            state["calls"] += 1
+            if state["calls"] == 1:  # after the first answer: down for 2 s, then back on the same port
+                threading.Thread(target=restart, daemon=True).start()
+            return super().score(image, questions)
+
+    def restart():
+        time.sleep(0.2)
+        server.shutdown()
+        server.server_close()
+        time.sleep(2.0)
+        state["server"] = ThreadingHTTPServer(("127.0.0.1", port), rs.make_handler(rs.ToyVerifier()))
+        threading.Thread(target=state["server"].serve_forever, daemon=True).start()
+
+    server, url = serve(Restarting())
+    port = server.server_address[1]
+    args = ag.Args(reasoner=toy_dirs[0], renderer=toy_dirs[1], group_size=2, groups_per_step=2, steps=3,
+                   reward_url=url, reward_patience=30.0, out=str(tmp_path / "run"), sample_every=0, eval_every=0,
+                   save_every=0)
+    try:
+        ag.train(args)
+    finally:
+        state.get("server", server).shutdown()
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2] and "server" in state
