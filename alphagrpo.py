@@ -936,8 +936,8 @@ class RandomRewards:
 def start_toy_reward_server() -> tuple[subprocess.Popen, str]:
     """Start `reward_server.py --verifier toy` on a free localhost port; returns (process, url)."""
     server = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reward_server.py")
-    proc = subprocess.Popen([sys.executable, server, "--verifier", "toy", "--port", "0"], stdout=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen([sys.executable, server, "--verifier", "toy", "--port", "0", "--exit-with-parent"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()  # "reward server listening on http://127.0.0.1:PORT"
     if "listening on" not in line:
         proc.kill()

@@ -761,7 +761,11 @@ def cmd_serve(argv):
         p.add_argument("--" + f.name.replace("_", "-"), type=int, default=f.default, help=f.metadata["help"])
     p.add_argument("--max-batch-images", type=int, default=32, help="images the worker scores in one batch")
     p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long the worker waits to fill a batch")
+    p.add_argument("--exit-with-parent", action="store_true", help="exit when stdin closes (the trainer that "
+                   "started this server passes a pipe, so a killed trainer leaves no orphan server)")
     args = p.parse_args(argv)
+    if args.exit_with_parent:
+        threading.Thread(target=lambda: (sys.stdin.read(), os._exit(0)), daemon=True).start()
     limits = Limits(**{f.name: getattr(args, f.name) for f in fields(Limits)})
     handler = make_handler(load_verifier(args), args.token, args.max_body, limits, args.max_batch_images,
                            args.batch_wait_ms / 1000)

@@ -4,16 +4,22 @@ Each test compares against an independent computation (torch.distributions, Mont
 own scheduler, hand-worked examples) or checks a behaviour that a bug would break.
 """
 import base64
+import contextlib
+import http.client
 import io
 import json
 import math
 import os
+import random
+import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import Future
-from http.server import ThreadingHTTPServer
+import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
@@ -1001,3 +1007,573 @@ def test_training_survives_a_verifier_restart(toy_dirs, tmp_path):
         state.get("server", server).shutdown()
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2] and "server" in state
+
+
+# --------------------------------------------------------------------------------------------------
+# reward_server.py: limits, batching under load, shared prefix, OpenAI backend, decomposition (Sec. 4.2)
+# --------------------------------------------------------------------------------------------------
+
+
+def png_bytes(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+
+
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A few hundred bytes that declare a width x height RGB image (the IDAT holds only a few rows)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + png_chunk(b"IEND", b""))
+
+
+@contextlib.contextmanager
+def serving(handler_or_verifier, token="", **kw):
+    handler = handler_or_verifier if isinstance(handler_or_verifier, type) else rs.make_handler(
+        handler_or_verifier, token, **kw)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def raw_post(url, header_lines: list, body: bytes = b""):
+    """A request with exactly these headers (requests would add Content-Length itself)."""
+    host, port = url.split("//")[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(("POST /score HTTP/1.1\r\nHost: x\r\n" + "".join(h + "\r\n" for h in header_lines) + "\r\n").encode()
+                  + body)
+        r = http.client.HTTPResponse(s)
+        r.begin()
+        return r.status, json.loads(r.read())
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm(tmp_path_factory):
+    return ag.build_toy_vlm(str(tmp_path_factory.mktemp("vlm") / "tiny"))
+
+
+@pytest.fixture(scope="module")
+def vlm64(tmp_path_factory):
+    return ag.build_toy_vlm(str(tmp_path_factory.mktemp("vlm") / "h64"), seed=1, hidden=64, image_px=128)
+
+
+# --------------------------------------------------------------------------------------------------
+# Hardened: auth, limits and every kind of malformed request
+# --------------------------------------------------------------------------------------------------
+
+
+def test_malformed_requests_get_the_right_4xx_and_a_good_one_is_still_answered():
+    token, q = "s3cret", "Is the image mostly green?"
+    limits = rs.Limits(max_images=4, max_side=64, max_request_pixels=64 * 64 * 2 + 10, max_questions=3,
+                       max_question_chars=60)
+    green = png_b64(solid((0, 255, 0)))
+    good = {"images": [green, green], "semantic_questions": [[q], [q]], "quality_questions": [[], [q]]}
+    auth = {"Authorization": f"Bearer {token}"}
+    jpeg = io.BytesIO()
+    solid((0, 255, 0)).save(jpeg, format="JPEG")
+    b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
+    with serving(rs.ToyVerifier(), token, max_body=200_000, limits=limits) as (url, _):
+        post = lambda body, headers=auth, path="/score": requests.post(url + path, json=body, headers=headers)  # noqa: E731
+        data = lambda raw, ctype="application/json": requests.post(  # noqa: E731
+            url + "/score", data=raw, headers={**auth, "Content-Type": ctype})
+        cases = [
+            ("no token", post(good, headers={}), 401, "bearer token"),
+            ("wrong token", post(good, headers={"Authorization": "Bearer nope"}), 401, "bearer token"),
+            ("unknown path without token", requests.get(url + "/nope"), 401, "bearer token"),
+            ("GET /score", requests.get(url + "/score", headers=auth), 405, "use POST /score"),
+            ("unknown path", post(good, path="/nope"), 404, "no such path"),
+            ("not JSON content type", data(json.dumps(good), "text/plain"), 415, "Content-Type"),
+            ("invalid JSON", data(b"{oops"), 400, "not valid JSON"),
+            ("invalid UTF-8", data(b'{"images": "\xff\xfe"}'), 400, "not valid JSON"),
+            ("nested too deep", data(b"[" * 100_000), 400, "not valid JSON"),
+            ("not an object", post([1, 2]), 400, "JSON object"),
+            ("unknown key", post({**good, "quality_question": []}), 400, "unknown key(s) 'quality_question'"),
+            ("missing key", post({"images": [green]}), 400, "'semantic_questions' is missing"),
+            ("key not a list", post({**good, "images": green}), 400, "'images' is missing or not a list"),
+            ("too many images", post({k: v * 5 for k, v in good.items()}), 413, "limit is 4 per request"),
+            ("one list per image", post({**good, "semantic_questions": [[q]]}), 400, "1 lists for 2 images"),
+            ("question list not a list", post({**good, "semantic_questions": [q, q]}), 400, "non-empty strings"),
+            ("question not a string", post({**good, "semantic_questions": [[q], [3]]}), 400, "non-empty strings"),
+            ("empty question", post({**good, "quality_questions": [["  "], []]}), 400, "non-empty strings"),
+            ("question too long", post({**good, "quality_questions": [["x" * 61], []]}), 413, "61 characters"),
+            ("too many questions", post({**good, "quality_questions": [[q] * 3, []]}), 413, "4 questions"),
+            ("image not a string", post({**good, "images": [green, 7]}), 400, "images[1] must be a base64 string"),
+            ("invalid base64", post({**good, "images": ["not base64!", green]}), 400, "not valid base64"),
+            ("a JPEG", post({**good, "images": [b64(jpeg.getvalue()), green]}), 400, "not a PNG"),
+            ("a GIF", post({**good, "images": [b64(b"GIF89a..."), green]}), 400, "not a PNG"),
+            ("PNG without IHDR", post({**good, "images": [b64(b"\x89PNG\r\n\x1a\nbroken"), green]}), 400,
+             "broken PNG"),
+            ("corrupt PNG data", post({**good, "images": [b64(png_bytes(solid((0, 0, 0)))[:60]), green]}), 400,
+             "broken PNG"),
+            ("image side too large", post({**good, "images": [png_b64(solid((0, 0, 0), size=65)), green]}), 413,
+             "each side must be 1 to 64"),
+            ("decompression bomb", post({**good, "images": [b64(bomb_png(100_000, 100_000)), green]}), 413,
+             "100000x100000"),
+            ("too many pixels", post({"images": [png_b64(solid((0, 0, 0), size=64))] * 3,
+                                      "semantic_questions": [[q]] * 3, "quality_questions": [[]] * 3}), 413,
+             "12288 pixels; the limit is 8202"),
+            ("question the verifier cannot answer", post({**good, "semantic_questions": [["Is the cat green?"], [q]]}),
+             400, "cannot answer"),
+        ]
+        cases += [("no Content-Length", *raw_post(url, [f"Authorization: Bearer {token}",
+                                                       "Content-Type: application/json"]), 411, "Content-Length"),
+                  ("Content-Length not a number", *raw_post(url, [f"Authorization: Bearer {token}",
+                                                                 "Content-Type: application/json",
+                                                                 "Content-Length: ten"]), 400, "not a number"),
+                  ("body too large", *raw_post(url, [f"Authorization: Bearer {token}", "Content-Type: application/json",
+                                                     "Content-Length: 1000000000"]), 413, "exceeds the limit")]
+        assert len(cases) >= 30
+        for name, *got, code, msg in cases:
+            status, error = (got[0].status_code, got[0].json().get("error", "")) if len(got) == 1 else \
+                (got[0], got[1].get("error", ""))
+            assert status == code and msg in error, (name, status, error)
+        assert requests.get(url + "/health").json()["status"] == "ok"  # open without the token
+        r = post(good)
+        assert r.status_code == 200, r.text
+        s = rs.ToyVerifier().score(solid((0, 255, 0)), [q])[0]
+        assert r.json() == {"rewards": [pytest.approx(math.sqrt(s)), pytest.approx(s)],
+                            "semantic_scores": [[pytest.approx(s)], [pytest.approx(s)]],
+                            "quality_scores": [[], [pytest.approx(s)]]}
+
+
+def test_png_size_is_checked_before_decoding():
+    body = {"images": [base64.b64encode(bomb_png(60_000, 60_000)).decode()], "semantic_questions": [[]],
+            "quality_questions": [[]]}
+    t = time.perf_counter()
+    with pytest.raises(rs.BadRequest, match="each side must be 1 to 4096") as e:
+        rs.parse_score_request(body)  # default limits: 4096 px a side
+    assert e.value.status == 413 and time.perf_counter() - t < 0.5  # 10 GB never decoded
+    assert rs.png_size(bomb_png(123, 45), "x") == (123, 45)
+
+
+# --------------------------------------------------------------------------------------------------
+# Speed: the shared image prefix equals the naive path; batching under load loses nothing
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["tiny_vlm", "vlm64"])
+def test_shared_prefix_equals_naive(which, request):
+    v = rs.TransformersVerifier(request.getfixturevalue(which), device="cpu", dtype="float32", prefill_batch=2,
+                                row_batch=3)
+    assert v.shared_prefix  # the default
+    qs = ["Is the image mostly green ?", "Is the top half of the image red ?", "Is the sky blue ?",
+          "Is the bottom half of the image a bright yellow sun with dark shadow on the grass ?", "Yes",
+          "Is there a zebra ?"]  # lengths 2 to 19 tokens (right padding), an unknown word
+    images = [solid((30, 200, 60), bottom=(200, 30, 60)), solid((250, 250, 10)), solid((0, 0, 90), size=48),
+              Image.new("RGB", (96, 40), (120, 10, 200))]  # two token counts: two prefill groups
+    items = [(images[0], qs), (images[1], qs[2:5]), (images[2], []), (images[3], qs[::-1]), (images[2], qs[:1])]
+    shared = v.logits_shared(items)
+    assert v.model.model.rope_deltas is None  # explicit positions: the model's stored state is untouched
+    for (image, questions), got in zip(items, shared):
+        want = v.logits_naive(image, questions)
+        assert got.shape == want.shape
+        assert (got - want).abs().max().item() < 1e-4 if len(questions) else True
+    scores = v.score_many(items)
+    v.shared_prefix = False
+    naive = v.score_many(items)
+    assert [len(s) for s in scores] == [len(q) for _, q in items]
+    assert max(abs(a - b) for s, n in zip(scores, naive) for a, b in zip(s, n)) < 1e-4
+    # the check is sensitive: suffixes one position off (the image counted as its token count, say) move the
+    # logits by more than the tolerance
+    prefill = v.prefill
+    v.prefill = lambda encs: (lambda cache, next_pos: (cache, next_pos + 1))(*prefill(encs))
+    assert (v.logits_shared(items[:1])[0] - shared[0]).abs().max().item() > 1e-3
+
+
+def load_run(verifier, pool, clients=16, seconds=3.0, tol=1e-9):
+    """clients post requests drawn from pool [(image, semantic, quality, expected scores)] for `seconds`;
+    every answer must match its expected scores; the server must have seen exactly the requests sent."""
+    bodies = [{"images": [png_b64(im) for im, *_ in reqs], "semantic_questions": [s for _, s, _, _ in reqs],
+               "quality_questions": [q for _, _, q, _ in reqs]} for reqs in pool]
+    sent, answered, wrong = [0] * clients, [0] * clients, []
+    with serving(verifier) as (url, server):
+        end = time.monotonic() + seconds
+
+        def client(k):
+            rng = random.Random(k)
+            with requests.Session() as session:
+                while time.monotonic() < end:
+                    i = rng.randrange(len(pool))
+                    sent[k] += 1
+                    r = session.post(url + "/score", json=bodies[i], timeout=60)
+                    answered[k] += 1
+                    if r.status_code != 200:
+                        wrong.append((i, r.status_code, r.text))
+                        continue
+                    got = r.json()
+                    for (_, _, _, want), s, q in zip(pool[i], got["semantic_scores"], got["quality_scores"]):
+                        if len(s + q) != len(want) or max((abs(a - b) for a, b in zip(s + q, want)), default=0) > tol:
+                            wrong.append((i, s + q, want))
+
+        with ThreadPoolExecutor(clients) as ex:
+            list(ex.map(client, range(clients)))
+        counters = requests.get(url + "/health").json()
+    assert not wrong, wrong[:3]
+    assert sum(sent) == sum(answered) == counters["requests"] > clients
+    return counters
+
+
+def test_load_toy_verifier_16_clients():
+    rng = random.Random(0)
+    toy = rs.ToyVerifier()
+    qs = ["Is the image mostly green?", "Is the top half of the image red?", "Is the left half of the image blue?"]
+    pool = []
+    for _ in range(20):
+        reqs = []
+        for _ in range(rng.randint(1, 3)):
+            im = solid(tuple(rng.randrange(256) for _ in range(3)), bottom=tuple(rng.randrange(256) for _ in range(3)))
+            sem, qual = qs[:rng.randint(1, 3)], qs[:rng.randint(0, 2)]
+            reqs.append((im, sem, qual, toy.score(im, sem + qual)))
+        pool.append(reqs)
+    counters = load_run(rs.ToyVerifier(), pool)
+    assert counters["batches"] == counters["requests"]  # the toy cannot batch: merging would only add latency
+
+
+def test_load_transformers_verifier_16_clients(tiny_vlm):
+    v = rs.TransformersVerifier(tiny_vlm, device="cpu", dtype="float32")
+    rng = random.Random(1)
+    qs = ["Is the image mostly green ?", "Is the top half of the image red ?", "Is the sky blue ?", "Is it dark ?"]
+    pool = []
+    for _ in range(8):  # expected scores from the verifier itself, before the server's worker owns it
+        reqs = []
+        for _ in range(rng.randint(1, 2)):
+            im = solid(tuple(rng.randrange(256) for _ in range(3)), size=rng.choice([32, 48]))
+            sem, qual = qs[:rng.randint(1, 4)], qs[:rng.randint(0, 2)]
+            reqs.append((im, sem, qual, v.score(im, sem + qual)))
+        pool.append(reqs)
+    counters = load_run(v, pool, tol=1e-5)  # images batched together: float32 sums in another order
+    assert counters["images"] / counters["batches"] > 1.5
+
+
+def test_a_bad_request_in_a_batch_fails_alone():
+    class BatchingToy(rs.ToyVerifier):
+        def score_many(self, items):
+            time.sleep(0.02)
+            return [self.score(image, questions) for image, questions in items]
+
+    im, q = png_b64(solid((0, 0, 255))), "Is the image mostly blue?"
+    good = {"images": [im], "semantic_questions": [[q]], "quality_questions": [[]]}
+    bad = {**good, "semantic_questions": [["Is it a cat?"]]}
+    with serving(BatchingToy(), batch_wait_s=0.05) as (url, _):
+        with ThreadPoolExecutor(8) as ex:
+            rs_ = list(ex.map(lambda b: requests.post(url + "/score", json=b), [good, bad] * 4))
+        counters = requests.get(url + "/health").json()
+    assert [r.status_code for r in rs_] == [200, 400] * 4
+    s = rs.ToyVerifier().score(solid((0, 0, 255)), [q])[0]
+    assert all(r.json()["rewards"] == [pytest.approx(math.sqrt(s))] for r in rs_[::2])  # quality list empty: 1.0
+    assert counters["batches"] < 8
+
+
+# --------------------------------------------------------------------------------------------------
+# The OpenAI-compatible verifier backend (SGLang / vLLM)
+# --------------------------------------------------------------------------------------------------
+
+
+def top(**probs):
+    return [{"token": t.replace("_", " "), "logprob": math.log(p)} for t, p in probs.items()]
+
+
+CANNED = {  # question -> (top_logprobs, generated token)
+    "Is the cat black?": (top(Yes=0.6, _yes=0.1, No=0.2, The=0.05), "Yes"),
+    "Is the sky green?": (top(no=0.8, NO_=0.05, Yes=0.1), "no"),
+    "Is it neither?": (top(Maybe=0.7, Perhaps=0.1), "Maybe"),
+    "Is it a bare yes?": (top(Sure=0.5), "Yes"),
+    "Is it flaky?": (top(Yes=0.9, No=0.1), "Yes"),
+}
+
+
+def fake_openai(calls: list, state: dict):
+    """A stdlib /v1/chat/completions with canned answers; records each request body."""
+    class Fake(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_request(self, *a):
+            pass
+
+        def send(self, code, obj):
+            data = json.dumps(obj).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            with state["lock"]:
+                calls.append(body)
+                state["in_flight"] += 1
+                state["max_in_flight"] = max(state["max_in_flight"], state["in_flight"])
+                question = body["messages"][-1]["content"][-1]["text"]
+                n = state.setdefault(question, 0) + 1
+                state[question] = n
+            time.sleep(0.05)
+            with state["lock"]:
+                state["in_flight"] -= 1
+            if self.path != "/v1/chat/completions":
+                return self.send(404, {"error": "no"})
+            if question == "Is it down?" or (question == "Is it flaky?" and n <= 2):
+                return self.send(503 if question == "Is it down?" else 500, {"error": "overloaded"})
+            if question == "Is it rejected?":
+                return self.send(400, {"error": "image too large"})
+            if question == "Is it malformed?":
+                return self.send(200, {"choices": []})
+            logprobs, token = CANNED[question]
+            self.send(200, {"choices": [{"message": {"content": token},
+                                         "logprobs": {"content": [{"token": token, "logprob": -0.1,
+                                                                   "top_logprobs": logprobs}]}}]})
+    return Fake
+
+
+def test_openai_verifier_against_a_fake_endpoint():
+    calls, state = [], {"lock": threading.Lock(), "in_flight": 0, "max_in_flight": 0}
+    image = solid((10, 20, 30), bottom=(200, 100, 0))
+    with serving(fake_openai(calls, state)) as (fake, _):
+        v = rs.OpenAIVerifier(fake + "/v1", "fake-vlm", workers=4, backoff_s=0.01)
+        with serving(v) as (url, _):
+            body = {"images": [png_b64(image)] * 2, "semantic_questions": [list(CANNED)[:3], ["Is it flaky?"]],
+                    "quality_questions": [["Is it a bare yes?"], []]}
+            r = requests.post(url + "/score", json=body)
+            assert r.status_code == 200, r.text
+            got = r.json()
+            assert got["semantic_scores"] == [[pytest.approx(0.7 / 0.9), pytest.approx(0.1 / 0.95), 0.5],
+                                              [pytest.approx(0.9)]]
+            assert got["quality_scores"] == [[1.0], []]  # neither in the top 20, but the generated token is Yes
+            health = requests.get(url + "/health").json()
+            assert health["no_yes_no_in_top_logprobs"] == 2 and health["endpoint_retries"] == 2
+            assert state["Is it flaky?"] == 3 and state["max_in_flight"] > 1  # questions sent concurrently
+            sent = next(c for c in calls if c["messages"][-1]["content"][-1]["text"] == "Is the cat black?")
+            assert {k: sent[k] for k in ("model", "max_tokens", "temperature", "logprobs", "top_logprobs")} == \
+                {"model": "fake-vlm", "max_tokens": 1, "temperature": 0, "logprobs": True, "top_logprobs": 20}
+            system, user = sent["messages"]
+            assert system == {"role": "system", "content": rs.STRICT_AUDITOR} and user["role"] == "user"
+            assert [c["type"] for c in user["content"]] == ["image_url", "text"]  # the image before the question
+            prefix, b64 = user["content"][0]["image_url"]["url"].split(",", 1)
+            assert prefix == "data:image/png;base64"
+            assert Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB").tobytes() == image.tobytes()
+            for question, code, msg in [("Is it down?", 503, "failed 5 tries"), ("Is it rejected?", 502, "HTTP 400"),
+                                        ("Is it malformed?", 502, "top_logprobs")]:
+                r = requests.post(url + "/score", json={"images": [png_b64(image)], "semantic_questions": [[question]],
+                                                        "quality_questions": [[]]})
+                assert r.status_code == code and msg in r.json()["error"], (question, r.text)
+            assert state["Is it down?"] == 5 and state["Is it rejected?"] == 1  # a 4xx is not retried
+
+
+def test_confidence_from_top_logprobs():
+    s, found = rs.confidence_from_top_logprobs(top(Yes=0.3, _YES=0.1, No_=0.2, no=0.2), "Yes")
+    assert found and s == pytest.approx(0.4 / 0.8)
+    assert rs.confidence_from_top_logprobs(top(Yes=0.3), "Yes") == (1.0, True)  # no below the top 20
+    assert rs.confidence_from_top_logprobs([], " no") == (0.0, False)
+    assert rs.confidence_from_top_logprobs(top(Hmm=0.9), "Hmm") == (0.5, False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Decomposition (Sec. 4.2, offline)
+# --------------------------------------------------------------------------------------------------
+
+
+def q(question, tag):
+    return {"question": question, "tag": tag}
+
+
+APPLE = {"semantic_questions": [
+    q("Is there an apple?", "Existence"), q("Is the apple red?", "Attribute"), q("Is the apple on a table?", "Spatial"),
+    q("Is the apple red or green?", "Attribute"),           # a choice
+    q("Is the apple fresh and tasty?", "Attribute"),        # not visual
+    q("What colour is the apple?", "Attribute"),            # not yes/no
+    q("Is there an  apple ?", "Existence"),                  # duplicate
+    q("Is the apple shiny", "Attribute"),                   # no question mark
+    q("Is the apple big?", "Size"),                         # unknown tag
+    "Is the apple whole?"],                                 # not an object
+    "quality_questions": [
+    q("Is the apple round with a short stem?", "Geometry"), q("Does the table show a wood grain?", "Texture"),
+    q("Is the apple blurry?", "Texture"),                   # yes would be a defect
+    q("Is the coffee hot?", "Physics"),                     # not visual
+    q("Is it?", "Geometry")]}                               # too short
+CAT = {"semantic_questions": [q("Is there a cat?", "Existence"), q("Is the cat free of a collar?", "Negative"),
+                              q("Is there a collar on the cat?", "Negative")],  # yes would be bad
+       "quality_questions": [q("Does the cat have two symmetric ears?", "Anatomy")]}
+NO_SEMANTIC = {"semantic_questions": [q("Describe the dog.", "Existence")], "quality_questions": []}
+
+
+def fake_llm(calls: list):
+    def answer(messages):
+        prompt = messages[1]["content"].removeprefix("Prompt: ")
+        if prompt.startswith("A red apple"):
+            return "Here you go:\n```json\n" + json.dumps(APPLE) + "\n```"
+        if prompt.startswith("A cat"):
+            return json.dumps(CAT)
+        if prompt.startswith("A dog"):
+            return json.dumps(NO_SEMANTIC)
+        if prompt.startswith("Fixed on retry") and len(messages) > 2:
+            return json.dumps(CAT)
+        return "Sorry, I cannot help with that."
+
+    class Fake(BaseHTTPRequestHandler):
+        def log_request(self, *a):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            calls.append(body)
+            data = json.dumps({"choices": [{"message": {"role": "assistant",
+                                                        "content": answer(body["messages"])}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+    return Fake
+
+
+def test_decompose_with_a_fake_llm(tmp_path, capsys):
+    src = tmp_path / "prompts.in"
+    src.write_text("\n".join([
+        json.dumps({"prompt": "A red apple on a table.", "task": "color", "difficulty": "easy", "split": "train"}),
+        "A cat without a collar.",
+        json.dumps({"prompt": "Unparseable prompt.", "split": "test"}),
+        "",
+        "A dog.",
+        json.dumps({"prompt": "Fixed on retry.", "task": "t"}),
+        '{"no prompt": 1}',
+    ]) + "\n")
+    out, calls = tmp_path / "out.jsonl", []
+    with serving(fake_llm(calls)) as (fake, _):
+        rs.main(["decompose", str(src), "--llm", fake + "/v1", "--model", "fake-llm", "--out", str(out)])
+    printed = capsys.readouterr()
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["A red apple on a table.", "A cat without a collar.", "Fixed on retry."]
+    assert rows[0] == {"prompt": "A red apple on a table.",
+                       "semantic_questions": APPLE["semantic_questions"][:3], "quality_questions": [
+                           q("Is the apple round with a short stem?", "Geometry"),
+                           q("Does the table show a wood grain?", "Texture")],
+                       "task": "color", "difficulty": "easy", "split": "train"}  # other fields carried through
+    assert rows[1]["semantic_questions"] == CAT["semantic_questions"][:2] and rows[2]["task"] == "t"
+    assert len(ag.load_prompts(str(out), split=None)) == 3  # the trainer reads what decompose writes
+    for text in ["prompts.in:3: the LLM answer is not valid JSON after a retry", "prompts.in:5: no valid semantic",
+                 "prompts.in:7: not a JSON object", "'Is the apple red or green?': not atomic",
+                 "'Is the coffee hot?': not visual", "'What colour is the apple?': not a yes/no",
+                 "'Is the apple blurry?': 'yes' would mean a defect", "'Is there an  apple ?': duplicate",
+                 "'Is there a collar on the cat?': a Negative question", "'Is it?': length"]:
+        assert text in printed.err, text
+    assert "skipped 3 rows" in printed.out and "dropped 13 of 24 questions" in printed.out
+    first = calls[0]
+    assert first["model"] == "fake-llm" and first["messages"][0] == {"role": "system",
+                                                                     "content": rs.DECOMPOSE_INSTRUCTION}
+    retried = [c for c in calls if c["messages"][1]["content"] == "Prompt: Unparseable prompt."]
+    assert len(retried) == 2 and "not valid" in retried[1]["messages"][-1]["content"]
+
+
+def test_question_validation_keeps_the_curated_questions():
+    """The repo's hand-checked prompts.jsonl: only questions with 'or' (a choice) are dropped, under 5 %."""
+    rows = [json.loads(line) for line in open(os.path.join(HERE, "prompts.jsonl"))]
+    reasons, total = [], 0
+    for row in rows:
+        seen = set()
+        for key, tags, quality in (("semantic_questions", rs.SEMANTIC_TAGS, False),
+                                   ("quality_questions", rs.QUALITY_TAGS, True)):
+            total += len(row[key])
+            reasons += [r for _, r in rs.validate_questions(row[key], tags, quality, seen)[1]]
+    assert len(reasons) < 0.05 * total and all(r.startswith("not atomic ('or'") for r in reasons)
+    assert rs.SEMANTIC_TAGS == ag.SEMANTIC_TAGS and rs.QUALITY_TAGS == ag.QUALITY_TAGS
+
+
+def test_decompose_with_a_local_transformers_llm(tmp_path, tiny_vlm, capsys):
+    """The local path runs end to end on a tiny random causal LM; its answers are noise, so every row is
+    reported as unparseable, never written half-valid."""
+    import shutil
+
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    path = tmp_path / "llm"
+    tok = AutoTokenizer.from_pretrained(tiny_vlm)
+    tok.chat_template = ag.TOY_CHAT_TEMPLATE
+    tok.save_pretrained(path)
+    Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1, head_dim=8)).save_pretrained(path)
+    src = tmp_path / "in.txt"
+    src.write_text("A red apple.\nA blue sky.\n")
+    rs.main(["decompose", str(src), "--llm", str(path), "--out", str(tmp_path / "o.jsonl"), "--max-new-tokens", "4",
+             "--device", "cpu"])
+    printed = capsys.readouterr()
+    assert "skipped 2 rows" in printed.out and "in.txt:2: the LLM answer is not valid JSON" in printed.err
+    shutil.rmtree(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------
+
+
+def test_score_command(tmp_path):
+    image = tmp_path / "x.png"
+    solid((0, 255, 0), bottom=(255, 0, 0)).save(image)
+    res = subprocess.run([sys.executable, os.path.join(HERE, "reward_server.py"), "score", "--image", str(image),
+                          "--question", "Is the top half of the image green?", "--question",
+                          "Is the bottom half of the image red?", "--quality-question", "Is the image mostly blue?"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert len(lines) == 4 and lines[0].endswith("Is the top half of the image green?")
+    scores = [float(line.split()[0]) for line in lines[:3]]
+    assert scores[0] > 0.99 and scores[1] > 0.99 and scores[2] < 0.05
+    assert lines[3].startswith("R = ") and float(lines[3].split()[-1]) == pytest.approx(
+        math.sqrt((scores[0] + scores[1]) / 2 * scores[2]), abs=1e-3)
+
+
+def test_serve_command_prints_its_port_and_takes_the_token_from_the_environment():
+    env = {**os.environ, "ALPHAGRPO_REWARD_TOKEN": "t0k"}
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "reward_server.py"), "--verifier", "toy", "--port", "0"],
+                            stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("reward server listening on http://127.0.0.1:")
+        url = line.split("listening on", 1)[1].strip()
+        assert requests.get(url + "/health").json()["verifier"] == "toy"
+        body = {"images": [], "semantic_questions": [], "quality_questions": []}
+        assert requests.post(url + "/score", json=body).status_code == 401
+        r = requests.post(url + "/score", json=body, headers={"Authorization": "Bearer t0k"})
+        assert r.status_code == 200 and r.json() == {"rewards": [], "semantic_scores": [], "quality_scores": []}
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_bench_command_runs_at_a_tiny_size(capsys):
+    rs.main(["bench", "--image-px", "64", "--hidden", "32", "--layers", "1", "--questions", "4", "--images", "2",
+             "--clients", "2", "--seconds", "0.5", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "questions/s, one image per call" in out and "latency p99 (ms)" in out and "ratio" in out
+    assert float(out.split("max |shared - naive| score difference:")[1]) < 1e-4
+
+
+def test_a_killed_trainer_leaves_no_toy_server():
+    import signal
+
+    code = ("import sys; sys.path.insert(0, %r); import alphagrpo as ag; p, u = ag.start_toy_reward_server(); "
+            "print(p.pid, flush=True); import time; time.sleep(60)" % HERE)
+    trainer = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    pid = int(trainer.stdout.readline())
+    os.kill(trainer.pid, signal.SIGKILL)
+    trainer.wait()
+    for _ in range(50):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                if "zombie" in f.read():
+                    break
+        except FileNotFoundError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the toy reward server outlived the trainer that started it")
