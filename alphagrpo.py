@@ -136,7 +136,8 @@ class Args:
     seq_level_ratio: bool = False
     """Sequence-level (GSPO) text ratio instead of per-token."""
     std_mode: str = "group"
-    """Advantage std: 'group' (per group, Flow-GRPO default) or 'batch' (all groups of the step)."""
+    """Advantage std: 'group' (per group) or 'batch' (all groups of the step: the official code's and
+    Flow-GRPO's configs, global_std=True). Either way the mean is the group's."""
     lr: float = 1e-2
     """AdamW learning rate (official: 5e-5 at rank 32)."""
     reasoner_lr: float = 0.0
@@ -281,8 +282,8 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, std_mode: s
                      batch_std: float | None = None):
     """A_i = (R_i - mean_group(R)) / (std + eps), one scalar per trajectory (Sec. 3, GRPO).
 
-    rewards, group_ids: (N,). std is the population std (ddof=0) of the group ('group', Flow-GRPO) or of
-    all N rewards ('batch'; batch_std overrides it, e.g. with all ranks' rewards). A group whose rewards
+    rewards, group_ids: (N,). std is the population std (ddof=0, + 1e-4 as Flow-GRPO) of the group ('group')
+    or of all N rewards ('batch'; batch_std overrides it, e.g. with all ranks' rewards). A group whose rewards
     are all equal carries no signal: its advantages are exactly 0 (never NaN). Returns (A (N,), zero_std (N,))."""
     rewards = rewards.double()
     A = torch.zeros_like(rewards)
@@ -434,8 +435,8 @@ def add_lora(model: nn.Module, targets: str, rank: int, alpha: float) -> list[nn
     """Freeze `model` and wrap every nn.Linear whose name ends with one of the comma-separated targets."""
     model.requires_grad_(False)
     suffixes = tuple(t.strip() for t in targets.split(",") if t.strip())
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.endswith(suffixes)
-             and any(n == s or n.endswith("." + s) for s in suffixes)]
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, nn.Linear) and any(n == s or n.endswith("." + s) for s in suffixes)]
     if not names:
         raise ValueError(f"no nn.Linear in {type(model).__name__} matches the LoRA targets {targets!r}")
     params = []
@@ -587,7 +588,7 @@ class Renderer:
         """v_theta(x_t, t, c) with classifier-free guidance, in float32. x: (B, C, h, w)."""
         x_in = torch.cat([x, x]).to(self.dtype)
         t = torch.full((x_in.shape[0],), float(sigma) * self.scheduler.config.num_train_timesteps, device=x.device)
-        v = self.transformer(hidden_states=x_in, timestep=t.to(self.dtype), encoder_hidden_states=cond[0],
+        v = self.transformer(hidden_states=x_in, timestep=t, encoder_hidden_states=cond[0],  # t in fp32, as diffusers
                              pooled_projections=cond[1], return_dict=False)[0].float()
         v_uncond, v_cond = v.chunk(2)
         return v_uncond + self.args.guidance_scale * (v_cond - v_uncond)
@@ -606,7 +607,7 @@ class Renderer:
         import numpy as np
 
         image = image.convert("RGB").resize((self.args.resolution,) * 2)
-        x = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(self.device)
+        x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(self.device)
         z = self.vae.encode(x.to(self.vae.dtype)).latent_dist.mode().float()
         return (z - self.vae.config.shift_factor) * self.vae.config.scaling_factor
 
@@ -1242,9 +1243,15 @@ def save_checkpoint(policy: Policy, optimizer, args: Args, step: int, out: str) 
     return final
 
 
+# What the LoRA weights alone depend on (`sample --checkpoint` checks only these).
+MODEL_ARGS = ("preset", "reasoner", "renderer", "lora_rank", "lora_alpha", "reasoner_lora_targets",
+              "renderer_lora_targets")
+
+
 def load_checkpoint(path: str, policy: Policy, optimizer, args: Args) -> int:
     """Restore a checkpoint (or the newest one in a run folder); refuse a partial, corrupt or foreign one
-    with a message naming the problem. Returns the step to continue from."""
+    with a message naming the problem. Without an optimizer (inference) only MODEL_ARGS must match.
+    Returns the step to continue from."""
     from safetensors.torch import load_file
 
     if os.path.isdir(os.path.join(path, "checkpoints")):
@@ -1260,8 +1267,8 @@ def load_checkpoint(path: str, policy: Policy, optimizer, args: Args) -> int:
     for name, digest in state["sha256"].items():
         if not os.path.exists(os.path.join(path, name)) or file_sha256(os.path.join(path, name)) != digest:
             raise ValueError(f"{path}: {name} is missing or corrupt (its checksum does not match state.json)")
-    diff = {k: (v, getattr(args, k, None)) for k, v in state["args"].items()
-            if k not in RESUMABLE and getattr(args, k, None) != v}
+    diff = {k: (v, getattr(args, k, None)) for k, v in state["args"].items() if getattr(args, k, None) != v
+            and (k in MODEL_ARGS if optimizer is None else k not in RESUMABLE)}
     if diff:
         raise ValueError(f"{path} was made with another configuration: " +
                          ", ".join(f"{k}={a!r} there, {b!r} here" for k, (a, b) in sorted(diff.items())))
@@ -1358,7 +1365,7 @@ def group_tiles(g: Group, n: int = 6) -> list:
 def evaluate(policy: Policy, rows: list, args: Args, client, path: str, rank=0, world=1):
     """Render the test prompts with reasoning and the ODE sampler at fixed seeds; the mean DVReward over
     all of them (gathered from every rank) and a PNG grid. Returns the mean."""
-    sigmas, tiles, rewards = policy.renderer.sigmas(args.eval_num_steps), [], []
+    sigmas, tiles, futures = policy.renderer.sigmas(args.eval_num_steps), [], []
     for k in range(rank, len(rows), world):
         gen = seeded(args, -1, k)  # the same seeds at every evaluation
         text = policy.reasoner.generate(RT2I_INSTRUCTION.format(prompt=rows[k]["prompt"]), None, 1)
@@ -1366,9 +1373,10 @@ def evaluate(policy: Policy, rows: list, args: Args, client, path: str, rank=0, 
         x0, _, _ = render(policy.renderer, cond, policy.renderer.noise(1, gen), sigmas, range(0), 0.0)
         image = policy.renderer.decode(x0)[0]
         sem, qual = questions(rows[k])
-        r = client.submit([image], [sem], [qual]).result()["rewards"][0]
-        rewards.append(r)
-        tiles.append((image, f"R {r:.2f}", rows[k]["prompt"]))
+        futures.append(client.submit([image], [sem], [qual]))  # scored while the next prompt is drawn
+        tiles.append((image, rows[k]["prompt"]))
+    rewards = [f.result()["rewards"][0] for f in futures]
+    tiles = [(im, f"R {r:.2f}", p) for (im, p), r in zip(tiles, rewards)]
     if world > 1:
         everyone = [None] * world
         torch.distributed.all_gather_object(everyone, rewards)
@@ -1432,7 +1440,9 @@ def train(args: Args, policy: Policy | None = None) -> str:
     if args.groups_per_step % world or args.groups_per_step // world < args.updates_per_rollout:
         raise ValueError(f"--groups-per-step {args.groups_per_step} must be a multiple of the {world} processes, "
                          f"with at least --updates-per-rollout groups on each")
-    out = args.out or args.resume or os.path.join("runs", f"{args.preset}-{args.task}-{time.strftime('%Y%m%d-%H%M%S')}")
+    resumed_run = args.resume and (os.path.dirname(os.path.dirname(os.path.abspath(args.resume)))  # .../checkpoints/step_N
+                                   if os.path.exists(os.path.join(args.resume, "state.json")) else args.resume)
+    out = args.out or resumed_run or os.path.join("runs", f"{args.preset}-{args.task}-{time.strftime('%Y%m%d-%H%M%S')}")
     if rank == 0 and not args.resume and os.path.exists(os.path.join(out, "metrics.jsonl")):
         raise ValueError(f"{out} already holds a run (metrics.jsonl): pass --resume {out} or another --out")
     os.makedirs(out, exist_ok=True)
@@ -1490,8 +1500,6 @@ def train(args: Args, policy: Policy | None = None) -> str:
             if args.eval_every and (step % args.eval_every == 0 or last):
                 eval_reward = evaluate(policy, eval_rows, args, client, os.path.join(out, "eval", f"step_{step:06d}.png"),
                                        rank, world)
-            if args.save_every and ((step + 1) % args.save_every == 0 or last) and rank == 0:
-                save_checkpoint(policy, optimizer, args, step + 1, out)
             if rank == 0:
                 row = metrics_row(step, [s for e in everyone for s in e["summaries"]],
                                   [s for e in everyone for s in e["stats"]],
@@ -1503,6 +1511,8 @@ def train(args: Args, policy: Policy | None = None) -> str:
                     tiles = [t for g in groups[:4] for t in group_tiles(g)]
                     save_grid(os.path.join(out, "samples", f"step_{step:06d}.png"), tiles,
                               cols=max(len(group_tiles(g)) for g in groups[:4]))
+                if args.save_every and ((step + 1) % args.save_every == 0 or last):  # after its metrics row
+                    save_checkpoint(policy, optimizer, args, step + 1, out)
     except RewardError as e:
         last = sorted(os.listdir(os.path.join(out, "checkpoints"))) if os.path.isdir(os.path.join(out, "checkpoints")) else []
         raise RewardError(f"{e}. The run stopped at step {step}: metrics.jsonl holds every finished step; the last "

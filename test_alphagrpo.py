@@ -714,8 +714,13 @@ def test_checkpoints_are_refused_when_corrupt_partial_or_foreign(toy_dirs, tmp_p
     ag.train(ag.Args(steps=1, out=str(tmp_path / "run"), **common))
     ckpt = tmp_path / "run" / "checkpoints" / "step_000001"
     policy, args = make_policy(toy_dirs, group_size=4, groups_per_step=2)
+    optimizer = torch.optim.AdamW(policy.reasoner.lora_params + policy.renderer.lora_params)
     with pytest.raises(ValueError, match="lr=0.01 there, 0.5 here"):
-        ag.load_checkpoint(str(ckpt), policy, None, ag.Args(**{**common, "lr": 0.5}))
+        ag.load_checkpoint(str(ckpt), policy, optimizer, ag.Args(**{**common, "lr": 0.5}))
+    # inference (no optimizer) needs only the model's arguments to match
+    assert ag.load_checkpoint(str(tmp_path / "run"), policy, None, ag.Args(**{**common, "lr": 0.5})) == 1
+    with pytest.raises(ValueError, match="lora_rank=8 there, 4 here"):
+        ag.load_checkpoint(str(ckpt), policy, None, ag.Args(**{**common, "lora_rank": 4}))
     bad = tmp_path / "bad"
     shutil.copytree(ckpt, bad)
     data = bytearray((bad / "lora.safetensors").read_bytes())
