@@ -824,6 +824,8 @@ def normalize_row(row, where: str) -> dict:
 def load_prompts(path: str, split: str | None = "train") -> list[dict]:
     """Read a prompts.jsonl and validate every row (line numbers in errors). split=None keeps all rows."""
     rows = []
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such prompt file (--prompts)")
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -1326,9 +1328,16 @@ def load_policy(args: Args, out: str, device=None) -> Policy:
     from diffusers import StableDiffusion3Pipeline
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(reasoner_path)
-    model = AutoModelForImageTextToText.from_pretrained(reasoner_path, dtype=dtype)
-    pipe = StableDiffusion3Pipeline.from_pretrained(renderer_path, dtype=dtype, low_cpu_mem_usage=False)
+    try:
+        processor = AutoProcessor.from_pretrained(reasoner_path)
+        model = AutoModelForImageTextToText.from_pretrained(reasoner_path, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load the reasoner {reasoner_path!r} (--reasoner): {e}") from None
+    try:
+        pipe = StableDiffusion3Pipeline.from_pretrained(renderer_path, dtype=dtype, low_cpu_mem_usage=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load the renderer {renderer_path!r} (--renderer; SD3.5 is gated: accept its "
+                         f"licence and `hf auth login`): {e}") from None
     torch.manual_seed(args.seed)  # the LoRA init
     return Policy(Reasoner(processor, model, device, args), Renderer(pipe, device, args), device)
 
@@ -1445,6 +1454,11 @@ def train(args: Args, policy: Policy | None = None) -> str:
     out = args.out or resumed_run or os.path.join("runs", f"{args.preset}-{args.task}-{time.strftime('%Y%m%d-%H%M%S')}")
     if rank == 0 and not args.resume and os.path.exists(os.path.join(out, "metrics.jsonl")):
         raise ValueError(f"{out} already holds a run (metrics.jsonl): pass --resume {out} or another --out")
+    toy_rows = args.preset == "toy" and not args.prompts  # the data first: a bad row fails before any model loads
+    rows = TOY_PROMPTS if toy_rows else load_prompts(args.prompts, "train")
+    eval_rows = TOY_PROMPTS if toy_rows else load_prompts(args.prompts, "test")
+    tags = sorted({q["tag"] for r in rows for k in ("semantic_questions", "quality_questions")
+                   for q in r[k] if q["tag"]})
     os.makedirs(out, exist_ok=True)
     policy = policy or load_policy(args, os.path.join(out, f"rank{rank}") if world > 1 else out, device)
     optimizer = torch.optim.AdamW([{"params": policy.reasoner.lora_params, "lr": args.reasoner_lr or args.lr},
@@ -1456,11 +1470,6 @@ def train(args: Args, policy: Policy | None = None) -> str:
                                 cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
         with open(os.path.join(out, "args.json"), "w") as f:
             json.dump({**dataclasses.asdict(args), "git_commit": commit, "world_size": world}, f, indent=1)
-    toy_rows = args.preset == "toy" and not args.prompts
-    rows = TOY_PROMPTS if toy_rows else load_prompts(args.prompts, "train")
-    eval_rows = TOY_PROMPTS if toy_rows else load_prompts(args.prompts, "test")
-    tags = sorted({q["tag"] for r in rows for k in ("semantic_questions", "quality_questions")
-                   for q in r[k] if q["tag"]})
     server = None
     if args.dry_run and not args.reward_url:
         client = RandomRewards()
