@@ -989,6 +989,7 @@ def sdedit_start(x_init: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor
 
 @dataclass
 class Group:
+    index: int  # k, the group's position in the step (all ranks agree on it)
     task: str  # 'rt2i' or 'srr'
     row: dict  # the prompt row with its questions
     text: TextRollout
@@ -1022,7 +1023,7 @@ def seeded(args: Args, step: int, k: int) -> torch.Generator:
 
 
 def rollout_group(policy: Policy, row: dict, task: str, args: Args, gen: torch.Generator, client,
-                  sigmas: torch.Tensor, init=None, timers=None) -> Group:
+                  sigmas: torch.Tensor, init=None, timers=None, index: int = 0) -> Group:
     """Sample one group (Sec. 4.1): G reasoning texts, then G images conditioned on them, and send the
     images to the reward server without waiting. SRR: `init` = (initial image, its latents, its reward)."""
     reasoner, renderer, G = policy.reasoner, policy.renderer, args.group_size
@@ -1052,7 +1053,7 @@ def rollout_group(policy: Policy, row: dict, task: str, args: Args, gen: torch.G
     future = client.submit(images, [sem] * G, [qual] * G)
     image = ImageRollout(cond=cond, latents=kept, sigmas=sigmas[window.start:window.stop + 1],
                          sigma_1=float(sigmas[1]), old_logp=logp, images=images)
-    return Group(task=task, row=row, text=text, image=image, reward_future=future,
+    return Group(index=index, task=task, row=row, text=text, image=image, reward_future=future,
                  init_image=init[0] if init else None, init_reward=init[2] if init else None)
 
 
@@ -1095,7 +1096,7 @@ def rollout_step(policy: Policy, step: int, rows: list, args: Args, client, sigm
             timers["reward_wait"] += time.perf_counter() - t0
             image, reward = pick_initial(images, res["rewards"], args.srr_pick, gen)
             init = (image, policy.renderer.encode_image(image), reward)
-        groups.append(rollout_group(policy, row, task, args, gen, client, sigmas, init, timers))
+        groups.append(rollout_group(policy, row, task, args, gen, client, sigmas, init, timers, index=k))
     return groups
 
 
@@ -1170,16 +1171,17 @@ def group_loss(policy: Policy, g: Group, args: Args):
 
 
 def update(policy: Policy, optimizer, groups: list, args: Args, rng: random.Random, world: int = 1) -> list:
-    """`updates_per_rollout` optimizer steps, each on a disjoint share of the step's groups (on every rank).
-    The loss is the mean over the share's groups on all ranks: each rank backpropagates its sum divided by
-    the global count, then the gradients are summed (all-reduce). A group dropped by FPR is in no share,
-    so it leaves both the loss and its denominator. Returns the per-group stats."""
+    """`updates_per_rollout` optimizer steps, each on a disjoint share of the step's groups. The shares are
+    drawn over the group indices with the same rng on every rank, so they do not depend on the number of
+    processes. The loss is the mean over the share's groups on all ranks: each rank backpropagates its sum
+    divided by the global count, then the gradients are summed (all-reduce). A group dropped by FPR is in no
+    share, so it leaves both the loss and its denominator. Returns the per-group stats."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    live = [g for g in groups if not g.skip]
-    rng.shuffle(live)
+    order = list(range(args.groups_per_step))
+    rng.shuffle(order)
     stats = []
     for u in range(args.updates_per_rollout):
-        share = live[u::args.updates_per_rollout]
+        share = [g for k in order[u::args.updates_per_rollout] for g in groups if g.index == k and not g.skip]
         n = torch.tensor(float(len(share)))
         if world > 1:
             torch.distributed.all_reduce(n)
@@ -1314,17 +1316,23 @@ def export_lora(policy: Policy, args: Args, folder: str):
 # --------------------------------------------------------------------------------------------------
 
 
-def load_policy(args: Args, out: str, device=None) -> Policy:
-    """Build (toy) or load the reasoner and the renderer, with LoRA, on the chosen device and dtype."""
+def load_policy(args: Args, out: str, device=None, rank: int = 0, world: int = 1) -> Policy:
+    """Build (toy, on rank 0) or load the reasoner and the renderer, with LoRA, on the device and dtype."""
     device = device or torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                                     "cpu" if args.device == "auto" else args.device)
     dtype = getattr(torch, args.dtype)
     reasoner_path, renderer_path = args.reasoner, args.renderer
     # The toy models are fixed artifacts, like real checkpoints: the same weights whatever --seed says.
     if args.preset == "toy" and not reasoner_path:
-        reasoner_path = build_toy_vlm(os.path.join(out, "toy_models", "reasoner"))
+        reasoner_path = os.path.join(out, "toy_models", "reasoner")
+        if rank == 0:
+            build_toy_vlm(reasoner_path)
     if args.preset == "toy" and not renderer_path:
-        renderer_path = build_toy_sd3(os.path.join(out, "toy_models", "renderer"))
+        renderer_path = os.path.join(out, "toy_models", "renderer")
+        if rank == 0:
+            build_toy_sd3(renderer_path)
+    if world > 1:
+        torch.distributed.barrier()  # the other ranks load what rank 0 wrote
     from diffusers import StableDiffusion3Pipeline
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -1446,9 +1454,8 @@ def setup_distributed():
 def train(args: Args, policy: Policy | None = None) -> str:
     """The training loop (one process, or one per GPU under torchrun). Returns the output folder."""
     rank, world, device = setup_distributed()
-    if args.groups_per_step % world or args.groups_per_step // world < args.updates_per_rollout:
-        raise ValueError(f"--groups-per-step {args.groups_per_step} must be a multiple of the {world} processes, "
-                         f"with at least --updates-per-rollout groups on each")
+    if args.groups_per_step % world:
+        raise ValueError(f"--groups-per-step {args.groups_per_step} must be a multiple of the {world} processes")
     resumed_run = args.resume and (os.path.dirname(os.path.dirname(os.path.abspath(args.resume)))  # .../checkpoints/step_N
                                    if os.path.exists(os.path.join(args.resume, "state.json")) else args.resume)
     out = args.out or resumed_run or os.path.join("runs", f"{args.preset}-{args.task}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -1460,7 +1467,7 @@ def train(args: Args, policy: Policy | None = None) -> str:
     tags = sorted({q["tag"] for r in rows for k in ("semantic_questions", "quality_questions")
                    for q in r[k] if q["tag"]})
     os.makedirs(out, exist_ok=True)
-    policy = policy or load_policy(args, os.path.join(out, f"rank{rank}") if world > 1 else out, device)
+    policy = policy or load_policy(args, out, device, rank, world)
     optimizer = torch.optim.AdamW([{"params": policy.reasoner.lora_params, "lr": args.reasoner_lr or args.lr},
                                    {"params": policy.renderer.lora_params}], lr=args.lr, weight_decay=args.weight_decay)
     start = load_checkpoint(args.resume, policy, optimizer, args) if args.resume else 0
@@ -1682,7 +1689,9 @@ def main(argv=None):
         if command == "train" and args.dry_run:
             dry_run(args)
         elif command == "train":
-            print(f"done: {train(args)}/metrics.jsonl")
+            out = train(args)
+            if int(os.environ.get("RANK", 0)) == 0:
+                print(f"done: {out}/metrics.jsonl")
         else:
             sample(args, **extra)
     except (RewardError, ValueError) as e:  # bad input or a verifier that is down: say what and where
