@@ -494,7 +494,8 @@ class Reasoner:
         self.banned = [i for i in (c.image_token_id, c.video_token_id, c.vision_start_token_id,
                                    c.vision_end_token_id) if i is not None]
         self.lora_params = add_lora(self.model, args.reasoner_lora_targets, args.lora_rank, args.lora_alpha)
-        if args.gradient_checkpointing:
+        self.checkpointing = args.gradient_checkpointing
+        if self.checkpointing:
             self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.device, self.temperature, self.max_new_tokens = device, args.temperature, args.max_new_tokens
 
@@ -512,6 +513,7 @@ class Reasoner:
         """Sample n texts y ~ pi_text(. | c) with plain temperature sampling."""
         inputs = self.chat_inputs(instruction, image, n)
         P = inputs["input_ids"].shape[1]
+        self.model.eval()  # eval mode keeps the KV cache on (transformers drops it when checkpointing in training)
         out = self.model.generate(**inputs, do_sample=True, temperature=self.temperature, top_p=1.0, top_k=0,
                                   max_new_tokens=self.max_new_tokens, suppress_tokens=self.banned)
         ids = out[:, P:]  # (G, L)
@@ -527,6 +529,9 @@ class Reasoner:
         exactly this function's output, so the first update's ratio is 1 up to nothing."""
         inp = ro.inputs
         L = ro.ids.shape[1]
+        # transformers checkpoints activations only in training mode; Qwen-VL has no dropout, so the mode
+        # changes nothing else and the rollout's (no-grad, eval) log-probs stay equal to these
+        self.model.train(self.checkpointing and torch.is_grad_enabled())
         kwargs = {k: v for k, v in inp.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
         if "mm_token_type_ids" in inp:  # the generated tokens are text (type 0) for Qwen-VL's 3-D rotary positions
             kwargs["mm_token_type_ids"] = torch.cat([inp["mm_token_type_ids"], torch.zeros_like(ro.ids)], 1)

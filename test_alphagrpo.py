@@ -1605,3 +1605,26 @@ def test_torchrun_two_processes_reproduce_one(toy_dirs, tmp_path):
     for a, b in zip(one, two):
         for k in ("reward_mean", "reward_std", "eval_reward", "text_loss", "image_loss", "score_Spatial"):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
+
+
+def test_gradient_checkpointing_is_active_and_changes_no_log_prob(toy_dirs):
+    """With checkpointing a block's forward runs again during backward; the log-probs must not change."""
+    policy, args = make_policy(toy_dirs, group_size=3, gradient_checkpointing=True)
+    randomize_lora(policy)
+    g = rollout(policy, args, seed=5)
+    calls = {"text": 0, "image": 0}
+
+    def count(module, key):  # wrap the forward of a module inside a checkpointed block (hooks do not rerun)
+        forward = module.forward
+        module.forward = lambda *a, **kw: calls.__setitem__(key, calls[key] + 1) or forward(*a, **kw)
+
+    count(policy.reasoner.model.model.language_model.layers[0].mlp, "text")
+    count(policy.renderer.transformer.transformer_blocks[0].norm1, "image")
+    logp = policy.reasoner.token_logprobs(g.text)
+    assert torch.equal(logp.detach() * g.text.mask, g.text.old_logp * g.text.mask)
+    logp.sum().backward()
+    assert calls["text"] == 2  # forward, then the recomputation in backward
+    loss, _ = ag.group_loss(policy, g, args)
+    before = calls["image"]
+    loss.backward()
+    assert calls["image"] - before == g.image.latents.shape[1] - 1  # one recomputation per trained step
