@@ -28,6 +28,7 @@ Launch
     python reward_server.py --verifier Qwen/Qwen3-VL-8B-Instruct --port 8000          # on a GPU
     python alphagrpo.py --preset sd35 --reward-url http://127.0.0.1:8000              # on an 80 GB GPU
     python alphagrpo.py sample --prompt "the bottom half is green" --refine-rounds 2
+    python alphagrpo.py bench --preset sd35       # GPU figures at real shapes, random weights (README, Performance)
 
 Shapes: G group size, L generated tokens, P prompt tokens, V vocabulary, C latent channels,
 h x w latent size, W trained (SDE) steps, T sampling steps.
@@ -239,7 +240,7 @@ def parse_args(argv=None) -> tuple[str, Args, dict]:
         if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr):
             docs[node.target.id] = nxt.value.value
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv.pop(0) if argv and argv[0] in ("train", "sample") else "train"
+    command = argv.pop(0) if argv and argv[0] in ("train", "sample", "bench") else "train"
     p = argparse.ArgumentParser(prog=f"alphagrpo.py {command}", argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(Args):
         flag = "--" + f.name.replace("_", "-")
@@ -253,8 +254,14 @@ def parse_args(argv=None) -> tuple[str, Args, dict]:
         p.add_argument("--checkpoint", default="", help="a checkpoint (or run) folder whose LoRA weights to load")
         p.add_argument("--question", action="append", default=[], help="a DVReward question for the reward "
                        "(repeatable); default: the prompt's questions in the prompt set, if it is there")
+    if command == "bench":
+        p.add_argument("--verifier", default="", help="the reward server's verifier, started on this device for "
+                       "the training-step figures (default: random:qwen3-vl-8b for sd35, random:small for toy); "
+                       "--reward-url uses a running server instead")
+        p.add_argument("--repeats", type=int, default=3, help="timed runs of each sampler (after one warm-up)")
     given = vars(p.parse_args(argv))
-    extra = {k: given.pop(k) for k in ("prompt", "refine_rounds", "checkpoint", "question") if k in given}
+    extra = {k: given.pop(k) for k in ("prompt", "refine_rounds", "checkpoint", "question", "verifier", "repeats")
+             if k in given}
     preset = given.get("preset", Args.preset)
     if preset not in PRESETS:
         p.error(f"--preset must be one of {sorted(PRESETS)}, not {preset!r}")
@@ -941,15 +948,15 @@ class RandomRewards:
         pass
 
 
-def start_toy_reward_server() -> tuple[subprocess.Popen, str]:
-    """Start `reward_server.py --verifier toy` on a free localhost port; returns (process, url)."""
+def start_reward_server(verifier: str = "toy", device: str = "auto") -> tuple[subprocess.Popen, str]:
+    """Start `reward_server.py --verifier <verifier>` on a free localhost port; returns (process, url)."""
     server = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reward_server.py")
-    proc = subprocess.Popen([sys.executable, server, "--verifier", "toy", "--port", "0", "--exit-with-parent"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, server, "--verifier", verifier, "--device", device, "--port", "0",
+                             "--exit-with-parent"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()  # "reward server listening on http://127.0.0.1:PORT"
     if "listening on" not in line:
         proc.kill()
-        raise RewardError(f"the toy reward server did not start (it printed {line!r})")
+        raise RewardError(f"the {verifier} reward server did not start (it printed {line!r})")
     return proc, line.split("listening on", 1)[1].strip()
 
 
@@ -1164,15 +1171,17 @@ def group_loss(policy: Policy, g: Group, args: Args):
                 v_ref = renderer.velocity(x, s, im.cond)
                 _, _, mean_ref, _ = sde_step(v_ref, x, s, s_next, args.noise_level, im.sigma_1, prev_sample=x_next)
             kls.append(image_kl(mean, mean_ref, std, s_next - s, args.kl_flow_grpo_form))
-    kl = torch.stack(kls, 1) if kls else None
-    l_img, image_clipfrac = image_loss(torch.stack(logps, 1), im.old_logp, A, args.image_clip, args.adv_clip, kl,
-                                       args.beta_image)
+    kl, logps = torch.stack(kls, 1) if kls else None, torch.stack(logps, 1)  # (G, W)
+    l_img, image_clipfrac = image_loss(logps, im.old_logp, A, args.image_clip, args.adv_clip, kl, args.beta_image)
     # Joint objective. The official code backpropagates text_loss_weight * K * L_text once and each of the
     # K image steps' losses separately, i.e. a gradient of K * (w * L_text + mean_k L_img_k): lambda = 1 / w.
     loss = l_text + args.lam * l_img
     return loss, {"text_loss": l_text.item(), "image_loss": l_img.item(), "text_clipfrac": float(text_clipfrac),
                   "image_clipfrac": float(image_clipfrac), "text_kl": float(text_kl) if args.beta_text > 0 else None,
-                  "image_kl": kl.mean().item() if kl is not None else None}
+                  "image_kl": kl.mean().item() if kl is not None else None,
+                  # on-policy check (bench): max |r - 1| over the group's tokens and trained steps
+                  "text_ratio_dev": (logp.detach() - g.text.old_logp).exp().sub(1).abs()[g.text.mask > 0].max().item(),
+                  "image_ratio_dev": (logps.detach() - im.old_logp).exp().sub(1).abs().max().item()}
 
 
 def update(policy: Policy, optimizer, groups: list, args: Args, rng: random.Random, world: int = 1) -> list:
@@ -1489,7 +1498,7 @@ def train(args: Args, policy: Policy | None = None) -> str:
         if not args.reward_url:
             if args.preset != "toy":
                 raise ValueError("--reward-url is required: start `python reward_server.py --verifier <model>` first")
-            server, args.reward_url = start_toy_reward_server()
+            server, args.reward_url = start_reward_server()
         client = RewardClient(args.reward_url, args.reward_token or os.environ.get("ALPHAGRPO_REWARD_TOKEN", ""),
                               args.reward_patience)
     sigmas = policy.renderer.sigmas(args.num_steps)
@@ -1581,7 +1590,7 @@ def sample(args: Args, prompt: str, refine_rounds: int = 0, checkpoint: str = ""
     server, client = None, None
     if row is not None and (args.reward_url or args.preset == "toy"):
         if not args.reward_url:
-            server, args.reward_url = start_toy_reward_server()
+            server, args.reward_url = start_reward_server()
         client = RewardClient(args.reward_url, args.reward_token or os.environ.get("ALPHAGRPO_REWARD_TOKEN", ""),
                               args.reward_patience)
     renderer, sigmas, gen = policy.renderer, policy.renderer.sigmas(args.eval_num_steps), seeded(args, 0, 0)
@@ -1642,13 +1651,10 @@ def memory_plan(policy_parts: dict, args: Args) -> list:
     return rows
 
 
-def dry_run(args: Args):
-    """--dry-run: the preset's models at real shapes from SHAPES (meta device without a GPU: no memory at
-    all), their parameter counts and the memory plan; with a GPU, random weights and one full step."""
+def random_policy(args: Args, device: torch.device) -> Policy:
+    """The preset's reasoner and renderer at their real shapes (SHAPES), random weights built straight on
+    `device` in args.dtype (the meta device allocates nothing), with LoRA. Nothing downloads."""
     shapes = SHAPES[args.preset]
-    cuda = torch.cuda.is_available() and args.device != "cpu"
-    run_step = cuda or args.preset == "toy"  # a real-size step needs a GPU; the toy one runs anywhere
-    device = torch.device("cuda" if cuda else "cpu" if run_step else "meta")
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(getattr(torch, args.dtype))  # build straight in the weights' dtype, on the device
     try:
@@ -1658,7 +1664,17 @@ def dry_run(args: Args):
     finally:
         torch.set_default_dtype(default_dtype)
     torch.manual_seed(args.seed)
-    policy = Policy(Reasoner(processor, model, device, args), Renderer(pipe, device, args), device)  # adds LoRA
+    return Policy(Reasoner(processor, model, device, args), Renderer(pipe, device, args), device)  # adds LoRA
+
+
+def dry_run(args: Args):
+    """--dry-run: the preset's models at real shapes from SHAPES (meta device without a GPU: no memory at
+    all), their parameter counts and the memory plan; with a GPU, random weights and one full step."""
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    run_step = cuda or args.preset == "toy"  # a real-size step needs a GPU; the toy one runs anywhere
+    device = torch.device("cuda" if cuda else "cpu" if run_step else "meta")
+    policy = random_policy(args, device)
+    model, pipe = policy.reasoner.model, policy.renderer.pipe
     parts = {"reasoner": model, "renderer.transformer": pipe.transformer, "renderer.vae": pipe.vae,
              "renderer.text_encoder (CLIP-L)": pipe.text_encoder, "renderer.text_encoder_2 (CLIP-G)": pipe.text_encoder_2,
              "renderer.text_encoder_3 (T5)": pipe.text_encoder_3}
@@ -1680,6 +1696,105 @@ def dry_run(args: Args):
     return rows
 
 
+def bench(args: Args, verifier: str = "", repeats: int = 3) -> dict:
+    """`bench`: the figures of the README's performance section, at the preset's real shapes with random
+    weights (nothing downloads). Run it on a GPU with --preset sd35; on the CPU the toy preset runs the same
+    script end to end in about a minute, to check it before spending GPU time. Measures:
+    1. on-policy exactness: group_loss on a fresh rollout with non-zero LoRA weights, computed exactly as the
+       first update computes it (grad on, train mode, checkpointing): max |ratio - 1| of the text tokens and of
+       the trained image steps, and the image clip fraction;
+    2. the rollout sampler against diffusers' StableDiffusion3Pipeline from the same x_T, embeddings, steps and
+       CFG: median time of `repeats` alternated runs and their ratio; and, both as ODEs, their latents' largest
+       difference;
+    3. two training steps with a reward server on the same device (a random verifier of `verifier`'s shape,
+       or --reward-url): the second step's time split, the share spent waiting for rewards, the peak memory.
+    Returns the figures."""
+    import statistics
+    import tempfile
+
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    device = torch.device("cuda" if cuda else "cpu")
+    policy = random_policy(args, device)
+    renderer, G = policy.renderer, args.group_size
+    with torch.no_grad():  # non-zero LoRA B: a rollout that ran with LoRA off would show in the ratios
+        for m in [*policy.reasoner.model.modules(), *renderer.transformer.modules()]:
+            if isinstance(m, LoRALinear):
+                m.lora_B.weight.normal_(0, 1e-2)
+    rows = load_prompts(args.prompts, "train") if args.prompts else TOY_PROMPTS
+    gen, sigmas = seeded(args, 0, 0), renderer.sigmas(args.num_steps)
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    print(f"bench: {args.preset} preset, random weights on {name}, {args.dtype}, G={G}, {args.resolution}px, "
+          f"T={args.num_steps}, W={args.sde_window}, {args.max_new_tokens} new tokens at most", flush=True)
+
+    def timed(fn):
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    # 1. On-policy exactness of the first update (Sec. 3: the ratio must start at exactly 1)
+    g = rollout_group(policy, rows[0], "rt2i", args, gen, RandomRewards(), sigmas)
+    g.advantages = torch.ones(G)
+    _, st = group_loss(policy, g, args)
+    fig = {k: st[k] for k in ("text_ratio_dev", "image_ratio_dev", "image_clipfrac")}
+    print(f"1. on-policy, first update of a fresh rollout: text max |r - 1| {fig['text_ratio_dev']:.2e} (goal < 1e-3), "
+          f"image max |r - 1| {fig['image_ratio_dev']:.2e} (goal < {args.image_clip / 10:.0e}, a tenth of "
+          f"--image-clip), image_clipfrac {fig['image_clipfrac']:.3f} (goal 0)", flush=True)
+    del g, st
+
+    # 2. Our rollout sampler against the stock pipeline, same inputs
+    cond, x_T = renderer.encode([rows[0]["prompt"]] * G), renderer.noise(G, gen)
+    stock = dict(prompt_embeds=cond[0][G:], negative_prompt_embeds=cond[0][:G], pooled_prompt_embeds=cond[1][G:],
+                 negative_pooled_prompt_embeds=cond[1][:G], num_inference_steps=args.num_steps, output_type="latent",
+                 guidance_scale=args.guidance_scale, height=args.resolution, width=args.resolution)
+    ours, theirs = [], []
+    for _ in range(repeats + 1):  # alternated, so that both see the same machine load; the first pair warms up
+        ours.append(timed(lambda: render(renderer, cond, x_T, sigmas, range(args.sde_window), args.noise_level, gen)))
+        theirs.append(timed(lambda: renderer.pipe(latents=x_T.to(renderer.dtype), **stock)))
+    ode = render(renderer, cond, x_T, sigmas, range(0), 0.0)[0]
+    diff = (ode - renderer.pipe(latents=x_T.to(renderer.dtype), **stock).images.float()).abs().max().item()
+    fig.update(sampler_s=statistics.median(ours[1:]), pipeline_s=statistics.median(theirs[1:]), ode_max_diff=diff)
+    fig["sampler_ratio"] = fig["sampler_s"] / fig["pipeline_s"]
+    print(f"2. rollout sampler (SDE window, keeps latents and log-probs) {fig['sampler_s']:.3f} s, "
+          f"StableDiffusion3Pipeline {fig['pipeline_s']:.3f} s per group of {G} (median of {repeats}): ratio "
+          f"{fig['sampler_ratio']:.3f} (goal <= 1.1); as ODEs, max |latents - diffusers'| {diff:.1e}", flush=True)
+
+    # 3. Training steps with the reward server on the same device (Sec. 4.3: scoring overlaps sampling)
+    server, url = None, args.reward_url
+    if not url:
+        server, url = start_reward_server(verifier or ("random:qwen3-vl-8b" if args.preset == "sd35" else
+                                                       "random:small"), device.type)
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            train(dataclasses.replace(args, steps=2, out=out, reward_url=url, resume="", save_every=0, eval_every=0,
+                                      sample_every=0), policy=policy)
+            with open(os.path.join(out, "metrics.jsonl")) as f:
+                row = [json.loads(line) for line in f][-1]  # the second step: the first one warms up
+    finally:
+        if server is not None:
+            server.terminate()
+    fig.update({k: row[k] for k in row if k.startswith("time_")})
+    fig["reward_wait_share"] = row["time_reward_wait"] / row["time_step"]
+    split = ", ".join(f"{k} {row['time_' + k]:.2f} s ({row['time_' + k] / row['time_step']:.0%})"
+                      for k in ("reason", "render", "reward_wait", "train"))
+    print(f"3. one training step ({args.groups_per_step} groups of {G}, {args.updates_per_rollout} optimizer updates, "
+          f"verifier on the same device): {row['time_step']:.2f} s = {split}; waiting for rewards "
+          f"{fig['reward_wait_share']:.1%} of the step (goal < 5%)")
+    if cuda:
+        free, total = torch.cuda.mem_get_info()
+        fig.update(peak_allocated_gb=torch.cuda.max_memory_allocated() / 1e9,
+                   peak_reserved_gb=torch.cuda.max_memory_reserved() / 1e9, device_used_gb=(total - free) / 1e9)
+        print(f"   peak GPU memory of the trainer: {fig['peak_allocated_gb']:.1f} GB allocated, "
+              f"{fig['peak_reserved_gb']:.1f} GB reserved (goal: fits 80 GB); the device holds "
+              f"{fig['device_used_gb']:.1f} GB now, reward server included")
+    return fig
+
+
 def main(argv=None):
     command, args, extra = parse_args(argv)
     from diffusers.utils import logging as diffusers_logging
@@ -1690,6 +1805,8 @@ def main(argv=None):
     # CLIP keeps 77 tokens by design (the prompt comes first, T5 reads the rest): drop that one warning
     diffusers_logging.get_logger("diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3").addFilter(
         lambda record: "truncated because" not in record.getMessage())
+    transformers_logging.get_logger("transformers.tokenization_utils_base").addFilter(
+        lambda record: "sequence length is longer than" not in record.getMessage())  # the same 77-token CLIP note
     try:
         if command == "train" and args.dry_run:
             dry_run(args)
@@ -1697,6 +1814,8 @@ def main(argv=None):
             out = train(args)
             if int(os.environ.get("RANK", 0)) == 0:
                 print(f"done: {out}/metrics.jsonl")
+        elif command == "bench":
+            bench(args, **extra)
         else:
             sample(args, **extra)
     except (RewardError, ValueError) as e:  # bad input or a verifier that is down: say what and where

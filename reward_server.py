@@ -10,9 +10,7 @@ image is the geometric mean R = sqrt(mean(s_semantic) * mean(s_quality)).
     python reward_server.py --verifier openai:http://127.0.0.1:30000/v1 --model Qwen/Qwen3-VL-30B-A3B-Instruct
     python reward_server.py score --image x.png --question "Is there a red apple?" --verifier toy
     python reward_server.py bench                                                # CPU: naive vs shared prefix
-    python reward_server.py bench --device cuda --dtype bfloat16 --hidden 4096 --layers 36 --heads 32 \
-        --kv-heads 8 --intermediate 12288 --vocab 151936 --vision-hidden 1152 --vision-depth 27 \
-        --vision-heads 16 --vision-intermediate 4304 --images 8                # a Qwen3-VL-8B-like shape
+    python reward_server.py bench --shape qwen3-vl-8b --images 8                # on a GPU: Qwen3-VL-8B's shape
     python reward_server.py decompose prompts.txt --llm http://127.0.0.1:30000/v1 --model Qwen/Qwen3-32B \
         --out prompts.jsonl                                                      # or --llm <path | hub id>
 
@@ -732,7 +730,8 @@ def make_handler(verifier, token: str = "", max_body: int = 64 << 20, limits: Li
 
 def add_verifier_args(p: argparse.ArgumentParser):
     p.add_argument("--verifier", default="toy",
-                   help="'toy', a Qwen-VL instruct model path / hub id, or openai:http://HOST:PORT/v1")
+                   help="'toy', a Qwen-VL instruct model path / hub id, openai:http://HOST:PORT/v1, or "
+                   f"random:<{'|'.join(BENCH_SHAPES)}> (random weights at that shape: for benchmarks only)")
     p.add_argument("--model", default="", help="model name at an openai: endpoint")
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", ""),
                    help="bearer key of an openai: endpoint (default $OPENAI_API_KEY)")
@@ -746,6 +745,11 @@ def load_verifier(args):
         return ToyVerifier()
     if args.verifier.startswith("openai:"):
         return OpenAIVerifier(args.verifier[len("openai:"):], args.model, args.api_key)
+    if args.verifier.startswith("random:"):
+        name = args.verifier[len("random:"):]
+        if name not in BENCH_SHAPES:
+            raise SystemExit(f"--verifier random:{name}: unknown shape; choose one of {sorted(BENCH_SHAPES)}")
+        return random_verifier(BENCH_SHAPES[name], device=args.device, dtype=args.dtype, shared_prefix=not args.naive)
     return TransformersVerifier(args.verifier, args.device, args.dtype, shared_prefix=not args.naive)
 
 
@@ -793,15 +797,55 @@ def cmd_score(argv):
     print(f"R = sqrt(mean(semantic) * mean(quality)) = {dvreward(sem, qual):.4f}")
 
 
-BENCH_SHAPE = {"hidden": 256, "layers": 4, "heads": 4, "kv_heads": 2, "intermediate": 512, "vocab": 0,
-               "vision_hidden": 32, "vision_depth": 2, "vision_heads": 4, "vision_intermediate": 64}
+# Random Qwen3-VL verifiers for benchmarks: `bench`, and `--verifier random:NAME` to serve one on a GPU next to
+# the trainer (alphagrpo.py bench). The sizes of the text model and the vision tower; vocab 0 keeps the toy's.
+BENCH_SHAPES = {
+    "small": dict(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=512, vocab=0, vision_hidden=32,
+                  vision_depth=2, vision_heads=4, vision_intermediate=64),
+    "qwen3-vl-8b": dict(hidden=4096, layers=36, heads=32, kv_heads=8, intermediate=12288, vocab=151936,
+                        vision_hidden=1152, vision_depth=27, vision_heads=16, vision_intermediate=4304),
+}
+
+
+def random_verifier(shape: dict, image_px: int = 512, device: str = "auto", dtype: str = "auto", seed: int = 0,
+                    shared_prefix: bool = True) -> "TransformersVerifier":
+    """A TransformersVerifier over a random Qwen3-VL of `shape`: the toy's processor and word-level tokenizer
+    (images resized to image_px^2, i.e. (image_px/32)^2 image tokens), the model built in memory (saving a
+    multi-billion-parameter random model to disk would take longer than the benchmark)."""
+    import torch
+    from transformers import AutoConfig, Qwen3VLForConditionalGeneration
+    from transformers.utils import logging as transformers_logging
+
+    import alphagrpo as ag
+
+    transformers_logging.disable_progress_bar()  # the throwaway processor's save/load bars would bury the figures
+    with tempfile.TemporaryDirectory() as tmp:
+        ag.build_toy_vlm(tmp, seed=seed, hidden=32, layers=1, image_px=image_px)
+        config = AutoConfig.from_pretrained(tmp)
+        text, vis, hd = config.text_config, config.vision_config, shape["hidden"] // shape["heads"]
+        text.hidden_size, text.intermediate_size = shape["hidden"], shape["intermediate"]
+        text.num_hidden_layers = shape["layers"]
+        text.num_attention_heads, text.num_key_value_heads, text.head_dim = shape["heads"], shape["kv_heads"], hd
+        text.vocab_size = shape["vocab"] or text.vocab_size
+        text.rope_parameters["mrope_section"] = [hd // 2 - 2 * (hd * 5 // 32), hd * 5 // 32, hd * 5 // 32]  # T/H/W
+        vis.hidden_size, vis.depth, vis.num_heads = shape["vision_hidden"], shape["vision_depth"], shape["vision_heads"]
+        vis.intermediate_size, vis.out_hidden_size = shape["vision_intermediate"], shape["hidden"]
+        device, dt = pick_device(device, dtype)
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = Qwen3VLForConditionalGeneration._from_config(config, dtype=dt)
+        v = TransformersVerifier(tmp, device, dtype, shared_prefix=shared_prefix, model=model)
+    v.name = "random Qwen3-VL (" + ", ".join(f"{k} {x}" for k, x in shape.items()) + ")"
+    return v
 
 
 def cmd_bench(argv):
     """Naive vs shared-prefix scoring of a random Qwen3-VL at a chosen shape, then latency over HTTP."""
     p = argparse.ArgumentParser(prog="reward_server.py bench", description=cmd_bench.__doc__)
-    for key, default in BENCH_SHAPE.items():  # the model's shape (vocab 0: the toy's; Qwen3-VL has 151936)
-        p.add_argument("--" + key.replace("_", "-"), type=int, default=default)
+    p.add_argument("--shape", default="small", choices=sorted(BENCH_SHAPES), help="the model's sizes; each of "
+                   "them can be overridden by its own flag below")
+    for key in BENCH_SHAPES["small"]:
+        p.add_argument("--" + key.replace("_", "-"), type=int, default=None)
     p.add_argument("--image-px", type=int, default=512, help="images are resized to this square: (px/32)^2 tokens")
     p.add_argument("--questions", type=int, default=16, help="questions per image")
     p.add_argument("--images", type=int, default=4, help="images timed per path")
@@ -813,28 +857,11 @@ def cmd_bench(argv):
     args = p.parse_args(argv)
     import random
 
-    import torch
-    from transformers import AutoConfig, Qwen3VLForConditionalGeneration
-
     import alphagrpo as ag
 
-    # the toy's processor and word-level tokenizer, then a random model of the requested shape built in memory
-    # (saving a multi-billion-parameter random model to disk would take longer than the benchmark)
-    tmp = tempfile.TemporaryDirectory()
-    ag.build_toy_vlm(tmp.name, seed=args.seed, hidden=32, layers=1, image_px=args.image_px)
-    config = AutoConfig.from_pretrained(tmp.name)
-    text, vis, hd = config.text_config, config.vision_config, args.hidden // args.heads
-    text.hidden_size, text.num_hidden_layers, text.intermediate_size = args.hidden, args.layers, args.intermediate
-    text.num_attention_heads, text.num_key_value_heads, text.head_dim = args.heads, args.kv_heads, hd
-    text.vocab_size = args.vocab or text.vocab_size
-    text.rope_parameters["mrope_section"] = [hd // 2 - 2 * (hd * 5 // 32), hd * 5 // 32, hd * 5 // 32]  # T/H/W
-    vis.hidden_size, vis.depth, vis.num_heads = args.vision_hidden, args.vision_depth, args.vision_heads
-    vis.intermediate_size, vis.out_hidden_size = args.vision_intermediate, args.hidden
-    device, dtype = pick_device(args.device, args.dtype)
-    torch.manual_seed(args.seed)
-    with torch.device(device):
-        model = Qwen3VLForConditionalGeneration._from_config(config, dtype=dtype)
-    v = TransformersVerifier(tmp.name, device, args.dtype, model=model)
+    shape = {k: getattr(args, k) if getattr(args, k) is not None else x for k, x in BENCH_SHAPES[args.shape].items()}
+    v = random_verifier(shape, args.image_px, args.device, args.dtype, args.seed)
+    device, dtype = v.device, v.model.dtype
     rng = random.Random(args.seed)
     words = [w for w in ag.TOY_WORDS if w.isalpha()]
     questions = [" ".join(["Is", "the", *rng.choices(words, k=rng.randint(4, 14)), "?"]) for _ in range(args.questions)]
@@ -842,10 +869,10 @@ def cmd_bench(argv):
               for _ in range(args.images)]
     prefix = v.processor(text=[v.prefix_text], images=images[:1], return_tensors="pt")["input_ids"].shape[1]
     suffixes = [len(v.processor.tokenizer(v.chat_text(q)[len(v.prefix_text):])["input_ids"]) for q in questions]
-    print(f"bench: random Qwen3-VL, text {args.layers} x {args.hidden} (heads {args.heads}/{args.kv_heads}), vision "
-          f"{args.vision_depth} x {args.vision_hidden}, {(args.image_px // 32) ** 2} image tokens, prefix {prefix} "
-          f"tokens, suffixes {min(suffixes)}-{max(suffixes)} tokens, {args.questions} questions per image, "
-          f"{device} {str(dtype).removeprefix('torch.')}", flush=True)
+    print(f"bench: random Qwen3-VL, text {shape['layers']} x {shape['hidden']} (heads {shape['heads']}/"
+          f"{shape['kv_heads']}), vision {shape['vision_depth']} x {shape['vision_hidden']}, "
+          f"{(args.image_px // 32) ** 2} image tokens, prefix {prefix} tokens, suffixes "
+          f"{min(suffixes)}-{max(suffixes)} tokens, {args.questions} questions per image, {device} {str(dtype).removeprefix('torch.')}", flush=True)
 
     def questions_per_s(shared: bool) -> float:
         v.shared_prefix = shared

@@ -895,6 +895,36 @@ def test_real_preset_code_path_at_toy_sizes(toy_dirs, tmp_path):
     assert (tmp_path / "run" / "eval" / "step_000001.png").exists()
 
 
+
+def test_ode_sampler_equals_the_diffusers_pipeline(toy_dirs):
+    """Our sampler with the SDE window off is the stock StableDiffusion3Pipeline (Euler on the shifted sigmas,
+    CFG): same x_T, embeddings, steps and guidance give the same latents."""
+    policy, args = make_policy(toy_dirs, num_steps=6, guidance_scale=3.0)
+    renderer, G = policy.renderer, 3
+    randomize_lora(policy)
+    cond = renderer.encode(["a green meadow at the bottom"] * G)
+    x_T = renderer.noise(G, torch.Generator().manual_seed(0))
+    ours, _, _ = ag.render(renderer, cond, x_T, renderer.sigmas(args.num_steps), range(0), 0.0)
+    theirs = renderer.pipe(latents=x_T, prompt_embeds=cond[0][G:], negative_prompt_embeds=cond[0][:G],
+                           pooled_prompt_embeds=cond[1][G:], negative_pooled_prompt_embeds=cond[1][:G],
+                           num_inference_steps=6, guidance_scale=3.0, height=32, width=32, output_type="latent").images
+    assert ours.abs().max() > 0.1
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_bench_runs_on_the_toy(capsys):
+    """`bench` (the GPU figures of issue 9) on the toy: exact on-policy ratios in fp32, our sampler equal to the
+    pipeline, and a training step through a random verifier served on the same device, its time split whole."""
+    command, args, extra = ag.parse_args(["bench", "--group-size", "4", "--groups-per-step", "2", "--repeats", "1"])
+    assert command == "bench" and extra == {"verifier": "", "repeats": 1}
+    fig = ag.bench(args, **extra)
+    assert fig["text_ratio_dev"] < 1e-6 and fig["image_ratio_dev"] < 1e-6 and fig["image_clipfrac"] == 0
+    assert fig["ode_max_diff"] < 1e-5 and fig["sampler_s"] > 0 and fig["pipeline_s"] > 0
+    parts = sum(fig[f"time_{k}"] for k in ("reason", "render", "reward_wait", "train"))
+    assert 0.5 * fig["time_step"] < parts <= fig["time_step"] and 0 <= fig["reward_wait_share"] < 1
+    out = capsys.readouterr().out
+    assert "1. on-policy" in out and "2. rollout sampler" in out and "3. one training step" in out
+
 # --------------------------------------------------------------------------------------------------
 # The shipped prompt set (prompts.jsonl, Sec. 4.3)
 # --------------------------------------------------------------------------------------------------
@@ -1566,7 +1596,7 @@ def test_bench_command_runs_at_a_tiny_size(capsys):
 def test_a_killed_trainer_leaves_no_toy_server():
     import signal
 
-    code = ("import sys; sys.path.insert(0, %r); import alphagrpo as ag; p, u = ag.start_toy_reward_server(); "
+    code = ("import sys; sys.path.insert(0, %r); import alphagrpo as ag; p, u = ag.start_reward_server(); "
             "print(p.pid, flush=True); import time; time.sleep(60)" % HERE)
     trainer = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     pid = int(trainer.stdout.readline())
