@@ -1738,7 +1738,7 @@ def bench(args: Args, verifier: str = "", repeats: int = 3) -> dict:
     # 1. On-policy exactness of the first update (Sec. 3: the ratio must start at exactly 1)
     g = rollout_group(policy, rows[0], "rt2i", args, gen, RandomRewards(), sigmas)
     g.advantages = torch.ones(G)
-    _, st = group_loss(policy, g, args)
+    st = group_loss(policy, g, args)[1]  # the loss and its graph are dropped at once
     fig = {k: st[k] for k in ("text_ratio_dev", "image_ratio_dev", "image_clipfrac")}
     print(f"1. on-policy, first update of a fresh rollout: text max |r - 1| {fig['text_ratio_dev']:.2e} (goal < 1e-3), "
           f"image max |r - 1| {fig['image_ratio_dev']:.2e} (goal < {args.image_clip / 10:.0e}, a tenth of "

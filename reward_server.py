@@ -872,7 +872,8 @@ def cmd_bench(argv):
     print(f"bench: random Qwen3-VL, text {shape['layers']} x {shape['hidden']} (heads {shape['heads']}/"
           f"{shape['kv_heads']}), vision {shape['vision_depth']} x {shape['vision_hidden']}, "
           f"{(args.image_px // 32) ** 2} image tokens, prefix {prefix} tokens, suffixes "
-          f"{min(suffixes)}-{max(suffixes)} tokens, {args.questions} questions per image, {device} {str(dtype).removeprefix('torch.')}", flush=True)
+          f"{min(suffixes)}-{max(suffixes)} tokens, {args.questions} questions per image, {device} "
+          f"{str(dtype).removeprefix('torch.')}", flush=True)
 
     def questions_per_s(shared: bool) -> float:
         v.shared_prefix = shared
