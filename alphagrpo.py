@@ -65,7 +65,8 @@ from tqdm import tqdm
 @dataclass
 class Args:
     preset: str = "toy"
-    """'toy' (tiny models built on the fly, CPU) or 'sd35' (Qwen3-VL + Stable Diffusion 3.5 medium)."""
+    """'toy' (tiny models built on the fly, CPU), 'klein' (Qwen3-VL + FLUX.2 klein, recommended) or 'sd35'
+    (Qwen3-VL + Stable Diffusion 3.5 medium, comparable with Flow-GRPO)."""
     task: str = "rt2i"
     """'rt2i' reasoning text-to-image, 'srr' self-reflective refinement, 'mix' both (Sec. 4.1)."""
     steps: int = 20
@@ -87,7 +88,8 @@ class Args:
     reasoner: str = ""
     """Reasoner path or hub id (a Qwen-VL instruct model). Toy: built under OUT/toy_models."""
     renderer: str = ""
-    """Renderer path or hub id (a StableDiffusion3Pipeline folder). Toy: built under OUT/toy_models."""
+    """Renderer path or hub id: a Flux2KleinPipeline or StableDiffusion3Pipeline folder (its model_index.json
+    names the class). Toy: a tiny FLUX.2 klein built under OUT/toy_models."""
     prompts: str = ""
     """prompts.jsonl with DVReward questions (see README). Toy: the embedded TOY_PROMPTS."""
     group_size: int = 16
@@ -113,8 +115,8 @@ class Args:
     """Classifier-free guidance scale, identical at rollout and train time."""
     max_new_tokens: int = 8
     """Longest reasoning text, in tokens."""
-    max_t5_tokens: int = 128
-    """T5 tokens for prompt + reasoning (CLIP keeps its first 77 tokens: the prompt goes first)."""
+    max_text_tokens: int = 64
+    """Text-encoder tokens for prompt + reasoning (klein: Qwen3; SD3: T5, while CLIP keeps its first 77)."""
     temperature: float = 1.0
     """Sampling temperature of the reasoning text (no top-p/top-k: they make stored log-probs off-policy)."""
     text_clip_low: float = 0.2
@@ -153,8 +155,9 @@ class Args:
     """LoRA alpha; the update is scaled by alpha / r."""
     reasoner_lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     """Reasoner Linear layers that get LoRA (suffixes of module names): language model only."""
-    renderer_lora_targets: str = "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"
-    """Renderer Linear layers that get LoRA: the joint-attention projections (Flow-GRPO)."""
+    renderer_lora_targets: str = ""
+    """Renderer Linear layers that get LoRA; empty: the renderer's own list (SD3: the joint-attention
+    projections, as Flow-GRPO; klein: attention and MLP projections, as Flow-Factory)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (needed at real sizes)."""
     same_init_noise: bool = False
@@ -177,6 +180,10 @@ class Args:
     """K initial images rendered per SRR prompt (ODE, no reasoning); the worst is kept."""
     srr_pick: str = "min"
     """'min': keep the lowest-reward candidate (official); 'sample': draw one, favouring low rewards."""
+    srr_refine: str = "auto"
+    """How the SRR refinement sees the initial image: 'edit' (in context: its latent tokens join the sequence
+    and the refinement starts from fresh noise, as the paper's unified model; klein), 'sdedit' (the sampler
+    starts from the noised initial latents; any renderer) or 'auto' (edit where the renderer can)."""
     srr_strength: float = 0.75
     """SDEdit strength of the refinement: the share of the schedule re-run from the noised initial image."""
     fpr: bool = True
@@ -190,11 +197,25 @@ class Args:
 PRESETS = {
     # Tiny random models; measured to learn the toy colour task in ~20 steps on 2 CPU cores.
     "toy": dict(),
-    # Real checkpoints on one 80 GB GPU (settings of Flow-GRPO's SD3.5 config and the official code).
+    # The recommended real preset, on one 80 GB GPU. FLUX.2 klein base 4B (Apache-2.0, not gated) can edit, so
+    # SRR refines in context. Settings of Flow-Factory's flux2_klein_base GRPO config: 8 training steps, 28 at
+    # evaluation, CFG 4.0, noise 0.7, image clip 1e-4, LoRA r 64 / alpha 128 at lr 3e-4 on attention and MLP
+    # projections, group 16; Flow-Factory trains one SDE step drawn from steps 1-3, we train W = 2 consecutive
+    # steps starting at 0-2 (the same early part of the schedule). The reasoner's lr is the official 5e-5.
+    "klein": dict(
+        reasoner="Qwen/Qwen3-VL-4B-Instruct", renderer="black-forest-labs/FLUX.2-klein-base-4B",
+        prompts="prompts.jsonl", dtype="bfloat16", steps=1000, resolution=512, num_steps=8, eval_num_steps=28,
+        sde_window=2, sde_window_start_max=2, guidance_scale=4.0, max_new_tokens=256, max_text_tokens=512,
+        image_clip=1e-4, lr=3e-4, reasoner_lr=5e-5, lora_rank=64, lora_alpha=128.0, gradient_checkpointing=True,
+        lam=2.0,  # = W trained steps: the official text_loss_weight = 1 / K
+        group_size=16, groups_per_step=4, srr_candidates=4,
+    ),
+    # Real checkpoints on one 80 GB GPU (settings of Flow-GRPO's SD3.5 config and the official code): the
+    # preset to compare with Flow-GRPO. SD3.5 cannot edit: its SRR refines by SDEdit.
     "sd35": dict(
         reasoner="Qwen/Qwen3-VL-4B-Instruct", renderer="stabilityai/stable-diffusion-3.5-medium",
         prompts="prompts.jsonl", dtype="bfloat16", steps=1000, resolution=512, num_steps=10,
-        eval_num_steps=40, sde_window=4, sde_window_start_max=3, max_new_tokens=256, max_t5_tokens=256,
+        eval_num_steps=40, sde_window=4, sde_window_start_max=3, max_new_tokens=256, max_text_tokens=256,
         image_clip=1e-4, lr=5e-5, lora_rank=32, lora_alpha=64.0, gradient_checkpointing=True,
         lam=4.0,  # = W trained steps: the official text_loss_weight = 1 / K
         group_size=8, groups_per_step=4, srr_candidates=4, srr_strength=0.7,
@@ -267,13 +288,13 @@ def parse_args(argv=None) -> tuple[str, Args, dict]:
         p.error(f"--preset must be one of {sorted(PRESETS)}, not {preset!r}")
     args = Args(**{**PRESETS[preset], **given})
     for name, allowed in [("task", ("rt2i", "srr", "mix")), ("std_mode", ("group", "batch")),
-                          ("srr_pick", ("min", "sample")), ("fpr_value", ("init", "group-min")),
+                          ("srr_pick", ("min", "sample")), ("srr_refine", ("auto", "edit", "sdedit")), ("fpr_value", ("init", "group-min")),
                           ("dtype", ("float32", "bfloat16"))]:
         if getattr(args, name) not in allowed:
             p.error(f"--{name.replace('_', '-')} must be one of {allowed}, not {getattr(args, name)!r}")
     if not 0 < args.sde_window or args.sde_window_start_max + args.sde_window > args.num_steps - 1:
         p.error("the SDE window must fit in the first T-1 steps: sde_window_start_max + sde_window <= num_steps - 1")
-    if args.task != "rt2i" and round(args.srr_strength * args.num_steps) < 2:
+    if args.task != "rt2i" and args.srr_refine != "edit" and round(args.srr_strength * args.num_steps) < 2:
         p.error("--srr-strength too low: the refinement needs at least 2 of the --num-steps steps")
     if args.groups_per_step < args.updates_per_rollout:
         p.error("--groups-per-step must be at least --updates-per-rollout (each update needs a group)")
@@ -562,26 +583,57 @@ class ImageRollout:
 
 
 class Renderer:
-    """pi_img: Stable Diffusion 3(.5) from diffusers, driven by our own sampler. Interface: encode(),
-    velocity(), decode(), encode_image()."""
+    """pi_img: a diffusers flow-matching model driven by our own sampler. The interface the algorithm uses:
+    noise(), sigmas(), encode() (text, and a reference image where the model can edit), velocity(), decode(),
+    encode_image(). Latents x are (B, C, h, w) in the space the sampler steps in. Two models fill it below:
+    SD3Renderer (Stable Diffusion 3.5) and KleinRenderer (FLUX.2 klein)."""
+
+    can_edit = False  # True where the reference image can join the context (SRR refined in context)
 
     def __init__(self, pipe, device, args: Args):
         self.pipe = pipe.to(device)
         self.pipe.set_progress_bar_config(disable=True)
         self.transformer, self.vae, self.scheduler = self.pipe.transformer, self.pipe.vae, self.pipe.scheduler
         self.transformer.eval()
-        self.lora_params = add_lora(self.transformer, args.renderer_lora_targets, args.lora_rank, args.lora_alpha)
-        for m in (self.vae, self.pipe.text_encoder, self.pipe.text_encoder_2, self.pipe.text_encoder_3):
-            m.requires_grad_(False)
+        targets = args.renderer_lora_targets or self.lora_targets
+        self.lora_params = add_lora(self.transformer, targets, args.lora_rank, args.lora_alpha)
+        for m in self.pipe.components.values():
+            if isinstance(m, nn.Module) and m is not self.transformer:
+                m.requires_grad_(False)
         if args.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
         self.device, self.dtype, self.args = device, self.transformer.dtype, args
-        self.latent_size = args.resolution // self.pipe.vae_scale_factor
 
     def noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """x_T ~ N(0, I), (n, C, h, w), drawn on the CPU so that every device gets the same samples."""
-        C, hw = self.transformer.config.in_channels, self.latent_size
-        return torch.randn((n, C, hw, hw), generator=generator).to(self.device)
+        return torch.randn((n, *self.latent_shape), generator=generator).to(self.device)
+
+    def cfg(self, v: torch.Tensor, guidance: float | None) -> torch.Tensor:
+        """Classifier-free guidance over a [unconditional; conditional] batch, in float32."""
+        v_uncond, v_cond = v.float().chunk(2)
+        g = self.args.guidance_scale if guidance is None else guidance
+        return v_uncond + g * (v_cond - v_uncond)
+
+    def pixels(self, image: Image.Image) -> torch.Tensor:
+        """PIL image -> (1, 3, H, W) in [-1, 1] at the training resolution, as the pipelines preprocess it."""
+        res = self.args.resolution
+        return self.pipe.image_processor.preprocess(image.convert("RGB"), height=res, width=res).to(self.device)
+
+    def to_pil(self, img: torch.Tensor) -> list:
+        img = ((img.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return [Image.fromarray(a) for a in img]
+
+
+class SD3Renderer(Renderer):
+    """Stable Diffusion 3(.5): CLIP-L + CLIP-G + T5 text encoders, an MMDiT on 2x2-patched latents. It cannot
+    take a reference image, so SRR refines it by SDEdit (`sdedit_start`)."""
+
+    lora_targets = "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"  # joint attention (Flow-GRPO)
+
+    def __init__(self, pipe, device, args: Args):
+        super().__init__(pipe, device, args)
+        side = args.resolution // self.pipe.vae_scale_factor
+        self.latent_shape = (self.transformer.config.in_channels, side, side)
 
     def sigmas(self, num_steps: int) -> torch.Tensor:
         """The scheduler's shifted sigmas (T+1,), from 1 to 0 (SD3.5: shift 3)."""
@@ -589,39 +641,121 @@ class Renderer:
         return self.scheduler.sigmas.float().cpu()
 
     @torch.no_grad()
-    def encode(self, texts: list[str]) -> tuple:
+    def encode(self, texts: list[str], reference: torch.Tensor | None = None) -> tuple:
         """Text conditioning with the frozen CLIP-L, CLIP-G and T5 encoders; [negative; positive] for CFG."""
+        if reference is not None:
+            raise ValueError("Stable Diffusion 3 cannot take a reference image: refine with --srr-refine sdedit")
         emb, neg, pooled, neg_pooled = self.pipe.encode_prompt(
             prompt=texts, prompt_2=None, prompt_3=None, device=self.device, do_classifier_free_guidance=True,
-            negative_prompt=[""] * len(texts), max_sequence_length=self.args.max_t5_tokens)
+            negative_prompt=[""] * len(texts), max_sequence_length=self.args.max_text_tokens)
         return torch.cat([neg, emb]), torch.cat([neg_pooled, pooled])
 
-    def velocity(self, x: torch.Tensor, sigma: float, cond: tuple) -> torch.Tensor:
-        """v_theta(x_t, t, c) with classifier-free guidance, in float32. x: (B, C, h, w)."""
-        x_in = torch.cat([x, x]).to(self.dtype)
-        t = torch.full((x_in.shape[0],), float(sigma) * self.scheduler.config.num_train_timesteps, device=x.device)
-        v = self.transformer(hidden_states=x_in, timestep=t, encoder_hidden_states=cond[0],  # t in fp32, as diffusers
-                             pooled_projections=cond[1], return_dict=False)[0].float()
-        v_uncond, v_cond = v.chunk(2)
-        return v_uncond + self.args.guidance_scale * (v_cond - v_uncond)
+    def velocity(self, x: torch.Tensor, sigma: float, cond: tuple, guidance: float | None = None) -> torch.Tensor:
+        """v_theta(x_t, t, c) with classifier-free guidance, in float32. x: (B, C, h, w). guidance 1.0 runs
+        the conditional half only."""
+        emb, pooled = cond
+        if guidance == 1.0:  # conditional only: the second half of each [negative; positive] pair
+            emb, pooled = emb[len(x):], pooled[len(x):]
+        x_in = (torch.cat([x, x]) if len(emb) == 2 * len(x) else x).to(self.dtype)
+        t = torch.full((len(x_in),), float(sigma) * self.scheduler.config.num_train_timesteps, device=x.device)
+        v = self.transformer(hidden_states=x_in, timestep=t, encoder_hidden_states=emb,  # t in fp32, as diffusers
+                             pooled_projections=pooled, return_dict=False)[0]
+        return v.float() if guidance == 1.0 else self.cfg(v, guidance)
 
     @torch.no_grad()
     def decode(self, x: torch.Tensor) -> list:
         """Latents (B, C, h, w) -> PIL images."""
         cfg = self.vae.config
-        img = self.vae.decode((x / cfg.scaling_factor + cfg.shift_factor).to(self.vae.dtype), return_dict=False)[0]
-        img = ((img.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        return [Image.fromarray(a) for a in img]
+        return self.to_pil(self.vae.decode((x / cfg.scaling_factor + cfg.shift_factor).to(self.vae.dtype),
+                                           return_dict=False)[0])
 
     @torch.no_grad()
     def encode_image(self, image: Image.Image) -> torch.Tensor:
         """PIL image -> latents (1, C, h, w), deterministic (the posterior's mode)."""
-        import numpy as np
-
-        image = image.convert("RGB").resize((self.args.resolution,) * 2)
-        x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(self.device)
-        z = self.vae.encode(x.to(self.vae.dtype)).latent_dist.mode().float()
+        z = self.vae.encode(self.pixels(image).to(self.vae.dtype)).latent_dist.mode().float()
         return (z - self.vae.config.shift_factor) * self.vae.config.scaling_factor
+
+
+class KleinRenderer(Renderer):
+    """FLUX.2 klein (`Flux2KleinPipeline`): a Qwen3 text encoder read at three hidden layers, a transformer over
+    latent tokens. x is the pipeline's normalized latent: the VAE's 32 channels patchified 2x2 into 128, then
+    standardized by the VAE's batch-norm statistics, (B, 128, h, w); it is packed into h*w tokens with 4-axis
+    position ids (time, row, column, layer) only for the transformer. A reference image (SRR's initial image)
+    enters as more tokens of the same kind at time 10: the model sees it and redraws from fresh noise."""
+
+    can_edit = True
+    # attention (double-stream q/k/v/out and their text twins; single-stream fused qkv+mlp and out) and MLP
+    # projections, named as diffusers' FLUX.2 LoRA loader reads them (Flow-Factory's and DiffSynth's targets)
+    lora_targets = ("to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out,linear_in,linear_out,"
+                    "to_qkv_mlp_proj,attn.to_out")
+
+    def __init__(self, pipe, device, args: Args):
+        super().__init__(pipe, device, args)
+        side = args.resolution // (2 * self.pipe.vae_scale_factor)
+        self.latent_shape = (self.transformer.config.in_channels, side, side)
+        self.ids = self.pipe._prepare_latent_ids(torch.zeros(1, 1, side, side))[0].to(device)  # (h*w, 4)
+        n = self.pipe.text_encoder.config.num_hidden_layers
+        self.text_layers = (n // 4, n // 2, 3 * n // 4)  # (9, 18, 27) for klein's 36-layer Qwen3
+        bn = self.vae.bn
+        self.bn_mean = bn.running_mean.view(1, -1, 1, 1).float().to(device)
+        self.bn_std = torch.sqrt(bn.running_var.view(1, -1, 1, 1).float() + self.vae.config.batch_norm_eps).to(device)
+        # distilled klein models (4 steps) take no guidance; base models use CFG like SD3
+        self.distilled = bool(self.pipe.config.get("is_distilled", False))
+
+    def sigmas(self, num_steps: int) -> torch.Tensor:
+        """The pipeline's schedule: linspace(1, 1/T) shifted by mu, which grows with the image's token count."""
+        import numpy as np
+        from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+
+        mu = compute_empirical_mu(self.latent_shape[1] * self.latent_shape[2], num_steps)
+        self.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu, device="cpu")
+        return self.scheduler.sigmas.float().cpu()
+
+    @torch.no_grad()
+    def encode(self, texts: list[str], reference: torch.Tensor | None = None) -> tuple:
+        """[negative; positive] Qwen3 embeddings (2B, S, 3 D) with their position ids, and the reference's
+        tokens (1, h*w, 128) and ids (h*w, 4), or None."""
+        n = len(texts)
+        emb, txt_ids = self.pipe.encode_prompt(prompt=[""] * n + texts, device=self.device,
+                                               max_sequence_length=self.args.max_text_tokens,
+                                               text_encoder_out_layers=self.text_layers)
+        ref = ref_ids = None
+        if reference is not None:  # (1, C, h, w) from encode_image; time coordinate 10, as the pipeline's image=
+            ref = reference.detach().flatten(2).transpose(1, 2).to(self.dtype)  # context: never trained
+            ref_ids = self.pipe._prepare_image_ids([reference])[0].to(self.device)
+        return emb, txt_ids[0], ref, ref_ids
+
+    def velocity(self, x: torch.Tensor, sigma: float, cond: tuple, guidance: float | None = None) -> torch.Tensor:
+        """v_theta(x_t, t, c [, reference]) with classifier-free guidance, in float32. x: (B, C, h, w)."""
+        emb, txt_ids, ref, ref_ids = cond
+        B, C, h, w = x.shape
+        cond_only = guidance == 1.0 or self.distilled
+        if cond_only:
+            emb = emb[B:]
+        tokens = x.flatten(2).transpose(1, 2)  # (B, h*w, C)
+        tokens = tokens if cond_only else torch.cat([tokens, tokens])
+        ids = self.ids
+        if ref is not None:  # the reference's tokens follow the noisy ones, in every row of the batch
+            tokens = torch.cat([tokens, ref.expand(len(tokens), -1, -1).to(tokens.dtype)], 1)
+            ids = torch.cat([ids, ref_ids])
+        # the pipeline's timestep: sigma * 1000 rounded to the latents' dtype, then / 1000
+        t = torch.full((len(tokens),), float(sigma) * 1000, device=x.device).to(self.dtype) / 1000
+        v = self.transformer(hidden_states=tokens.to(self.dtype), timestep=t, guidance=None, encoder_hidden_states=emb,
+                             txt_ids=txt_ids, img_ids=ids, return_dict=False)[0][:, :h * w]  # drop the reference
+        v = v.float() if cond_only else self.cfg(v, guidance)
+        return v.transpose(1, 2).reshape(B, C, h, w)
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor) -> list:
+        """Normalized latents (B, 128, h, w) -> un-standardize, unpatchify to (B, 32, 2h, 2w), VAE decode."""
+        z = self.pipe._unpatchify_latents(x.float() * self.bn_std + self.bn_mean)
+        return self.to_pil(self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0])
+
+    @torch.no_grad()
+    def encode_image(self, image: Image.Image) -> torch.Tensor:
+        """PIL image -> normalized latents (1, 128, h, w), the posterior's mode, as the pipeline encodes image=."""
+        z = self.vae.encode(self.pixels(image).to(self.vae.dtype)).latent_dist.mode().float()
+        return (self.pipe._patchify_latents(z) - self.bn_mean) / self.bn_std
 
 
 @torch.no_grad()
@@ -666,6 +800,14 @@ SHAPES = {
         "clip_l": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, projection_dim=16),
         "clip_g": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, projection_dim=16),
         "t5": dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8),
+        # FLUX.2 klein at toy size: 1 double-stream + 2 single-stream blocks; a 4-layer Qwen3 read at layers 1-3
+        "flux2_transformer": dict(num_layers=1, num_single_layers=2, attention_head_dim=8, num_attention_heads=4,
+                                  timestep_guidance_channels=16, mlp_ratio=2.0, axes_dims_rope=(2, 2, 2, 2)),
+        # 4 latent channels (patchified to 16); 4 blocks: the real 8x downsampling, so 32 px is 2x2 tokens
+        "flux2_vae": dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                          sample_size=32),
+        "qwen3": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=4, num_attention_heads=2,
+                      num_key_value_heads=1, head_dim=8, max_position_embeddings=1024),
     },
     "sd35": {
         "text": dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
@@ -685,7 +827,18 @@ SHAPES = {
         "t5": dict(vocab_size=32128, d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24,
                    feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, relative_attention_max_distance=128),
     },
+    # FLUX.2-klein-base-4B: the transformer's published config.json, Qwen3-4B as its text encoder, the FLUX.2 VAE
+    "klein": {
+        "flux2_transformer": dict(num_layers=5, num_single_layers=20, attention_head_dim=128, num_attention_heads=24,
+                                  timestep_guidance_channels=256, mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32)),
+        "flux2_vae": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=32,
+                          norm_num_groups=32, sample_size=1024),
+        "qwen3": dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                      tie_word_embeddings=True, rope_theta=1e6),
+    },
 }
+SHAPES["klein"].update(text=SHAPES["sd35"]["text"], vision=SHAPES["sd35"]["vision"])  # the same reasoner
 TOY_WORDS = ("red green blue yellow cyan magenta white black top bottom left right half image mostly bright dark "
              "the a of is and with in on sky sun sea grass fire light shadow Yes No yes no Is The A Answer Diagnosis Fix "
              ": . , ? ! system user assistant").split()
@@ -696,22 +849,31 @@ TOY_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
+def toy_tokenizer():
+    """A word-level tokenizer over TOY_WORDS with Qwen's special tokens and a Qwen-style chat template, built
+    offline with `tokenizers` (no download). The toy reasoner, verifier and klein text encoder share it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>", "<|video_pad|>", "[UNK]"]
+    tk = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + list(TOY_WORDS))}, unk_token="[UNK]"))
+    tk.pre_tokenizer, tk.decoder = pre_tokenizers.Whitespace(), decoders.WordPiece(prefix="##")
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   unk_token="[UNK]", additional_special_tokens=specials[1:7],
+                                   chat_template=TOY_CHAT_TEMPLATE)
+
+
 def make_vlm(text: dict, vision: dict, image_px: int, seed: int = 0):
     """A random Qwen3-VL (the reasoner's and the verifier's class) of the given sizes, and its processor with
     a word-level tokenizer built offline with `tokenizers` (no download). Every image is resized to
     image_px^2, i.e. (image_px / 32)^2 image tokens. Returns (processor, model)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import (PreTrainedTokenizerFast, Qwen2VLImageProcessor, Qwen3VLConfig,
-                              Qwen3VLForConditionalGeneration, Qwen3VLProcessor)
+    from transformers import (Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
+                              Qwen3VLProcessor)
     from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                "<|image_pad|>", "<|video_pad|>", "[UNK]"]
-    vocab = {t: i for i, t in enumerate(specials + list(TOY_WORDS))}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer, tk.decoder = pre_tokenizers.Whitespace(), decoders.WordPiece(prefix="##")
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                  unk_token="[UNK]", additional_special_tokens=specials[1:7])
+    tok = toy_tokenizer()
+    vocab = tok.get_vocab()
     size = {"shortest_edge": image_px**2, "longest_edge": image_px**2}
     processor = Qwen3VLProcessor(
         image_processor=Qwen2VLImageProcessor(size=size, patch_size=16, temporal_patch_size=2, merge_size=2),
@@ -770,6 +932,26 @@ def make_sd3(shapes: dict, seed: int = 0):
         text_encoder_3=te3, tokenizer_3=t5_tok)
 
 
+def make_klein(shapes: dict, seed: int = 0):
+    """A random Flux2KleinPipeline of the given sizes (base, not distilled: it uses CFG), with klein's fixed
+    fields (patch size 1 over 2x2-patchified latents, no guidance embedding, rope theta 2000, the dynamic-shift
+    scheduler); the toy gets the word-level tokenizer, the real shapes Qwen3's vocabulary size."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tok = toy_tokenizer()
+    torch.manual_seed(seed)
+    te = Qwen3ForCausalLM(Qwen3Config(**{"vocab_size": len(tok), "tie_word_embeddings": True, **shapes["qwen3"]}))
+    vae = AutoencoderKLFlux2(**shapes["flux2_vae"])
+    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=4 * shapes["flux2_vae"]["latent_channels"],
+                                          joint_attention_dim=3 * shapes["qwen3"]["hidden_size"], guidance_embeds=False,
+                                          **shapes["flux2_transformer"])
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096, time_shift_type="exponential")
+    return Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=te, tokenizer=tok, transformer=transformer,
+                              is_distilled=False)
+
+
 def build_toy_vlm(path: str, seed: int = 0, hidden: int = 32, layers: int = 2, image_px: int = 64) -> str:
     """The toy reasoner / verifier, saved with save_pretrained (so from_pretrained, the real loading code,
     reads it back). hidden/layers/image_px give bigger random models for benchmarks. Returns path."""
@@ -784,16 +966,30 @@ def build_toy_vlm(path: str, seed: int = 0, hidden: int = 32, layers: int = 2, i
 def build_toy_sd3(path: str, seed: int = 0) -> str:
     """The toy renderer, saved with save_pretrained. Returns path."""
     pipe = make_sd3(SHAPES["toy"], seed)
-    with torch.no_grad():  # hand-set weights, so that the toy task can be learnt in 20 CPU steps (README):
-        # zero the decoder's residual branches (ResNet conv2, attention output): it becomes a near-linear
-        # map from latents to pixels, so "greener" is one direction in latent space, not a maze;
-        for name, m in pipe.vae.decoder.named_modules():
+    linear_decoder(pipe.vae)
+    pipe.save_pretrained(path)
+    return path
+
+
+def build_toy_klein(path: str, seed: int = 0) -> str:
+    """The toy renderer: a tiny FLUX.2 klein, saved with save_pretrained. Returns path."""
+    pipe = make_klein(SHAPES["toy"], seed)
+    linear_decoder(pipe.vae)
+    pipe.save_pretrained(path)
+    return path
+
+
+def linear_decoder(vae):
+    """Hand-set weights, so that the toy task can be learnt in 20 CPU steps (README): zero the VAE decoder's
+    residual branches (ResNet conv2, attention output): it becomes a near-linear map from latents to pixels,
+    so "greener" is one direction in latent space, not a maze; and raise the contrast (random init decodes
+    to near-grey)."""
+    with torch.no_grad():
+        for name, m in vae.decoder.named_modules():
             if name.endswith(("conv2", "to_out.0")):
                 m.weight.zero_()
                 m.bias.zero_()
-        pipe.vae.decoder.conv_out.weight.mul_(3.0)  # and raise the contrast: random init decodes to near-grey
-    pipe.save_pretrained(path)
-    return path
+        vae.decoder.conv_out.weight.mul_(3.0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -999,6 +1195,21 @@ def sdedit_start(x_init: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor
     return start, (1 - t) * x_init + t * noise
 
 
+def refines_in_context(renderer: Renderer, args: Args) -> bool:
+    """SRR's refinement sees the initial image in context (--srr-refine edit, or auto on a renderer that can)."""
+    return args.srr_refine == "edit" or (args.srr_refine == "auto" and renderer.can_edit)
+
+
+def sde_window(start: int, n_sigmas: int, args: Args, gen: torch.Generator) -> range:
+    """The W consecutive steps sampled by the SDE and trained: from a start drawn in [start, start +
+    sde_window_start_max], never reaching the last step (sigma_next = 0: its log-prob overflows, Flow-GRPO).
+    SDEdit starts late: the draw is capped so the window still fits (it shortens only if W steps cannot)."""
+    last = n_sigmas - 3  # the last step that may be trained: step indices run 0..T-1 = n_sigmas - 2
+    room = max(0, min(args.sde_window_start_max, last + 1 - args.sde_window - start))
+    w0 = start + int(torch.randint(0, room + 1, (1,), generator=gen))
+    return range(w0, min(w0 + args.sde_window, last + 1))
+
+
 @dataclass
 class Group:
     index: int  # k, the group's position in the step (all ranks agree on it)
@@ -1050,12 +1261,16 @@ def rollout_group(policy: Policy, row: dict, task: str, args: Args, gen: torch.G
             with lora_disabled(reasoner.model):
                 text.ref_logp = reasoner.token_logprobs(text)
     t1 = time.perf_counter()
-    cond = renderer.encode([renderer_text(row["prompt"], y) for y in text.texts])
+    texts = [renderer_text(row["prompt"], y) for y in text.texts]
     noise = renderer.noise(1 if args.same_init_noise else G, gen).expand(G, -1, -1, -1)
-    start, x = (0, noise) if task == "rt2i" else sdedit_start(init[1].expand(G, -1, -1, -1), noise, sigmas,
-                                                             args.srr_strength)
-    w0 = start + int(torch.randint(0, args.sde_window_start_max + 1, (1,), generator=gen))
-    window = range(w0, min(w0 + args.sde_window, len(sigmas) - 2))  # never the last step
+    if task == "rt2i":
+        cond, start, x = renderer.encode(texts), 0, noise
+    elif refines_in_context(renderer, args):  # SRR in context: fresh noise, the initial image's tokens in the sequence
+        cond, start, x = renderer.encode(texts, reference=init[1]), 0, noise
+    else:  # SRR by SDEdit: the sampler starts from the initial image's latents, noised
+        cond = renderer.encode(texts)
+        start, x = sdedit_start(init[1].expand(G, -1, -1, -1), noise, sigmas, args.srr_strength)
+    window = sde_window(start, len(sigmas), args, gen)
     x0, kept, logp = render(renderer, cond, x, sigmas, window, args.noise_level, gen, start=start)
     images = renderer.decode(x0)
     if timers is not None:
@@ -1330,24 +1545,53 @@ def export_lora(policy: Policy, args: Args, folder: str):
 # --------------------------------------------------------------------------------------------------
 
 
+def renderer_kind(path: str) -> str:
+    """'klein' or 'sd3', from the class its model_index.json names (a small file, read before any model loads)."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        name = DiffusionPipeline.load_config(path)["_class_name"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"cannot read the renderer {path!r} (--renderer): no pipeline's model_index.json there "
+                         f"({type(e).__name__}: {e})") from None
+    kinds = {"Flux2KleinPipeline": "klein", "StableDiffusion3Pipeline": "sd3"}
+    if name not in kinds:
+        raise ValueError(f"{path}: unknown renderer kind {name!r}; AlphaGRPO drives {' or '.join(kinds)}")
+    return kinds[name]
+
+
+def model_paths(args: Args, out: str) -> tuple[str, str, bool]:
+    """(reasoner path, renderer path, whether they are the toy models to build under OUT/toy_models)."""
+    toy = args.preset == "toy"
+    reasoner = args.reasoner or (os.path.join(out, "toy_models", "reasoner") if toy else "")
+    renderer = args.renderer or (os.path.join(out, "toy_models", "renderer") if toy else "")
+    return reasoner, renderer, toy
+
+
+def check_models(args: Args, out: str):
+    """The cheap checks, before any model loads (or downloads): the renderer's kind, and that it can refine
+    SRR as asked."""
+    _, renderer, toy = model_paths(args, out)
+    kind = "klein" if toy and not args.renderer else renderer_kind(renderer)
+    if args.srr_refine == "edit" and kind != "klein":
+        raise ValueError("--srr-refine edit needs a renderer that takes a reference image (FLUX.2 klein); "
+                         "Stable Diffusion 3 can only refine by --srr-refine sdedit")
+
+
 def load_policy(args: Args, out: str, device=None, rank: int = 0, world: int = 1) -> Policy:
     """Build (toy, on rank 0) or load the reasoner and the renderer, with LoRA, on the device and dtype."""
     device = device or torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                                     "cpu" if args.device == "auto" else args.device)
     dtype = getattr(torch, args.dtype)
-    reasoner_path, renderer_path = args.reasoner, args.renderer
+    reasoner_path, renderer_path, toy = model_paths(args, out)
     # The toy models are fixed artifacts, like real checkpoints: the same weights whatever --seed says.
-    if args.preset == "toy" and not reasoner_path:
-        reasoner_path = os.path.join(out, "toy_models", "reasoner")
-        if rank == 0:
-            build_toy_vlm(reasoner_path)
-    if args.preset == "toy" and not renderer_path:
-        renderer_path = os.path.join(out, "toy_models", "renderer")
-        if rank == 0:
-            build_toy_sd3(renderer_path)
+    if toy and rank == 0 and not args.reasoner:
+        build_toy_vlm(reasoner_path)
+    if toy and rank == 0 and not args.renderer:
+        build_toy_klein(renderer_path)
     if world > 1:
         torch.distributed.barrier()  # the other ranks load what rank 0 wrote
-    from diffusers import StableDiffusion3Pipeline
+    from diffusers import Flux2KleinPipeline, StableDiffusion3Pipeline
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     try:
@@ -1355,13 +1599,16 @@ def load_policy(args: Args, out: str, device=None, rank: int = 0, world: int = 1
         model = AutoModelForImageTextToText.from_pretrained(reasoner_path, dtype=dtype)
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot load the reasoner {reasoner_path!r} (--reasoner): {e}") from None
+    kind = renderer_kind(renderer_path)
     try:
-        pipe = StableDiffusion3Pipeline.from_pretrained(renderer_path, dtype=dtype, low_cpu_mem_usage=False)
+        pipeline = Flux2KleinPipeline if kind == "klein" else StableDiffusion3Pipeline
+        pipe = pipeline.from_pretrained(renderer_path, dtype=dtype, low_cpu_mem_usage=False)
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot load the renderer {renderer_path!r} (--renderer; SD3.5 is gated: accept its "
                          f"licence and `hf auth login`): {e}") from None
     torch.manual_seed(args.seed)  # the LoRA init
-    return Policy(Reasoner(processor, model, device, args), Renderer(pipe, device, args), device)
+    renderer = KleinRenderer(pipe, device, args) if kind == "klein" else SD3Renderer(pipe, device, args)
+    return Policy(Reasoner(processor, model, device, args), renderer, device)
 
 
 def prompt_for(rows: list, position: int, seed: int) -> dict:
@@ -1480,6 +1727,10 @@ def train(args: Args, policy: Policy | None = None) -> str:
     eval_rows = TOY_PROMPTS if toy_rows else load_prompts(args.prompts, "test")
     tags = sorted({q["tag"] for r in rows for k in ("semantic_questions", "quality_questions")
                    for q in r[k] if q["tag"]})
+    if not (args.dry_run or args.reward_url or args.preset == "toy"):
+        raise ValueError("--reward-url is required: start `python reward_server.py --verifier <model>` first")
+    if policy is None:
+        check_models(args, out)
     os.makedirs(out, exist_ok=True)
     policy = policy or load_policy(args, out, device, rank, world)
     optimizer = torch.optim.AdamW([{"params": policy.reasoner.lora_params, "lr": args.reasoner_lr or args.lr},
@@ -1495,9 +1746,7 @@ def train(args: Args, policy: Policy | None = None) -> str:
     if args.dry_run and not args.reward_url:
         client = RandomRewards()
     else:
-        if not args.reward_url:
-            if args.preset != "toy":
-                raise ValueError("--reward-url is required: start `python reward_server.py --verifier <model>` first")
+        if not args.reward_url:  # the toy preset starts its own toy verifier
             server, args.reward_url = start_reward_server()
         client = RewardClient(args.reward_url, args.reward_token or os.environ.get("ALPHAGRPO_REWARD_TOKEN", ""),
                               args.reward_patience)
@@ -1639,9 +1888,13 @@ def memory_plan(policy_parts: dict, args: Args) -> list:
     lora = sum(p.numel() for m in policy_parts.values() for n, p in m.named_parameters() if ".lora_" in n)
     rows.append(("LoRA weights + grads + AdamW (fp32)", lora, lora * 16 / 1e9))
     t = policy_parts["renderer.transformer"].config
-    tokens = (args.resolution // 16) ** 2 + 77 + args.max_t5_tokens  # image patches + CLIP + T5 tokens
+    klein = "num_single_layers" in t
+    # tokens: image patches (klein editing: twice, the reference's too) + text (SD3: CLIP's 77 + T5's)
+    tokens = (args.resolution // 16) ** 2 * (2 if klein and args.task != "rt2i" else 1) + args.max_text_tokens
+    tokens += 0 if klein else 77
     hidden = t.num_attention_heads * t.attention_head_dim
-    act = 2 * args.group_size * tokens * hidden * w * t.num_layers * args.sde_window
+    blocks = t.num_layers + t.num_single_layers if klein else t.num_layers
+    act = 2 * args.group_size * tokens * hidden * w * blocks * args.sde_window
     rows.append((f"renderer activations ({args.sde_window} trained steps, CFG)", None, act / 1e9))
     r = policy_parts["reasoner"].config.text_config
     seq = 128 + args.max_new_tokens
@@ -1660,11 +1913,12 @@ def random_policy(args: Args, device: torch.device) -> Policy:
     try:
         with torch.device(device):
             processor, model = make_vlm(shapes["text"], shapes["vision"], image_px=args.resolution)
-            pipe = make_sd3(shapes)
+            pipe = make_klein(shapes) if args.preset in ("klein", "toy") else make_sd3(shapes)
     finally:
         torch.set_default_dtype(default_dtype)
     torch.manual_seed(args.seed)
-    return Policy(Reasoner(processor, model, device, args), Renderer(pipe, device, args), device)  # adds LoRA
+    renderer = (KleinRenderer if args.preset in ("klein", "toy") else SD3Renderer)(pipe, device, args)  # adds LoRA
+    return Policy(Reasoner(processor, model, device, args), renderer, device)
 
 
 def dry_run(args: Args):
@@ -1675,15 +1929,25 @@ def dry_run(args: Args):
     device = torch.device("cuda" if cuda else "cpu" if run_step else "meta")
     policy = random_policy(args, device)
     model, pipe = policy.reasoner.model, policy.renderer.pipe
-    parts = {"reasoner": model, "renderer.transformer": pipe.transformer, "renderer.vae": pipe.vae,
-             "renderer.text_encoder (CLIP-L)": pipe.text_encoder, "renderer.text_encoder_2 (CLIP-G)": pipe.text_encoder_2,
-             "renderer.text_encoder_3 (T5)": pipe.text_encoder_3}
+    parts = {"reasoner": model, "renderer.transformer": pipe.transformer, "renderer.vae": pipe.vae}
+    if isinstance(policy.renderer, KleinRenderer):
+        parts["renderer.text_encoder (Qwen3)"] = pipe.text_encoder
+    else:
+        parts.update({"renderer.text_encoder (CLIP-L)": pipe.text_encoder,
+                      "renderer.text_encoder_2 (CLIP-G)": pipe.text_encoder_2,
+                      "renderer.text_encoder_3 (T5)": pipe.text_encoder_3})
     rows = memory_plan(parts, args)
     print(f"--dry-run of the {args.preset} preset ({'random weights on ' + torch.cuda.get_device_name() if cuda else 'meta device'}"
           f"), G={args.group_size}, {args.resolution}px, W={args.sde_window}, {args.dtype}")
     for name, n, gb in rows:
         print(f"  {name:<48} {'' if n is None else f'{n / 1e9:7.3f} B params':>16} {gb:8.2f} GB")
-    print(f"  {'total (estimate)':<48} {'':>16} {sum(r[2] for r in rows):8.2f} GB")
+    total = sum(r[2] for r in rows)
+    print(f"  {'total (estimate)':<48} {'':>16} {total:8.2f} GB")
+    per_group = sum(gb for name, _, gb in rows if "activations" in name)  # what grows with G
+    for card in (80, 48, 24):
+        g_max = int((card * 0.9 - (total - per_group)) / (per_group / args.group_size))  # 10% headroom
+        print(f"  on a {card} GB card: " + (f"fits G up to {g_max} (this plan's G is {args.group_size})" if g_max >= 2
+                                            else "the frozen weights alone do not fit (no group fits)"))
     if not run_step:
         print("no GPU here: nothing was allocated; on a GPU, --dry-run also runs one full step with random weights")
         return rows

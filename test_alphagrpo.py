@@ -883,7 +883,7 @@ def test_real_preset_code_path_at_toy_sizes(toy_dirs, tmp_path):
             "--reward-url", url, "--out", str(tmp_path / "run"), "--dtype", "float32", "--device", "cpu",
             "--resolution", "32", "--num-steps", "4", "--eval-num-steps", "4", "--sde-window", "2",
             "--sde-window-start-max", "0", "--group-size", "2", "--groups-per-step", "2", "--max-new-tokens", "6",
-            "--max-t5-tokens", "64", "--steps", "2", "--eval-every", "1", "--save-every", "0", "--sample-every", "1"])
+            "--max-text-tokens", "64", "--steps", "2", "--eval-every", "1", "--save-every", "0", "--sample-every", "1"])
         assert args.gradient_checkpointing and args.image_clip == 1e-4 and args.lora_rank == 32
         ag.train(args)
     finally:
@@ -1658,3 +1658,186 @@ def test_gradient_checkpointing_is_active_and_changes_no_log_prob(toy_dirs):
     before = calls["image"]
     loss.backward()
     assert calls["image"] - before == g.image.latents.shape[1] - 1  # one recomputation per trained step
+
+
+# --------------------------------------------------------------------------------------------------
+# FLUX.2 klein: the renderer that edits, and SRR in context
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def klein_dirs(toy_dirs, tmp_path_factory):
+    return toy_dirs[0], ag.build_toy_klein(str(tmp_path_factory.mktemp("klein") / "renderer"))
+
+
+def klein_stock(renderer, cond, x_T, steps, guidance, image=None):
+    """Flux2KleinPipeline itself from the same x_T and embeddings; its latents in our (normalized, patchified)
+    space."""
+    G, res = len(x_T), renderer.args.resolution
+    out = renderer.pipe(latents=x_T, prompt_embeds=cond[0][G:], negative_prompt_embeds=cond[0][:G], image=image,
+                        num_inference_steps=steps, guidance_scale=guidance, height=res, width=res, output_type="latent",
+                        max_sequence_length=renderer.args.max_text_tokens,
+                        text_encoder_out_layers=renderer.text_layers).images  # (G, 4, 2h, 2w), un-normalized
+    return (renderer.pipe._patchify_latents(out) - renderer.bn_mean) / renderer.bn_std
+
+
+def test_klein_ode_sampler_equals_the_pipeline_for_generation_and_editing(klein_dirs):
+    """Our sampler at noise 0 is Flux2KleinPipeline (dynamic-shift sigmas, CFG, packed tokens, timestep / 1000),
+    for text-to-image and for editing with a reference image (the pipeline's image=; it needs >= 64 px)."""
+    policy, args = make_policy(klein_dirs, resolution=64, num_steps=5, guidance_scale=3.0)
+    renderer, G = policy.renderer, 2
+    randomize_lora(policy)
+    x_T = renderer.noise(G, torch.Generator().manual_seed(0))
+    sigmas = renderer.sigmas(args.num_steps)
+    cond = renderer.encode(["the bottom half is green"] * G)
+    ours = ag.render(renderer, cond, x_T, sigmas, range(0), 0.0)[0]
+    assert ours.abs().max() > 0.1
+    torch.testing.assert_close(ours, klein_stock(renderer, cond, x_T, 5, 3.0), atol=1e-5, rtol=1e-5)
+    reference = Image.new("RGB", (64, 64), (200, 30, 30))
+    cond_edit = renderer.encode(["the bottom half is green"] * G, reference=renderer.encode_image(reference))
+    edited = ag.render(renderer, cond_edit, x_T, sigmas, range(0), 0.0)[0]
+    torch.testing.assert_close(edited, klein_stock(renderer, cond_edit, x_T, 5, 3.0, [reference]), atol=1e-5, rtol=1e-5)
+    assert (edited - ours).abs().max() > 1e-3  # the reference is in the context: it changes the result
+
+
+def test_klein_edit_velocity_depends_on_the_reference_image(klein_dirs):
+    policy, args = make_policy(klein_dirs)
+    r = policy.renderer
+    x = r.noise(2, torch.Generator().manual_seed(0))
+    refs = [r.encode_image(Image.new("RGB", (32, 32), c)) for c in ((255, 0, 0), (0, 0, 255))]
+    v = [r.velocity(x, 0.8, r.encode(["fix the colour"] * 2, reference=ref)) for ref in refs]
+    v_none = r.velocity(x, 0.8, r.encode(["fix the colour"] * 2))
+    assert (v[0] - v[1]).abs().max() > 1e-4 and (v[0] - v_none).abs().max() > 1e-4
+    # guidance 1.0 is the conditional half alone: equal to CFG's conditional branch recovered from two scales
+    cond = r.encode(["fix the colour"] * 2, reference=refs[0])
+    v1, v2 = r.velocity(x, 0.8, cond, guidance=1.0), r.velocity(x, 0.8, cond, guidance=2.0)
+    v0 = r.velocity(x, 0.8, cond, guidance=0.0)  # the unconditional branch
+    torch.testing.assert_close(v2, v0 + 2 * (v1 - v0), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("task,temperature", [("rt2i", 1.0), ("srr", 1.0), ("rt2i", 0.7), ("srr", 0.7)])
+def test_klein_first_update_ratio_is_exactly_one(klein_dirs, task, temperature):
+    """RT2I and SRR in context, at temperature 1 and another one (scoring that forgot the temperature would
+    pass at 1 only): the stored log-probs are what the first update computes, with non-zero LoRA."""
+    policy, args = make_policy(klein_dirs, group_size=4, temperature=temperature)
+    randomize_lora(policy)
+    g = rollout(policy, args, task=task)
+    if task == "srr":
+        assert g.image.cond[2] is not None  # the initial image's tokens are in the context
+    with torch.no_grad():
+        text, image = current_logps(policy, g, args)
+    assert torch.equal(text * g.text.mask, g.text.old_logp * g.text.mask)
+    assert torch.equal(image, g.image.old_logp)
+    loss, stats = ag.group_loss(policy, g, args)
+    assert stats["text_clipfrac"] == 0 and stats["image_clipfrac"] == 0
+    # the check has teeth: scoring at another temperature would not match
+    policy.reasoner.temperature = temperature + 0.3
+    with torch.no_grad():
+        assert not torch.allclose(policy.reasoner.token_logprobs(g.text) * g.text.mask, g.text.old_logp * g.text.mask)
+
+
+@pytest.mark.parametrize("task,refine", [("rt2i", "auto"), ("srr", "edit"), ("srr", "sdedit")])
+def test_the_trained_window_never_holds_the_last_step(klein_dirs, task, refine):
+    """Over many draws of the window start (SDEdit's window starts late), the last trained step always has a
+    non-zero sigma_next: the last step (sigma_next = 0) is never scored."""
+    policy, args = make_policy(klein_dirs, group_size=2, num_steps=8, sde_window=2, sde_window_start_max=2,
+                               srr_refine=refine, srr_strength=0.6)
+    starts = set()
+    for seed in range(6):
+        g = rollout(policy, args, task=task, seed=seed)
+        sig = g.image.sigmas  # (W+1,): the window's sigmas and the one after its last step
+        assert len(sig) >= 2 and float(sig[-1]) > 0, sig
+        starts.add(float(sig[0]))
+    sigmas = policy.renderer.sigmas(args.num_steps)
+    for start in range(len(sigmas) - 2):
+        for seed in range(20):
+            w = ag.sde_window(start, len(sigmas), args, torch.Generator().manual_seed(seed))
+            assert w.stop <= len(sigmas) - 2  # the last step's index is len(sigmas) - 2
+    assert len(starts) > 1  # the start was really drawn
+
+
+def test_klein_srr_initial_image_gets_no_gradient(klein_dirs):
+    policy, args = make_policy(klein_dirs, group_size=4)
+    randomize_lora(policy)
+    row = ag.TOY_PROMPTS[0]
+    gen = torch.Generator().manual_seed(0)
+    images, fut = ag.initial_candidates(policy, row, args, gen, LocalClient())
+    image, reward = ag.pick_initial(images, fut.result()["rewards"], "min", gen)
+    init_latents = policy.renderer.encode_image(image).requires_grad_(True)
+    g = ag.rollout_group(policy, row, "srr", args, gen, LocalClient(), policy.renderer.sigmas(args.num_steps),
+                         (image, init_latents, reward))
+    ag.finish_group(g, args)
+    ag.assign_advantages([g], args)
+    assert g.image.cond[2] is not None and not g.image.cond[2].requires_grad
+    loss, _ = ag.group_loss(policy, g, args)
+    loss.backward()
+    assert init_latents.grad is None
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.renderer.lora_params)
+
+
+def test_klein_lora_export_loads_in_diffusers_and_merges(klein_dirs, tmp_path):
+    from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
+
+    policy, args = make_policy(klein_dirs, lora_rank=4, lora_alpha=12.0)
+    randomize_lora(policy, scale=0.2)
+    ag.export_lora(policy, args, str(tmp_path))
+    sd = Flux2KleinPipeline.lora_state_dict(str(tmp_path / "renderer"))  # what load_lora_weights reads
+    sd = sd[0] if isinstance(sd, tuple) else sd
+    base = Flux2Transformer2DModel.from_pretrained(klein_dirs[1], subfolder="transformer")
+    modules = dict(base.named_modules())
+    wrapped = {n for n, m in policy.renderer.transformer.named_modules() if isinstance(m, ag.LoRALinear)}
+    assert {k[len("transformer."):].rsplit(".lora_", 1)[0] for k in sd} == wrapped
+    assert any("single_transformer_blocks" in n and n.endswith("attn.to_out") for n in wrapped)  # MLP/fused too
+    assert any(n.endswith("ff.linear_in") for n in wrapped)
+    for k, w in sd.items():
+        name, kind = k[len("transformer."):].rsplit(".lora_", 1)
+        lin = modules[name]
+        assert isinstance(lin, torch.nn.Linear)
+        assert w.shape == ((4, lin.in_features) if kind == "A.weight" else (lin.out_features, 4))
+    with torch.no_grad():
+        for k in sd:
+            if k.endswith("lora_A.weight"):
+                name = k[len("transformer."):-len(".lora_A.weight")]
+                modules[name].weight += sd[f"transformer.{name}.lora_B.weight"] @ sd[k]
+    r = policy.renderer
+    x = r.noise(2, torch.Generator().manual_seed(0))
+    cond = r.encode(["a red top"] * 2)
+    ours = r.velocity(x, 0.7, cond)
+    r.transformer, kept = base, r.transformer
+    merged = r.velocity(x, 0.7, cond)
+    r.transformer = kept
+    assert torch.allclose(ours, merged, atol=1e-5)
+    with ag.lora_disabled(r.transformer):
+        assert not torch.allclose(r.velocity(x, 0.7, cond), merged, atol=1e-3)
+
+
+def test_cheap_checks_come_before_any_model_loads(klein_dirs, toy_dirs, tmp_path, monkeypatch):
+    """A missing --reward-url, an unknown renderer kind and SD3 asked to edit stop with a clear error before a
+    model loads (on a user's machine: before gigabytes download)."""
+    monkeypatch.setattr(ag, "load_policy", lambda *a, **k: pytest.fail("a model was loaded before the checks"))
+    with pytest.raises(SystemExit, match="--reward-url is required"):
+        ag.main(["--preset", "klein", "--out", str(tmp_path / "a")])
+    with pytest.raises(SystemExit, match="Stable Diffusion 3 can only refine by --srr-refine sdedit"):
+        ag.main(["--reasoner", toy_dirs[0], "--renderer", toy_dirs[1], "--srr-refine", "edit", "--task", "srr",
+                 "--out", str(tmp_path / "b")])
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
+    with pytest.raises(SystemExit, match="unknown renderer kind 'KandinskyPipeline'"):
+        ag.main(["--reasoner", toy_dirs[0], "--renderer", str(other), "--out", str(tmp_path / "c")])
+    with pytest.raises(SystemExit, match="cannot read the renderer"):
+        ag.main(["--reasoner", toy_dirs[0], "--renderer", str(tmp_path / "nowhere"), "--out", str(tmp_path / "d")])
+
+
+def test_klein_dry_run_has_the_published_parameter_counts(capsys):
+    """--dry-run --preset klein builds FLUX.2-klein-base-4B's parts on the meta device from the embedded configs:
+    the transformer of its published config.json (5 double + 20 single blocks, 24 x 128 heads), Qwen3-4B
+    (model card: 4.0B) and the FLUX.2 VAE (84.0M)."""
+    _, args, _ = ag.parse_args(["--preset", "klein", "--dry-run", "--device", "cpu"])
+    rows = {name: n for name, n, _ in ag.dry_run(args)}
+    assert rows["renderer.transformer"] == 3_875_544_576
+    assert rows["renderer.text_encoder (Qwen3)"] == pytest.approx(4.02e9, rel=2e-3)
+    assert rows["renderer.vae"] == pytest.approx(84.0e6, rel=2e-3)
+    assert rows["reasoner"] == 4_437_815_808
+    out = capsys.readouterr().out
+    assert "total (estimate)" in out and "fits" in out
