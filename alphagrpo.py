@@ -28,7 +28,7 @@ Launch
     python reward_server.py --verifier Qwen/Qwen3-VL-8B-Instruct --port 8000          # on a GPU
     python alphagrpo.py --preset sd35 --reward-url http://127.0.0.1:8000              # on an 80 GB GPU
     python alphagrpo.py sample --prompt "the bottom half is green" --refine-rounds 2
-    python alphagrpo.py bench --preset sd35       # GPU figures at real shapes, random weights (README, Performance)
+    python alphagrpo.py bench --preset klein      # GPU figures at real shapes, random weights (README, Performance)
 
 Shapes: G group size, L generated tokens, P prompt tokens, V vocabulary, C latent channels,
 h x w latent size, W trained (SDE) steps, T sampling steps.
@@ -277,7 +277,7 @@ def parse_args(argv=None) -> tuple[str, Args, dict]:
                        "(repeatable); default: the prompt's questions in the prompt set, if it is there")
     if command == "bench":
         p.add_argument("--verifier", default="", help="the reward server's verifier, started on this device for "
-                       "the training-step figures (default: random:qwen3-vl-8b for sd35, random:small for toy); "
+                       "the training-step figures (default: random:qwen3-vl-8b for the real presets, random:small for toy); "
                        "--reward-url uses a running server instead")
         p.add_argument("--repeats", type=int, default=3, help="timed runs of each sampler (after one warm-up)")
     given = vars(p.parse_args(argv))
@@ -1960,9 +1960,24 @@ def dry_run(args: Args):
     return rows
 
 
+@torch.no_grad()
+def stock_pipeline(renderer: Renderer, cond: tuple, x_T: torch.Tensor, steps: int) -> torch.Tensor:
+    """The diffusers pipeline itself (StableDiffusion3Pipeline or Flux2KleinPipeline) from our x_T and text
+    embeddings, at our steps and CFG; its final latents in our sampler's space. Text-to-image only."""
+    G, res, pipe = len(x_T), renderer.args.resolution, renderer.pipe
+    common = dict(latents=x_T.to(renderer.dtype), num_inference_steps=steps, guidance_scale=renderer.args.guidance_scale,
+                  height=res, width=res, output_type="latent", prompt_embeds=cond[0][G:],
+                  negative_prompt_embeds=cond[0][:G])
+    if isinstance(renderer, SD3Renderer):
+        return pipe(pooled_prompt_embeds=cond[1][G:], negative_pooled_prompt_embeds=cond[1][:G], **common).images.float()
+    z = pipe(max_sequence_length=renderer.args.max_text_tokens, text_encoder_out_layers=renderer.text_layers,
+             **common).images.float()  # un-normalized, unpatchified: back to the sampler's space
+    return (pipe._patchify_latents(z) - renderer.bn_mean) / renderer.bn_std
+
+
 def bench(args: Args, verifier: str = "", repeats: int = 3) -> dict:
     """`bench`: the figures of the README's performance section, at the preset's real shapes with random
-    weights (nothing downloads). Run it on a GPU with --preset sd35; on the CPU the toy preset runs the same
+    weights (nothing downloads). Run it on a GPU with --preset klein or sd35; on the CPU the toy preset runs the same
     script end to end in about a minute, to check it before spending GPU time. Measures:
     1. on-policy exactness: group_loss on a fresh rollout with non-zero LoRA weights, computed exactly as the
        first update computes it (grad on, train mode, checkpointing): max |ratio - 1| of the text tokens and of
@@ -2011,26 +2026,23 @@ def bench(args: Args, verifier: str = "", repeats: int = 3) -> dict:
 
     # 2. Our rollout sampler against the stock pipeline, same inputs
     cond, x_T = renderer.encode([rows[0]["prompt"]] * G), renderer.noise(G, gen)
-    stock = dict(prompt_embeds=cond[0][G:], negative_prompt_embeds=cond[0][:G], pooled_prompt_embeds=cond[1][G:],
-                 negative_pooled_prompt_embeds=cond[1][:G], num_inference_steps=args.num_steps, output_type="latent",
-                 guidance_scale=args.guidance_scale, height=args.resolution, width=args.resolution)
     ours, theirs = [], []
     for _ in range(repeats + 1):  # alternated, so that both see the same machine load; the first pair warms up
         ours.append(timed(lambda: render(renderer, cond, x_T, sigmas, range(args.sde_window), args.noise_level, gen)))
-        theirs.append(timed(lambda: renderer.pipe(latents=x_T.to(renderer.dtype), **stock)))
+        theirs.append(timed(lambda: stock_pipeline(renderer, cond, x_T, args.num_steps)))
     ode = render(renderer, cond, x_T, sigmas, range(0), 0.0)[0]
-    diff = (ode - renderer.pipe(latents=x_T.to(renderer.dtype), **stock).images.float()).abs().max().item()
+    diff = (ode - stock_pipeline(renderer, cond, x_T, args.num_steps)).abs().max().item()
     fig.update(sampler_s=statistics.median(ours[1:]), pipeline_s=statistics.median(theirs[1:]), ode_max_diff=diff)
     fig["sampler_ratio"] = fig["sampler_s"] / fig["pipeline_s"]
     print(f"2. rollout sampler (SDE window, keeps latents and log-probs) {fig['sampler_s']:.3f} s, "
-          f"StableDiffusion3Pipeline {fig['pipeline_s']:.3f} s per group of {G} (median of {repeats}): ratio "
+          f"{type(renderer.pipe).__name__} {fig['pipeline_s']:.3f} s per group of {G} (median of {repeats}): ratio "
           f"{fig['sampler_ratio']:.3f} (goal <= 1.1); as ODEs, max |latents - diffusers'| {diff:.1e}", flush=True)
 
     # 3. Training steps with the reward server on the same device (Sec. 4.3: scoring overlaps sampling)
     server, url = None, args.reward_url
     if not url:
-        server, url = start_reward_server(verifier or ("random:qwen3-vl-8b" if args.preset == "sd35" else
-                                                       "random:small"), device.type)
+        server, url = start_reward_server(verifier or ("random:small" if args.preset == "toy" else
+                                                       "random:qwen3-vl-8b"), device.type)
     try:
         with tempfile.TemporaryDirectory() as out:
             if cuda:
