@@ -253,15 +253,15 @@ QUALITY_TAGS = ("Geometry", "Anatomy", "Texture", "Coherence", "Lighting", "Phys
 
 
 def parse_args(argv=None) -> tuple[str, Args, dict]:
-    """`[train|sample] --flag value ...` -> (command, Args, extra sample options). Help text comes from
-    the field docstrings above; a preset's values apply first and explicit flags override them."""
+    """`[train|sample|eval|bench] --flag value ...` -> (command, Args, the command's extra options). Help text
+    comes from the field docstrings above; a preset's values apply first and explicit flags override them."""
     source = ast.parse(open(__file__, encoding="utf-8").read() if "__file__" in globals() else "")
     docs, body = {}, next((n.body for n in source.body if isinstance(n, ast.ClassDef) and n.name == "Args"), [])
     for node, nxt in zip(body, body[1:]):
         if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr):
             docs[node.target.id] = nxt.value.value
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv.pop(0) if argv and argv[0] in ("train", "sample", "bench") else "train"
+    command = argv.pop(0) if argv and argv[0] in ("train", "sample", "bench", "eval") else "train"
     p = argparse.ArgumentParser(prog=f"alphagrpo.py {command}", argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(Args):
         flag = "--" + f.name.replace("_", "-")
@@ -275,6 +275,16 @@ def parse_args(argv=None) -> tuple[str, Args, dict]:
         p.add_argument("--checkpoint", default="", help="a checkpoint (or run) folder whose LoRA weights to load")
         p.add_argument("--question", action="append", default=[], help="a DVReward question for the reward "
                        "(repeatable); default: the prompt's questions in the prompt set, if it is there")
+    if command == "eval":
+        p.add_argument("--benchmark", required=True, choices=sorted(BENCHMARKS), help="the benchmark (README)")
+        p.add_argument("--data", required=True, help="its prompt file or folder, from your clone (README)")
+        p.add_argument("--refine-rounds", type=int, default=0, help="reflect-and-refine rounds, each in its own tree")
+        p.add_argument("--checkpoint", default="", help="a checkpoint (or run) folder whose LoRA weights to load")
+        p.add_argument("--reasoning", action=argparse.BooleanOptionalAction, default=True,
+                       help="plan (and reflect) with the reasoner before drawing")
+        p.add_argument("--samples-per-prompt", type=int, default=0, help="K images a prompt; 0: the benchmark's "
+                       "default (GenEval 4, DPG-Bench 4 in a 2x2 grid, WISE, TIIF-Bench and GEdit-Bench 1)")
+        p.add_argument("--limit", type=int, default=0, help="only the first N prompts (0: all)")
     if command == "bench":
         p.add_argument("--verifier", default="", help="the reward server's verifier, started on this device for "
                        "the training-step figures (default: random:qwen3-vl-8b for the real presets, random:small for toy); "
@@ -283,6 +293,7 @@ def parse_args(argv=None) -> tuple[str, Args, dict]:
     given = vars(p.parse_args(argv))
     extra = {k: given.pop(k) for k in ("prompt", "refine_rounds", "checkpoint", "question", "verifier", "repeats")
              if k in given}
+    extra |= {k: given.pop(k) for k in ("benchmark", "data", "reasoning", "samples_per_prompt", "limit") if k in given}
     preset = given.get("preset", Args.preset)
     if preset not in PRESETS:
         p.error(f"--preset must be one of {sorted(PRESETS)}, not {preset!r}")
@@ -1822,6 +1833,30 @@ def keep_metrics_before(path: str, step: int):
 
 
 @torch.no_grad()
+def draw(policy: Policy, args: Args, prompt: str, gen: torch.Generator, reasoning: bool = True):
+    """Round 0 (RT2I): plan with RT2I_INSTRUCTION (no plan with reasoning off), then the ODE sampler from fresh
+    noise drawn from `gen`. Returns (PIL image, text)."""
+    renderer = policy.renderer
+    text = policy.reasoner.generate(RT2I_INSTRUCTION.format(prompt=prompt), None, 1).texts[0] if reasoning else ""
+    x0, _, _ = render(renderer, renderer.encode([renderer_text(prompt, text)]), renderer.noise(1, gen),
+                      renderer.sigmas(args.eval_num_steps), range(0), 0.0)
+    return renderer.decode(x0)[0], text
+
+
+@torch.no_grad()
+def refine(policy: Policy, args: Args, prompt: str, image: Image.Image, gen: torch.Generator, reasoning: bool = True,
+           instruction: str = REFLECT_INSTRUCTION):
+    """One SRR round: the reasoner looks at `image` with `instruction` (reflect mode; EDIT_INSTRUCTION makes the
+    round an edit of a source image), then the renderer redraws conditioned on the image. This is the only
+    place that knows how: SDEdit from the image's latents noised to --srr-strength. Returns (PIL image, text)."""
+    renderer, sigmas = policy.renderer, policy.renderer.sigmas(args.eval_num_steps)
+    text = policy.reasoner.generate(instruction.format(prompt=prompt), image, 1).texts[0] if reasoning else ""
+    start, x = sdedit_start(renderer.encode_image(image), renderer.noise(1, gen), sigmas, args.srr_strength)
+    x0, _, _ = render(renderer, renderer.encode([renderer_text(prompt, text)]), x, sigmas, range(0), 0.0, start=start)
+    return renderer.decode(x0)[0], text
+
+
+@torch.no_grad()
 def sample(args: Args, prompt: str, refine_rounds: int = 0, checkpoint: str = "", question: list = ()):
     """Draw `prompt` with reasoning (ODE sampler), then `refine_rounds` rounds of reflect-and-refine. Writes
     each round's image, text and reward (when questions are known: --question, or the prompt's row in the
@@ -1842,19 +1877,12 @@ def sample(args: Args, prompt: str, refine_rounds: int = 0, checkpoint: str = ""
             server, args.reward_url = start_reward_server()
         client = RewardClient(args.reward_url, args.reward_token or os.environ.get("ALPHAGRPO_REWARD_TOKEN", ""),
                               args.reward_patience)
-    renderer, sigmas, gen = policy.renderer, policy.renderer.sigmas(args.eval_num_steps), seeded(args, 0, 0)
+    gen = seeded(args, 0, 0)
     rounds, image = [], None
     try:
         for k in range(refine_rounds + 1):
-            if k == 0:  # RT2I: plan, then draw
-                text = policy.reasoner.generate(RT2I_INSTRUCTION.format(prompt=prompt), None, 1).texts[0]
-                start, x = 0, renderer.noise(1, gen)
-            else:  # SRR: reflect on the last image, then redraw it from its noised latents
-                text = policy.reasoner.generate(REFLECT_INSTRUCTION.format(prompt=prompt), image, 1).texts[0]
-                start, x = sdedit_start(renderer.encode_image(image), renderer.noise(1, gen), sigmas, args.srr_strength)
-            x0, _, _ = render(renderer, renderer.encode([renderer_text(prompt, text)]), x, sigmas, range(0), 0.0,
-                              start=start)
-            image = renderer.decode(x0)[0]
+            # round 0 plans, then draws; later rounds reflect on the last image, then redraw it
+            image, text = draw(policy, args, prompt, gen) if k == 0 else refine(policy, args, prompt, image, gen)
             reward = None
             if client is not None:
                 sem, qual = questions(row)
@@ -1872,6 +1900,329 @@ def sample(args: Args, prompt: str, refine_rounds: int = 0, checkpoint: str = ""
             f"  R {r['reward']:.2f}" if r["reward"] is not None else ""), r["text"]) for r in rounds], cols=len(rounds))
     print(f"wrote {out}/side_by_side.png")
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation on the paper's benchmarks: GenEval, DPG-Bench, WISE, TIIF-Bench (generation), GEdit-Bench (editing)
+# --------------------------------------------------------------------------------------------------
+
+# A reader turns a benchmark's own files into items {"id", "prompt", "source" (GEdit-Bench's source image path,
+# else None), "images" (paths in a round's tree: one per sample, or one grid of all samples for DPG-Bench),
+# "meta" ({path: text} written beside them)}. The formats were checked against the benchmarks' repositories
+# (README, "Evaluating on the paper's benchmarks"); the scorers themselves are not re-implemented.
+
+MODEL_NAME = "alphagrpo"  # the model's folder in TIIF-Bench's and GEdit-Bench's trees
+# GEdit-Bench's round 0 is an edit of the source image: `refine` with this instead of REFLECT_INSTRUCTION
+EDIT_INSTRUCTION = (
+    "This image must be edited as follows: \"{prompt}\". Describe the edited image as short visual facts: what "
+    "changes, exactly as asked, and what stays as it is (objects, colours, positions, text, style)."
+)
+
+
+def field(row, key: str, where: str, name: bool = False) -> str:
+    """row[key], a non-empty string, or a ValueError naming where and why. name=True: it becomes a file or
+    folder name, so it is kept verbatim and may not hold a path separator."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: must be a JSON object, got {type(row).__name__}")
+    value = row.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{where}: '{key}' is missing, empty or not a string")
+    if name and (value != os.path.basename(value) or value in (".", "..")):
+        raise ValueError(f"{where}: '{key}' = {value!r} cannot be a file name")
+    return value if name else value.strip()
+
+
+def read_jsonl(path: str) -> list:
+    """[(line number, object)] of a JSON-lines file, blank lines skipped."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such file")
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    rows.append((n, json.loads(line)))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
+    return rows
+
+
+def files_in(path: str, ext: str, what: str) -> list:
+    """The file itself, or a folder's *ext files in name order."""
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(path, f) for f in os.listdir(path) if f.endswith(ext)) if os.path.isdir(path) else []
+    if not files:
+        raise ValueError(f"{path}: no {ext} files ({what})")
+    return files
+
+
+def read_geneval(path: str, K: int) -> list:
+    """GenEval: prompts/evaluation_metadata.jsonl, one object per line ('prompt', 'tag', 'include', ...). Tree,
+    as generation/diffusers_generate.py writes it: <index:05>/metadata.jsonl (the line) and
+    <index:05>/samples/<j:05>.png, index = the line's position."""
+    items = []
+    for i, (n, row) in enumerate(read_jsonl(path)):
+        prompt = field(row, "prompt", f"{path}:{n}")
+        field(row, "tag", f"{path}:{n}")  # the scorer picks its detection threshold by tag
+        d = f"{i:05d}"
+        items.append(dict(id=d, prompt=prompt, source=None, images=[f"{d}/samples/{j:05d}.png" for j in range(K)],
+                          meta={f"{d}/metadata.jsonl": json.dumps(row) + "\n"}))
+    return items
+
+
+def read_dpg(folder: str, K: int) -> list:
+    """DPG-Bench: ELLA's dpg_bench/prompts/, one <item>.txt per prompt. Tree: <item>.png, the K samples in a
+    2-column grid (2x2 for K = 4), which dpg_bench/compute_dpg_bench.py crops back into tiles of --resolution."""
+    items = []
+    for path in files_in(folder, ".txt", "DPG-Bench's --data is its dpg_bench/prompts folder"):
+        item = os.path.basename(path)[:-4]
+        if "." in item:  # the scorer finds an image's questions by its name up to the first dot
+            raise ValueError(f"{path}: the item name {item!r} holds a dot, which compute_dpg_bench.py cuts off")
+        try:
+            with open(path, encoding="utf-8") as f:
+                prompt = f.read().strip()
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: not UTF-8 text") from None
+        if not prompt:
+            raise ValueError(f"{path}: empty prompt")
+        items.append(dict(id=item, prompt=prompt, source=None, images=[f"{item}.png"], meta={}))
+    return items
+
+
+def read_wise(path: str, K: int) -> list:
+    """WISE: JSON lists of {"prompt_id": int, "Prompt": str, ...}: data_verified/*.json (WISE_Verified) or
+    WISE_legacy/data/*.json (the original release); a folder reads all but the *_rewrite.json ablations.
+    Tree, as gpt_eval.py and vllm_eval.py read it: <prompt_id>.png."""
+    prompts = {}
+    for file in files_in(path, ".json", "WISE's --data is a data_verified/*.json file or its folder"):
+        if file != path and file.endswith("_rewrite.json"):
+            continue
+        try:
+            with open(file, encoding="utf-8") as f:
+                rows = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file}:{e.lineno}: not valid JSON ({e.msg})") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"{file}: not UTF-8 text") from None
+        if not isinstance(rows, list):
+            raise ValueError(f"{file}: must be a JSON list of prompts")
+        for j, row in enumerate(rows):
+            where = f"{file}: item {j}"
+            prompt, pid = field(row, "Prompt", where), row.get("prompt_id")
+            if not isinstance(pid, int) or isinstance(pid, bool):
+                raise ValueError(f"{where}: 'prompt_id' must be an integer (it names the image)")
+            if prompts.setdefault(pid, (prompt, file))[0] != prompt:  # merge.json repeats the others
+                raise ValueError(f"{where}: prompt_id {pid} has another prompt in {prompts[pid][1]}")
+    return [dict(id=str(pid), prompt=p, source=None, images=[f"{pid}.png"], meta={})
+            for pid, (p, _) in sorted(prompts.items())]
+
+
+def read_tiif(path: str, K: int) -> list:
+    """TIIF-Bench: data/test_prompts/*.jsonl (or testmini_prompts), lines {"type", "short_description",
+    "long_description"}; each line is two items, one per description. Tree, as eval/eval_with_vlm.py reads it:
+    <type>/alphagrpo/<short|long>_description/<i>.png, i = the line's position in its file."""
+    items, owner = [], {}
+    for file in files_in(path, ".jsonl", "TIIF-Bench's --data is its data/test_prompts folder or one file in it"):
+        rows = read_jsonl(file)
+        for i, (n, row) in enumerate(rows):
+            kind = field(row, "type", f"{file}:{n}", name=True)
+            if kind != rows[0][1]["type"]:  # the scorer takes a file's type from its first line
+                raise ValueError(f"{file}:{n}: type {kind!r} differs from the first line's {rows[0][1]['type']!r}")
+            if owner.setdefault(kind, file) != file:
+                raise ValueError(f"{file}:{n}: type {kind!r} is also in {owner[kind]}; their images would collide")
+            for desc in ("short_description", "long_description"):
+                items.append(dict(id=f"{kind}/{desc}/{i}", prompt=field(row, desc, f"{file}:{n}"), source=None,
+                                  images=[f"{kind}/{MODEL_NAME}/{desc}/{i}.png"], meta={}))
+    return items
+
+
+def read_gedit(folder: str, K: int) -> list:
+    """GEdit-Bench, exported to a folder (README): metadata.jsonl with the Hub dataset's columns "key",
+    "task_type", "instruction", "instruction_language", and "input_image", the source image's path relative to
+    the folder. Tree, as Step1X-Edit's GEdit-Bench/test_gedit_score.py reads it:
+    alphagrpo/fullset/<task_type>/<instruction_language>/<key>.png, the source beside it as <key>_SRCIMG.png."""
+    meta, items, seen = os.path.join(folder, "metadata.jsonl"), [], set()
+    for n, row in read_jsonl(meta):
+        where = f"{meta}:{n}"
+        item = "/".join(field(row, k, where, name=True) for k in ("task_type", "instruction_language", "key"))
+        source = os.path.join(folder, field(row, "input_image", where))
+        if not os.path.isfile(source):
+            raise ValueError(f"{where}: source image {source} not found")
+        if item in seen:
+            raise ValueError(f"{where}: {item} appears twice")
+        seen.add(item)
+        items.append(dict(id=item, prompt=field(row, "instruction", where), source=source,
+                          images=[f"{MODEL_NAME}/fullset/{item}.png"], meta={}))
+    return items
+
+
+# name: reader, (default, most) samples per prompt, and the official scorer: repository, what it needs, and the
+# commands to run in its clone for one round's tree ({tree}; {samples}, {resolution} as drawn; {model} MODEL_NAME).
+BENCHMARKS = {
+    "geneval": dict(read=read_geneval, samples=(4, math.inf), repo="github.com/djghosh13/geneval",
+                    needs="its environment.yml with mmdet 2.27.0, the Mask2Former detector from "
+                          "evaluation/download_models.sh, a CUDA GPU",
+                    score=["python evaluation/evaluate_images.py {tree} --outfile {tree}_scores/results.jsonl "
+                           "--model-path <OBJECT_DETECTOR_FOLDER>",
+                           "python evaluation/summary_scores.py {tree}_scores/results.jsonl"]),
+    "dpg": dict(read=read_dpg, samples=(4, 4), repo="github.com/TencentQQGYLab/ELLA (dpg_bench/)",
+                needs="accelerate, pandas, modelscope and its mPLUG-large VQA model (fetched on first use); "
+                      "PROCESSES=<number of GPUs> (default 8)",
+                score=["PIC_NUM={samples} bash dpg_bench/dist_eval.sh {tree} {resolution}"]),
+    "wise": dict(read=read_wise, samples=(1, 1), repo="github.com/PKU-YuanGroup/WISE",
+                 needs="score with the release you drew: WISE_Verified (data_verified/) with a vLLM server of "
+                       "Qwen3.5-35B-A3B at $VLLM_API_BASE (first command), the original WISE (WISE_legacy/data/) "
+                       "with the OpenAI API and gpt-4o-2024-05-13 (second command)",
+                 score=["IMAGE_DIR={tree} bash eval_qwen.sh",
+                        "cd WISE_legacy && for c in cultural_common_sense spatio-temporal_reasoning natural_science; "
+                        "do python gpt_eval.py --json_path data/$c.json --image_dir {tree} --output_dir "
+                        "{tree}/Results/$c --api_key $OPENAI_API_KEY --model gpt-4o-2024-05-13 --result_full "
+                        "{tree}/Results/${{c}}_full_results.json --result_scores {tree}/Results/${{c}}_scores.jsonl; "
+                        "done && python Calculate.py {tree}/Results/cultural_common_sense_scores.jsonl "
+                        "{tree}/Results/natural_science_scores.jsonl "
+                        "{tree}/Results/spatio-temporal_reasoning_scores.jsonl --category all"]),
+    "tiif": dict(read=read_tiif, samples=(1, 1), repo="github.com/A113N-W3I/TIIF-Bench",
+                 needs="an OpenAI-compatible VLM (GPT-4o, or Qwen2.5-VL-72B served by vLLM); --jsonl_dir must be the "
+                       "eval prompts of the set drawn (testmini_eval_prompts for testmini_prompts); pandas, openpyxl",
+                 score=["python eval/eval_with_vlm.py --jsonl_dir data/test_eval_prompts --image_dir {tree} "
+                        "--eval_model {model} --output_dir {tree}_scores --api_key $API_KEY --base_url $BASE_URL "
+                        "--model gpt-4o",
+                        "python eval/summary_results.py --input_dir {tree}_scores",
+                        "python eval/summary_dimension_results.py --input_excel {tree}_scores/result_summary.xlsx "
+                        "--output_txt {tree}_scores/result_summary_dimension.txt"]),
+    "gedit": dict(read=read_gedit, samples=(1, 1), repo="github.com/stepfun-ai/Step1X-Edit (GEdit-Bench/)",
+                  needs="datasets (the scorer reloads stepfun-ai/GEdit-Bench from the Hub), megfile, pandas; a GPT-4.1 "
+                        "key in secret_t2.env, or --backbone qwen25vl with Qwen2.5-VL-72B-Instruct-AWQ",
+                  score=["cd GEdit-Bench && python test_gedit_score.py --model_name {model} --save_path {tree} "
+                         "--backbone gpt4o",
+                         "cd GEdit-Bench && python calculate_statistics.py --model_name {model} --save_path {tree} "
+                         "--backbone gpt4o --language en"]),
+}
+
+
+def save_atomic(path: str, data):
+    """Write a PIL image (PNG) or a str through a temporary file and a rename, so a killed run leaves no
+    truncated file that its rerun would skip. The temporary name starts with a dot: no scorer's pattern takes it."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+    if isinstance(data, str):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(data)
+    else:
+        data.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def tile(images: list) -> Image.Image:
+    """DPG-Bench's grid: 2 columns, row-major (2x2 for 4 samples), the order in which its scorer crops them."""
+    cols, s = min(2, len(images)), images[0].width
+    grid = Image.new("RGB", (cols * s, math.ceil(len(images) / cols) * s), "white")
+    for j, im in enumerate(images):
+        grid.paste(im, ((j % cols) * s, (j // cols) * s))
+    return grid
+
+
+@torch.no_grad()
+def evaluate_benchmark(args: Args, benchmark: str, data: str, refine_rounds: int = 0, checkpoint: str = "",
+                       reasoning: bool = True, samples_per_prompt: int = 0, limit: int = 0) -> str:
+    """Draw a benchmark's prompts (GEdit-Bench: edit its source images), then `refine_rounds` rounds of
+    reflect-and-refine; round k goes to the tree OUT/round_<k> in the layout its official scorer reads. Sample j
+    of an item is seeded by (seed, j, crc32("<benchmark>/<id>")) in every round, so a rerun skips the items
+    whose images all exist and would redraw the others identically. Writes OUT/manifest.json (with the scorer's
+    commands) and OUT/texts.jsonl (every round's reasoning)."""
+    import shlex
+    import zlib
+
+    bench, out = BENCHMARKS[benchmark], args.out
+    K = samples_per_prompt or bench["samples"][0]
+    if not out:
+        raise ValueError("eval needs --out DIR (run it again with the same DIR to resume)")
+    if not 1 <= K <= bench["samples"][1]:
+        raise ValueError(f"--samples-per-prompt {K}: {benchmark}'s scorer reads 1 to {bench['samples'][1]} images "
+                         "a prompt")
+    if refine_rounds < 0 or limit < 0:
+        raise ValueError("--refine-rounds and --limit cannot be negative")
+    if not os.path.exists(data):
+        raise ValueError(f"{data}: not found (--data: the benchmark's prompt file or folder, see README)")
+    items = bench["read"](data, K)[:limit or None]
+    if not items:
+        raise ValueError(f"{data}: no prompts")
+    seeds = {it["id"]: zlib.crc32(f"{benchmark}/{it['id']}".encode()) for it in items}
+    trees = [os.path.join(out, f"round_{k}") for k in range(refine_rounds + 1)]
+    todo = [it for it in items if not all(os.path.exists(os.path.join(t, p)) for t in trees for p in it["images"])]
+    arguments = {"benchmark": benchmark, "data": os.path.abspath(data), "checkpoint": checkpoint and
+                 os.path.abspath(checkpoint), "reasoning": reasoning, "samples_per_prompt": K,
+                 **dataclasses.asdict(args), "refine_rounds": refine_rounds, "limit": limit}
+    manifest_path, free = os.path.join(out, "manifest.json"), ("refine_rounds", "limit", "out", "device")
+    if os.path.exists(manifest_path):  # never mix two settings' images in one tree
+        with open(manifest_path) as f:
+            old = json.load(f)["arguments"]
+        diff = sorted(k for k in old.keys() | arguments.keys() if k not in free and old.get(k) != arguments.get(k))
+        if diff:
+            raise ValueError(f"{out} holds images made with other settings (" + ", ".join(
+                f"{k}={old.get(k)!r} there, {arguments.get(k)!r} here" for k in diff) + "): use another --out")
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    manifest = {
+        "benchmark": benchmark, "checkpoint": arguments["checkpoint"] or None, "commit": commit, "arguments": arguments,
+        "seeds": {"rule": "sample j of an item: seeded(seed, j, item seed), one generator through all its rounds",
+                  "items": seeds},
+        "counts": {"prompts": len(items), "samples_per_prompt": K, "rounds": len(trees),
+                   "images_per_round": sum(len(it["images"]) for it in items), "already_done": len(items) - len(todo),
+                   "drawn": 0},
+        "trees": [os.path.basename(t) for t in trees],
+        "scorer": {"repository": bench["repo"], "needs": bench["needs"], "commands": {
+            os.path.basename(t): [c.format(tree=shlex.quote(os.path.abspath(t)), samples=K, resolution=args.resolution,
+                                           model=MODEL_NAME)
+                                  for c in bench["score"]] for t in trees}},
+    }
+    os.makedirs(out, exist_ok=True)
+    save_atomic(manifest_path, json.dumps(manifest, indent=1))
+    if todo:
+        policy = load_policy(args, out)
+        if checkpoint:
+            load_checkpoint(checkpoint, policy, None, args)
+    for it in tqdm(todo, desc=benchmark, unit="prompt"):
+        source = None
+        if it["source"]:
+            try:
+                source = Image.open(it["source"]).convert("RGB")
+            except OSError as e:
+                raise ValueError(f"{it['source']}: not a readable image ({e})") from None
+        rounds, texts = [[] for _ in trees], []  # rounds[k][j]: sample j after round k
+        for j in range(K):
+            gen, image = seeded(args, j, seeds[it["id"]]), source
+            for k in range(len(trees)):
+                if k == 0 and source is None:  # text-to-image: plan, then draw
+                    image, text = draw(policy, args, it["prompt"], gen, reasoning)
+                else:  # GEdit-Bench's round 0 edits the source image; every later round refines the last image
+                    image, text = refine(policy, args, it["prompt"], image, gen, reasoning,
+                                         EDIT_INSTRUCTION if k == 0 else REFLECT_INSTRUCTION)
+                rounds[k].append(image)
+                texts.append({"id": it["id"], "sample": j, "round": k, "text": text})
+        for tree, images in zip(trees, rounds):  # the images last: an item counts as done once they exist
+            for path, text in it["meta"].items():
+                save_atomic(os.path.join(tree, path), text)
+            if source is not None:  # GEdit-Bench's scorer reads the source beside the edit
+                save_atomic(os.path.join(tree, it["images"][0][:-len(".png")] + "_SRCIMG.png"), source)
+            for path, image in zip(it["images"], images if len(it["images"]) == K else [tile(images)]):
+                save_atomic(os.path.join(tree, path), image)
+        with open(os.path.join(out, "texts.jsonl"), "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(t) + "\n" for t in texts)
+    manifest["counts"]["drawn"] = len(todo)
+    save_atomic(manifest_path, json.dumps(manifest, indent=1))
+    print(f"{benchmark}: {len(todo)} prompts drawn, {len(items) - len(todo)} already done, {len(trees)} round(s) in "
+          f"{out}/round_*; score them in a clone of {bench['repo']}, e.g. round 0:")
+    for c in manifest["scorer"]["commands"]["round_0"]:
+        print("  " + c)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The memory plan, the dry run, the GPU bench and main
+# --------------------------------------------------------------------------------------------------
 
 
 def memory_plan(policy_parts: dict, args: Args) -> list:
@@ -2092,11 +2443,15 @@ def main(argv=None):
                 print(f"done: {out}/metrics.jsonl")
         elif command == "bench":
             bench(args, **extra)
+        elif command == "eval":
+            evaluate_benchmark(args, **extra)
         else:
             sample(args, **extra)
     except (RewardError, ValueError) as e:  # bad input or a verifier that is down: say what and where
         raise SystemExit(f"error: {e}") from None
     except KeyboardInterrupt:
+        if command == "eval":
+            raise SystemExit("interrupted: the same command continues where this one stopped") from None
         raise SystemExit("interrupted: metrics.jsonl holds every finished step; --resume OUT continues from "
                          "the last checkpoint") from None
 

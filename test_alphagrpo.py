@@ -682,6 +682,203 @@ def test_sample_command_refines(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
+# Evaluation on the paper's benchmarks (`alphagrpo.py eval`): tiny files in each benchmark's own format
+# --------------------------------------------------------------------------------------------------
+
+
+def write_json(path, obj, lines=False):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(o, ensure_ascii=False) + "\n" for o in obj) if lines else json.dumps(obj))
+    return path
+
+
+GENEVAL_ROWS = [  # two lines of GenEval's prompts/evaluation_metadata.jsonl
+    {"tag": "single_object", "include": [{"class": "bench", "count": 1}], "prompt": "a photo of a bench"},
+    {"tag": "position", "include": [{"class": "sink", "count": 1}, {"class": "tie", "count": 1,
+                                                                     "position": ["above", 0]}],
+     "prompt": "a photo of a tie above a sink"}]
+
+
+def bench_data(root, benchmark):
+    """A few prompts in the benchmark's published format; returns the --data path."""
+    if benchmark == "geneval":
+        return write_json(root / "evaluation_metadata.jsonl", GENEVAL_ROWS, lines=True)
+    if benchmark == "dpg":  # ELLA's dpg_bench/prompts/<item>.txt, no trailing newline
+        (root / "prompts").mkdir(parents=True)
+        (root / "prompts" / "0.txt").write_text("An expansive field holds eight round green cabbages.")
+        (root / "prompts" / "partiprompts10.txt").write_text("A bronze pharaoh statue wearing steampunk glasses.")
+        return root / "prompts"
+    if benchmark == "wise":  # data_verified/: per-category lists, merge.json repeating them; a legacy *_rewrite.json
+        row = lambda i, p: {"Prompt": p, "Explanation": "...", "Category": "Biology", "Subcategory": "State",
+                            "prompt_id": i}
+        culture = [row(1, "The pastry shared at the Mid-Autumn Festival"), row(2, "A Chuseok wrestling contest")]
+        science = [row(641, "A birch tree whose chlorophyll breaks down")]
+        write_json(root / "data" / "cultural_common_sense_verified.json", culture)
+        write_json(root / "data" / "natural_science_verified.json", science)
+        write_json(root / "data" / "merge.json", culture + science)
+        write_json(root / "data" / "natural_science_rewrite.json", [row(641, "A birch tree with yellow leaves")])
+        return root / "data"
+    if benchmark == "tiif":  # data/test_prompts/<type>_prompts.jsonl
+        rel = lambda s: {"type": "2d_spatial_relation", "short_description": s, "long_description": s + " In detail."}
+        write_json(root / "test_prompts" / "2d_spatial_relation_prompts.jsonl",
+                   [rel("A cat is beneath a microwave."), rel("A cup is left of a pig.")], lines=True)
+        write_json(root / "test_prompts" / "color+2d_prompts.jsonl", [{
+            "type": "color+2d", "short_description": "A red cup on a blue table.",
+            "long_description": "A red cup stands on a blue table."}], lines=True)
+        return root / "test_prompts"
+    # gedit: the documented export of the Hub dataset, sources of other sizes and formats
+    (root / "gedit" / "images").mkdir(parents=True)
+    Image.new("RGB", (40, 24), (200, 30, 30)).save(root / "gedit" / "images" / "en_0001.png")
+    Image.new("RGB", (24, 40), (30, 30, 200)).save(root / "gedit" / "images" / "cn_0001.jpg")
+    rows = [{"key": "0001", "task_type": "color_alter", "instruction": "Make the wall green.",
+             "instruction_language": "en", "input_image": "images/en_0001.png"},
+            {"key": "0001", "task_type": "color_alter", "instruction": "把墙变成绿色。", "instruction_language": "cn",
+             "input_image": "images/cn_0001.jpg"}]
+    write_json(root / "gedit" / "metadata.jsonl", rows, lines=True)
+    return root / "gedit"
+
+
+# every file of one round's tree, with its image size (None: not an image) at --resolution 32
+EXPECTED_TREE = {
+    "geneval": {**{f"0000{i}/samples/0000{j}.png": (32, 32) for i in range(2) for j in range(2)},  # K = 2
+                "00000/metadata.jsonl": None, "00001/metadata.jsonl": None},
+    "dpg": {"0.png": (64, 64), "partiprompts10.png": (64, 64)},  # 4 samples in a 2x2 grid
+    "wise": {"1.png": (32, 32), "2.png": (32, 32), "641.png": (32, 32)},
+    "tiif": {**{f"2d_spatial_relation/alphagrpo/{d}_description/{i}.png": (32, 32) for d in ("short", "long")
+                for i in range(2)},
+             **{f"color+2d/alphagrpo/{d}_description/0.png": (32, 32) for d in ("short", "long")}},
+    "gedit": {"alphagrpo/fullset/color_alter/en/0001.png": (32, 32),
+              "alphagrpo/fullset/color_alter/en/0001_SRCIMG.png": (40, 24),
+              "alphagrpo/fullset/color_alter/cn/0001.png": (32, 32),
+              "alphagrpo/fullset/color_alter/cn/0001_SRCIMG.png": (24, 40)},
+}
+
+
+def run_eval(toy_dirs, benchmark, data, out, *flags):
+    ag.main(["eval", "--benchmark", benchmark, "--data", str(data), "--out", str(out), "--reasoner", toy_dirs[0],
+             "--renderer", toy_dirs[1], "--eval-num-steps", "2", *flags])
+    return json.loads((out / "manifest.json").read_text())
+
+
+def tree_files(tree):
+    return {os.path.relpath(os.path.join(d, f), tree) for d, _, fs in os.walk(tree) for f in fs}
+
+
+@pytest.mark.parametrize("which", ["geneval", "dpg", "wise", "tiif", "gedit"])
+def test_eval_writes_the_layout_each_scorer_reads(which, toy_dirs, tmp_path):
+    data, out = bench_data(tmp_path / "data", which), tmp_path / "out"
+    R, K = {"dpg": 0, "tiif": 0}.get(which, 1), {"geneval": 2, "dpg": 4}.get(which, 1)  # dpg: its default, 4
+    m = run_eval(toy_dirs, which, data, out, "--refine-rounds", str(R),
+                 *(["--samples-per-prompt", "2"] if which == "geneval" else []))
+    expected = EXPECTED_TREE[which]
+    drawn = [r for r, s in expected.items() if s is not None and "SRCIMG" not in r]
+    assert sorted(os.listdir(out)) == sorted(["manifest.json", "texts.jsonl"] + [f"round_{k}" for k in range(R + 1)])
+    for k in range(R + 1):  # each round its own complete tree, and nothing else in it (DPG's scorer lists the folder)
+        tree = out / f"round_{k}"
+        assert tree_files(tree) == set(expected)
+        for rel, size in expected.items():
+            if size is not None:
+                assert Image.open(tree / rel).size == size, rel
+    n_prompts = {"geneval": 2, "dpg": 2, "wise": 3, "tiif": 6, "gedit": 2}[which]
+    assert m["benchmark"] == which and m["checkpoint"] is None and m["trees"] == [f"round_{k}" for k in range(R + 1)]
+    assert m["counts"] == {"prompts": n_prompts, "samples_per_prompt": K, "rounds": R + 1, "drawn": n_prompts,
+                           "already_done": 0, "images_per_round": len(drawn)}
+    assert len(m["seeds"]["items"]) == n_prompts and m["arguments"]["reasoning"] is True
+    assert m["arguments"]["eval_num_steps"] == 2 and m["arguments"]["data"] == str(data)
+    assert m["commit"] is None or len(m["commit"]) == 40
+    for k in range(R + 1):  # the scorer's commands, pointed at that round's tree
+        cmds = m["scorer"]["commands"][f"round_{k}"]
+        assert cmds and all(str(out / f"round_{k}") in c for c in cmds)
+    assert m["scorer"]["repository"] and m["scorer"]["needs"]
+    texts = [json.loads(x) for x in (out / "texts.jsonl").read_text().splitlines()]
+    assert len(texts) == n_prompts * K * (R + 1) and any(t["text"] for t in texts)  # reasoning is on by default
+    if which == "geneval":  # metadata.jsonl holds the prompt's own line: the scorer json.load()s it
+        rows = [json.loads((out / "round_1" / f"0000{i}" / "metadata.jsonl").read_text()) for i in (0, 1)]
+        assert rows == GENEVAL_ROWS
+    if which == "dpg":  # the grid's tiles are the 4 samples, not one image repeated
+        grid = Image.open(out / "round_0" / "0.png")
+        tiles = [grid.crop((x, y, x + 32, y + 32)).tobytes() for y in (0, 32) for x in (0, 32)]
+        assert len(set(tiles)) == 4
+        assert m["scorer"]["commands"]["round_0"][0].startswith("PIC_NUM=4 bash dpg_bench/dist_eval.sh ")
+        assert m["scorer"]["commands"]["round_0"][0].endswith(" 32")  # --resolution of one tile
+    if which == "gedit":  # the scorer compares the edit with the source written beside it
+        src = out / "round_0" / "alphagrpo/fullset/color_alter/cn/0001_SRCIMG.png"
+        assert Image.open(src).tobytes() == Image.open(data / "images" / "cn_0001.jpg").convert("RGB").tobytes()
+    if R:  # refinement changed the images: round 1 is not a copy of round 0
+        assert any(Image.open(out / "round_0" / r).tobytes() != Image.open(out / "round_1" / r).tobytes()
+                   for r in drawn)
+
+
+def test_eval_resumes_and_seeds_by_prompt_id(toy_dirs, tmp_path):
+    data, out = bench_data(tmp_path / "data", "wise"), tmp_path / "out"
+    run_eval(toy_dirs, "wise", data, out, "--refine-rounds", "0", "--no-reasoning")
+    first = (out / "round_0" / "2.png").read_bytes()
+    # one more round: round 0 is redrawn identically (each sample's seed comes from its id), round 1 is added
+    m = run_eval(toy_dirs, "wise", data, out, "--refine-rounds", "1", "--no-reasoning")
+    assert m["counts"]["drawn"] == 3 and (out / "round_0" / "2.png").read_bytes() == first
+    assert tree_files(out / "round_1") == {"1.png", "2.png", "641.png"}
+    # a killed run: one image missing; the rerun draws only that prompt, identically, and leaves the rest alone
+    lost = (out / "round_1" / "641.png").read_bytes()
+    (out / "round_1" / "641.png").unlink()
+    stamps = {p: os.stat(out / p).st_mtime_ns for p in ("round_0/1.png", "round_1/1.png", "round_1/2.png")}
+    m = run_eval(toy_dirs, "wise", data, out, "--refine-rounds", "1", "--no-reasoning")
+    assert m["counts"]["drawn"] == 1 and m["counts"]["already_done"] == 2
+    assert (out / "round_1" / "641.png").read_bytes() == lost
+    assert {p: os.stat(out / p).st_mtime_ns for p in stamps} == stamps
+    # that prompt alone in another file, so at another position: the same image for the same prompt_id
+    rows = json.loads((data / "cultural_common_sense_verified.json").read_text())
+    other = write_json(tmp_path / "alone.json", [r for r in rows if r["prompt_id"] == 2])
+    run_eval(toy_dirs, "wise", other, tmp_path / "out2", "--no-reasoning")
+    assert (tmp_path / "out2" / "round_0" / "2.png").read_bytes() == first
+    assert all(json.loads(x)["text"] == "" for x in (out / "texts.jsonl").read_text().splitlines())  # no reasoning
+    # other settings into the same folder would mix two models' images in one tree: refused
+    with pytest.raises(SystemExit, match=r"other settings \(.*reasoning=False there, True here"):
+        run_eval(toy_dirs, "wise", data, out, "--refine-rounds", "1")
+    with pytest.raises(SystemExit, match="wise's scorer reads 1 to 1 images a prompt"):
+        run_eval(toy_dirs, "wise", data, tmp_path / "out3", "--samples-per-prompt", "2")
+
+
+def test_eval_draws_with_the_checkpoint(toy_dirs, tmp_path):
+    """Before and after: --checkpoint loads the trained LoRA weights, which change the images."""
+    policy, args = make_policy(toy_dirs)
+    randomize_lora(policy, scale=0.5)
+    ag.save_checkpoint(policy, torch.optim.AdamW(policy.renderer.lora_params), args, 3, str(tmp_path / "run"))
+    data = bench_data(tmp_path / "data", "wise")
+    before = run_eval(toy_dirs, "wise", data, tmp_path / "before", "--limit", "1", "--no-reasoning")
+    after = run_eval(toy_dirs, "wise", data, tmp_path / "after", "--limit", "1", "--no-reasoning",
+                     "--checkpoint", str(tmp_path / "run"))
+    assert before["checkpoint"] is None and after["checkpoint"] == str(tmp_path / "run")
+    assert after["counts"]["prompts"] == 1 and tree_files(tmp_path / "after" / "round_0") == {"1.png"}
+    assert (tmp_path / "before/round_0/1.png").read_bytes() != (tmp_path / "after/round_0/1.png").read_bytes()
+
+
+@pytest.mark.parametrize("which, breakage, message", [
+    ("geneval", lambda d: d.write_text(d.read_text().replace('"prompt": "a photo of a tie', '"prompt": 7, "x": "')),
+     r"evaluation_metadata.jsonl:2: 'prompt' is missing, empty or not a string"),
+    ("geneval", lambda d: d.write_text(d.read_text() + "{not json\n"),
+     r"evaluation_metadata.jsonl:3: not valid JSON"),
+    ("dpg", lambda d: (d / "partiprompts10.txt").write_text("  \n"), r"partiprompts10.txt: empty prompt"),
+    ("wise", lambda d: write_json(d / "natural_science_verified.json", [{"Prompt": "x", "prompt_id": "641"}]),
+     r"natural_science_verified.json: item 0: 'prompt_id' must be an integer"),
+    ("wise", lambda d: write_json(d / "natural_science_verified.json", [{"Prompt": "x", "prompt_id": 1}]),
+     r"natural_science_verified.json: item 0: prompt_id 1 has another prompt in .*cultural_common_sense"),
+    ("tiif", lambda d: (d / "color+2d_prompts.jsonl").write_text('{"type": "color+2d", "short_description": "x"}\n'),
+     r"color\+2d_prompts.jsonl:1: 'long_description' is missing"),
+    ("gedit", lambda d: (d / "images" / "cn_0001.jpg").unlink(),
+     r"metadata.jsonl:2: source image .*cn_0001.jpg not found"),
+    ("gedit", lambda d: (d / "metadata.jsonl").write_text(
+        (d / "metadata.jsonl").read_text().replace('"key": "0001"', '"key": "../0001"', 1)),
+     r"metadata.jsonl:1: 'key' = '../0001' cannot be a file name"),
+])
+def test_eval_names_the_broken_benchmark_file(which, breakage, message, tmp_path):
+    data = bench_data(tmp_path / "data", which)
+    breakage(data)
+    with pytest.raises(SystemExit, match="^error: .*" + message):  # before loading any model (there is none)
+        run_eval(("no-reasoner", "no-renderer"), which, data, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------------------------
 # Checkpoints, resume, export
 # --------------------------------------------------------------------------------------------------
 
