@@ -1211,6 +1211,18 @@ def refines_in_context(renderer: Renderer, args: Args) -> bool:
     return args.srr_refine == "edit" or (args.srr_refine == "auto" and renderer.can_edit)
 
 
+def refinement_inputs(renderer: Renderer, args: Args, texts: list, x_init: torch.Tensor, noise: torch.Tensor,
+                      sigmas: torch.Tensor):
+    """How an SRR refinement is conditioned on the initial image's latents x_init (1, C, h, w); the one place
+    that knows, for training and inference. In context (klein): fresh noise, x_init's tokens join the sequence,
+    and the model redraws what is wrong (it can remove, move, recount). SDEdit (SD3): the sampler starts from
+    x_init noised to --srr-strength. Returns (cond, start step, x at the start)."""
+    if refines_in_context(renderer, args):
+        return renderer.encode(texts, reference=x_init), 0, noise
+    start, x = sdedit_start(x_init.expand(len(noise), -1, -1, -1), noise, sigmas, args.srr_strength)
+    return renderer.encode(texts), start, x
+
+
 def sde_window(start: int, n_sigmas: int, args: Args, gen: torch.Generator) -> range:
     """The W consecutive steps sampled by the SDE and trained: from a start drawn in [start, start +
     sde_window_start_max], never reaching the last step (sigma_next = 0: its log-prob overflows, Flow-GRPO).
@@ -1276,11 +1288,8 @@ def rollout_group(policy: Policy, row: dict, task: str, args: Args, gen: torch.G
     noise = renderer.noise(1 if args.same_init_noise else G, gen).expand(G, -1, -1, -1)
     if task == "rt2i":
         cond, start, x = renderer.encode(texts), 0, noise
-    elif refines_in_context(renderer, args):  # SRR in context: fresh noise, the initial image's tokens in the sequence
-        cond, start, x = renderer.encode(texts, reference=init[1]), 0, noise
-    else:  # SRR by SDEdit: the sampler starts from the initial image's latents, noised
-        cond = renderer.encode(texts)
-        start, x = sdedit_start(init[1].expand(G, -1, -1, -1), noise, sigmas, args.srr_strength)
+    else:
+        cond, start, x = refinement_inputs(renderer, args, texts, init[1], noise, sigmas)
     window = sde_window(start, len(sigmas), args, gen)
     x0, kept, logp = render(renderer, cond, x, sigmas, window, args.noise_level, gen, start=start)
     images = renderer.decode(x0)
@@ -1847,12 +1856,13 @@ def draw(policy: Policy, args: Args, prompt: str, gen: torch.Generator, reasonin
 def refine(policy: Policy, args: Args, prompt: str, image: Image.Image, gen: torch.Generator, reasoning: bool = True,
            instruction: str = REFLECT_INSTRUCTION):
     """One SRR round: the reasoner looks at `image` with `instruction` (reflect mode; EDIT_INSTRUCTION makes the
-    round an edit of a source image), then the renderer redraws conditioned on the image. This is the only
-    place that knows how: SDEdit from the image's latents noised to --srr-strength. Returns (PIL image, text)."""
+    round an edit of a source image), then the renderer redraws conditioned on the image, as training does
+    (`refinement_inputs`: in context for klein, SDEdit for SD3). Returns (PIL image, text)."""
     renderer, sigmas = policy.renderer, policy.renderer.sigmas(args.eval_num_steps)
     text = policy.reasoner.generate(instruction.format(prompt=prompt), image, 1).texts[0] if reasoning else ""
-    start, x = sdedit_start(renderer.encode_image(image), renderer.noise(1, gen), sigmas, args.srr_strength)
-    x0, _, _ = render(renderer, renderer.encode([renderer_text(prompt, text)]), x, sigmas, range(0), 0.0, start=start)
+    cond, start, x = refinement_inputs(renderer, args, [renderer_text(prompt, text)], renderer.encode_image(image),
+                                       renderer.noise(1, gen), sigmas)
+    x0, _, _ = render(renderer, cond, x, sigmas, range(0), 0.0, start=start)
     return renderer.decode(x0)[0], text
 
 
@@ -1862,6 +1872,7 @@ def sample(args: Args, prompt: str, refine_rounds: int = 0, checkpoint: str = ""
     each round's image, text and reward (when questions are known: --question, or the prompt's row in the
     prompt set) and a side-by-side PNG."""
     out = args.out or os.path.join("runs", f"sample-{time.strftime('%Y%m%d-%H%M%S')}")
+    check_models(args, out)
     os.makedirs(out, exist_ok=True)
     policy = load_policy(args, out)
     if checkpoint:
@@ -2178,6 +2189,7 @@ def evaluate_benchmark(args: Args, benchmark: str, data: str, refine_rounds: int
                                            model=MODEL_NAME)
                                   for c in bench["score"]] for t in trees}},
     }
+    check_models(args, out)
     os.makedirs(out, exist_ok=True)
     save_atomic(manifest_path, json.dumps(manifest, indent=1))
     if todo:
