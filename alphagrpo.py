@@ -47,6 +47,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -56,6 +57,9 @@ import torch
 import torch.nn as nn
 from PIL import Image, ImageDraw
 from tqdm import tqdm
+
+from reward_server import QUALITY_TAGS, SEMANTIC_TAGS, make_vlm, toy_tokenizer
+from reward_server import TOY_CHAT_TEMPLATE, TOY_WORDS  # noqa: F401 - the toy vocabulary, defined there
 
 # --------------------------------------------------------------------------------------------------
 # Arguments
@@ -247,9 +251,6 @@ TOY_PROMPTS = [
     for p in ("the bottom half is green", "green grass fills the lower half", "a green meadow at the bottom",
               "a field below the horizon, green")
 ]
-SEMANTIC_TAGS = ("Style", "Environment", "Viewpoint", "Existence", "Count", "Attribute", "Action", "Spatial",
-                 "Text", "Negative")
-QUALITY_TAGS = ("Geometry", "Anatomy", "Texture", "Coherence", "Lighting", "Physics", "Legibility", "Aesthetics")
 
 
 def parse_args(argv=None) -> tuple[str, Args, dict]:
@@ -850,60 +851,6 @@ SHAPES = {
     },
 }
 SHAPES["klein"].update(text=SHAPES["sd35"]["text"], vision=SHAPES["sd35"]["vision"])  # the same reasoner
-TOY_WORDS = ("red green blue yellow cyan magenta white black top bottom left right half image mostly bright dark "
-             "the a of is and with in on sky sun sea grass fire light shadow Yes No yes no Is The A Answer Diagnosis Fix "
-             ": . , ? ! system user assistant").split()
-TOY_CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
-    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-def toy_tokenizer():
-    """A word-level tokenizer over TOY_WORDS with Qwen's special tokens and a Qwen-style chat template, built
-    offline with `tokenizers` (no download). The toy reasoner, verifier and klein text encoder share it."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                "<|image_pad|>", "<|video_pad|>", "[UNK]"]
-    tk = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + list(TOY_WORDS))}, unk_token="[UNK]"))
-    tk.pre_tokenizer, tk.decoder = pre_tokenizers.Whitespace(), decoders.WordPiece(prefix="##")
-    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   unk_token="[UNK]", additional_special_tokens=specials[1:7],
-                                   chat_template=TOY_CHAT_TEMPLATE)
-
-
-def make_vlm(text: dict, vision: dict, image_px: int, seed: int = 0):
-    """A random Qwen3-VL (the reasoner's and the verifier's class) of the given sizes, and its processor with
-    a word-level tokenizer built offline with `tokenizers` (no download). Every image is resized to
-    image_px^2, i.e. (image_px / 32)^2 image tokens. Returns (processor, model)."""
-    from transformers import (Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
-                              Qwen3VLProcessor)
-    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
-
-    tok = toy_tokenizer()
-    vocab = tok.get_vocab()
-    size = {"shortest_edge": image_px**2, "longest_edge": image_px**2}
-    processor = Qwen3VLProcessor(
-        image_processor=Qwen2VLImageProcessor(size=size, patch_size=16, temporal_patch_size=2, merge_size=2),
-        video_processor=Qwen3VLVideoProcessor(size=size, patch_size=16, temporal_patch_size=2, merge_size=2),
-        tokenizer=tok, chat_template=TOY_CHAT_TEMPLATE)
-    hd = text.get("head_dim", 8)
-    text = {"vocab_size": len(vocab), "rope_parameters": {  # T/H/W split of the rotary dimensions (M-RoPE)
-        "rope_type": "default", "rope_theta": 5e6, "mrope_interleaved": True,
-        "mrope_section": [hd // 4, hd // 8, hd // 8]}, **text}
-    config = Qwen3VLConfig(
-        text_config=text, vision_config={"patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2,
-                                         **vision, "num_position_embeddings": max(vision["num_position_embeddings"],
-                                                                                  (image_px // 16) ** 2)},
-        image_token_id=vocab["<|image_pad|>"], video_token_id=vocab["<|video_pad|>"],
-        vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"],
-        eos_token_id=vocab["<|im_end|>"], pad_token_id=vocab["<|endoftext|>"],
-        tie_word_embeddings=text.get("tie_word_embeddings", False))
-    torch.manual_seed(seed)
-    return processor, Qwen3VLForConditionalGeneration(config)
 
 
 def make_sd3(shapes: dict, seed: int = 0):
@@ -1074,6 +1021,7 @@ class RewardClient:
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.patience, self.max_body, self.calls, self.closed = patience, max_body, 0, False
         self.pool = ThreadPoolExecutor(max_workers=4 * len(self.urls))
+        self.local = threading.local()  # one requests.Session per worker thread (a Session is not thread-safe)
 
     def close(self):
         """Stop: queued requests are cancelled and running ones stop retrying."""
@@ -1108,6 +1056,13 @@ class RewardClient:
             start = end
         return out
 
+    def session(self) -> requests.Session:
+        """This worker thread's Session: its connections stay open between requests, so a step's requests do
+        not each open a new one (many trainer processes doing that at once can fill the server's queue)."""
+        if not hasattr(self.local, "session"):
+            self.local.session = requests.Session()
+        return self.local.session
+
     def _post(self, first: int, body: dict) -> dict:
         """POST /score; a server that is down or failing is retried (the next URL first) with exponential
         backoff for up to `patience` seconds, then the run stops with a clear error: never zero rewards."""
@@ -1115,7 +1070,7 @@ class RewardClient:
         while True:
             url = self.urls[(first + attempt) % len(self.urls)]
             try:
-                r = requests.post(f"{url}/score", json=body, headers=self.headers, timeout=600)
+                r = self.session().post(f"{url}/score", json=body, headers=self.headers, timeout=600)
             except requests.ConnectionError as e:
                 problem = f"cannot connect ({type(e).__name__})"
             else:

@@ -9,7 +9,7 @@ image is the geometric mean R = sqrt(mean(s_semantic) * mean(s_quality)).
     python reward_server.py --verifier toy --port 8000                           # the rule-based toy judge
     python reward_server.py --verifier openai:http://127.0.0.1:30000/v1 --model Qwen/Qwen3-VL-30B-A3B-Instruct
     python reward_server.py score --image x.png --question "Is there a red apple?" --verifier toy
-    python reward_server.py bench                                                # CPU: naive vs shared prefix
+    python reward_server.py bench                                                # CPU: naive, shared, floor
     python reward_server.py bench --shape qwen3-vl-8b --images 8                # on a GPU: Qwen3-VL-8B's shape
     python reward_server.py decompose prompts.txt --llm http://127.0.0.1:30000/v1 --model Qwen/Qwen3-32B \
         --out prompts.jsonl                                                      # or --llm <path | hub id>
@@ -23,8 +23,10 @@ One question list per image; an empty list scores 1.0. A malformed request gets 
 problem (413 beyond a size limit); a verifier endpoint that keeps failing gets 502/503, never a made-up score.
 
 Speed: one worker thread owns the verifier and batches concurrent requests (Batcher); the transformers verifier
-encodes system prompt + image once per image and answers its questions as a batch of suffixes on that KV cache.
-Left out: attention kernels that share the prefix without copying it per row (SGLang's radix cache does that).
+reads each image's system prompt + image once and its questions in the same forward pass (one sequence per
+image, a block-causal mask), close to the floor of one pass over all those tokens (`bench` prints both). The
+listening socket queues up to 1024 connections, for many trainer processes that each open their own.
+Left out: reusing an image's prefix across requests (SGLang's radix cache does that).
 """
 from __future__ import annotations
 
@@ -53,7 +55,7 @@ import requests
 from PIL import Image, ImageStat
 
 # --------------------------------------------------------------------------------------------------
-# Constants: the instruction texts and the limits
+# The API and the DVReward arithmetic (Sec. 4.2): instructions, limits, confidence, reward, request parsing
 # --------------------------------------------------------------------------------------------------
 
 STRICT_AUDITOR = (
@@ -68,48 +70,6 @@ SEMANTIC_TAGS = ("Style", "Environment", "Viewpoint", "Existence", "Count", "Att
                  "Text", "Negative")
 QUALITY_TAGS = ("Geometry", "Anatomy", "Texture", "Coherence", "Lighting", "Physics", "Legibility", "Aesthetics")
 
-DECOMPOSE_INSTRUCTION = """\
-You turn a text-to-image prompt into a checklist of atomic yes/no questions that a vision-language model answers \
-by looking at a generated image.
-
-Step 1, semantic questions: does the image follow the prompt? Cover every requirement of the prompt (usually 3 to \
-8 questions) and tag each with one dimension:
-Style (art style, medium), Environment (setting, weather, time of day), Viewpoint (camera angle, framing), \
-Existence (an object is present), Count (how many), Attribute (colour, shape, material, size), Action (what a \
-subject does), Spatial (relative position), Text (written text), Negative (something the prompt excludes is absent).
-
-Step 2, quality questions: is what step 1 asks about rendered well? Build on the objects of step 1 (usually 3 to 6 \
-questions) and tag each with one aspect:
-Geometry (plausible shapes, proportions), Anatomy (bodies, hands, faces), Texture (surfaces, materials), Coherence \
-(consistent parts, no stray artefacts), Lighting (light and shadows agree), Physics (support, contact, gravity, \
-reflections), Legibility (text is crisp and spelled right), Aesthetics (composition, focus).
-
-Rules for every question:
-- It starts with Is, Are, Does, Do, Can, Has or Have and ends with "?".
-- "Yes" means the image is good: "Is the street free of cars?" for "no cars"; "Are the fingers well formed?", not \
-"Are the fingers distorted?".
-- One atomic fact: no "or", never two facts in one question.
-- Only what can be seen: turn abstract words into visible evidence ("Is there steam rising from the cup?", not \
-"Is the coffee hot?").
-- Use only the tags above; skip a dimension the prompt does not touch.
-
-Answer with one JSON object and nothing else:
-{"semantic_questions": [{"question": "...", "tag": "Existence"}], "quality_questions": [{"question": "...", \
-"tag": "Geometry"}]}"""
-DECOMPOSE_RETRY = "That answer is not valid ({error}). Answer again with only the JSON object."
-
-# the rule-based validation of decomposed questions (Sec. 4.2, "invalid questions are filtered")
-AUXILIARY_VERBS = ("is", "are", "does", "do", "did", "can", "could", "has", "have", "had", "was", "were", "will",
-                   "would", "should")
-NON_VISUAL_WORDS = ("smell", "smells", "taste", "tastes", "tasty", "delicious", "sounds", "loud", "noisy", "hear",
-                    "feel", "feels", "think", "believe", "fragrant")
-TEMPERATURES = ("hot", "cold", "warm", "cool", "freezing")  # not visual as the predicate: "Is the coffee hot?"
-DEFECT_WORDS = ("blurry", "blurred", "distorted", "deformed", "disfigured", "mutated", "malformed", "artifact",
-                "artifacts", "garbled", "misspelled", "extra", "missing", "warped", "glitch", "glitches")
-NEGATIONS = ("no", "not", "none", "without", "free", "absent", "empty", "nothing", "nor")
-ABSENCES = NEGATIONS + ("missing", "lacking", "lacks")  # a Negative question asks about an absence
-QUESTION_WORDS = (3, 30)  # length bounds, in words
-
 
 @dataclass(frozen=True)
 class Limits:
@@ -121,25 +81,23 @@ class Limits:
     max_question_chars: int = field(default=500, metadata={"help": "characters per question"})
 
 
-class BadRequest(ValueError):
-    """A request the server cannot score; the message names the problem. status: 400, or 413 past a limit."""
+class ApiError(Exception):
+    """An error a client gets as HTTP `status` with {"error": message}; the message names the problem."""
+    status = 500
 
-    def __init__(self, message: str, status: int = 400):
+    def __init__(self, message: str, status: int | None = None):
         super().__init__(message)
-        self.status = status
+        self.status = status or self.status
 
 
-class UpstreamError(RuntimeError):
-    """The verifier endpoint failed (HTTP 502: it answered wrongly; 503: unreachable after the retries)."""
-
-    def __init__(self, message: str, status: int = 503):
-        super().__init__(message)
-        self.status = status
+class BadRequest(ApiError, ValueError):
+    """A request the server cannot score: 400, or 413 past a limit."""
+    status = 400
 
 
-# --------------------------------------------------------------------------------------------------
-# Pure functions: DVReward arithmetic (Sec. 4.2), request parsing, question validation
-# --------------------------------------------------------------------------------------------------
+class UpstreamError(ApiError, RuntimeError):
+    """The verifier endpoint failed: 502, it answered wrongly; 503, unreachable after the retries."""
+    status = 503
 
 
 def confidence(yes_logits, no_logits) -> float:
@@ -226,8 +184,10 @@ def parse_score_request(body, limits: Limits = Limits()) -> tuple[list, list, li
     for i in range(n):
         count = len(body["semantic_questions"][i]) + len(body["quality_questions"][i])
         if count > limits.max_questions:
-            raise BadRequest(f"image {i} has {count} questions; the limit is {limits.max_questions} per image", 413)
-    blobs, pixels = [], 0
+            raise BadRequest(f"image {i} has {count} questions; the limit is {limits.max_questions} per image",
+                             413)
+    blobs = []
+    pixels = 0
     for i, b64 in enumerate(body["images"]):
         if not isinstance(b64, str):
             raise BadRequest(f"images[{i}] must be a base64 string, got {type(b64).__name__}")
@@ -265,11 +225,809 @@ def score_batch(verifier, images, semantic, quality) -> dict:
     return out
 
 
+# --------------------------------------------------------------------------------------------------
+# Verifiers: score(image, questions) -> [s]; score_many([(image, questions)]) batches where it helps
+# --------------------------------------------------------------------------------------------------
+
+
+def pick_device(device: str = "auto", dtype: str = "auto"):
+    """-> (device, torch dtype); auto: cuda if there is one, bf16 on cuda and fp32 elsewhere."""
+    import torch
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    if dtype != "auto":
+        return device, getattr(torch, dtype)
+    return device, torch.bfloat16 if device == "cuda" else torch.float32
+
+
+class ToyVerifier:
+    """A rule-based judge for the toy preset. It answers a closed grammar of questions about colours,
+    `Is the image [mostly] <colour>?` and `Is the (top|bottom|left|right) half of the image <colour>?`,
+    with Yes/No logits proportional to a colour margin, so rewards are graded and the DVReward arithmetic
+    is the same as with an MLLM. Any other question is a 400, never a guess."""
+
+    name = "toy"
+    COLOURS = {"red": (1, 0, 0), "green": (0, 1, 0), "blue": (0, 0, 1), "yellow": (1, 1, 0), "cyan": (0, 1, 1),
+               "magenta": (1, 0, 1), "white": (1, 1, 1), "black": (0, 0, 0)}
+    PATTERN = re.compile(r"is the (?:image(?: mostly)?|(top|bottom|left|right) half of the image) (\w+)\s*\?",
+                         re.IGNORECASE)
+    GAIN = 8.0  # logit per unit of colour margin
+
+    def answer_logits(self, image: Image.Image, question: str) -> tuple[float, float]:
+        m = self.PATTERN.fullmatch(question.strip())
+        if not m or m.group(2).lower() not in self.COLOURS:
+            raise BadRequest(f"the toy verifier cannot answer {question!r}: it knows only 'Is the image [mostly] "
+                             f"<colour>?' and 'Is the top|bottom|left|right half of the image <colour>?' with a "
+                             f"colour in {', '.join(self.COLOURS)}")
+        w, h = image.size
+        box = {None: (0, 0, w, h), "top": (0, 0, w, h // 2), "bottom": (0, h // 2, w, h),
+               "left": (0, 0, w // 2, h), "right": (w // 2, 0, w, h)}[m.group(1) and m.group(1).lower()]
+        rgb = [c / 255 for c in ImageStat.Stat(image.convert("RGB").crop(box)).mean]
+        dist = {name: math.dist(rgb, ref) for name, ref in self.COLOURS.items()}
+        target = m.group(2).lower()
+        # margin > 0 iff the region's mean colour is closer to the target than to any other colour
+        margin = min(d for name, d in dist.items() if name != target) - dist[target]
+        return self.GAIN * margin, 0.0
+
+    def score(self, image: Image.Image, questions: list[str]) -> list[float]:
+        return [confidence([y], [n]) for y, n in (self.answer_logits(image, q) for q in questions)]
+
+
+class TransformersVerifier:
+    """A Qwen-VL instruct model from transformers; s from the first answer token's yes/no probabilities.
+
+    Shared image prefix (the default): the chat text is [system prompt, image] + [question, assistant turn], and
+    the first part is the same for every question about one image. So each image becomes one sequence, its
+    prefix followed by every question's suffix, under a block-causal mask: a suffix token sees the prefix and the
+    earlier tokens of its own suffix, nothing of the other questions. Every token is read once, in one forward
+    pass per batch of images with the same token count (right-padded), and each answer is read at its suffix's
+    last token. Qwen-VL's rotary positions are 3-D (time, height, width) and the image advances them by
+    max(h, w) tokens, not by its token count, so the prefix positions come from the model's get_rope_index and
+    every suffix starts at their maximum + 1, as if it followed the prefix alone; they are passed explicitly, so
+    the model's stored `rope_deltas` is neither read nor written. This relies on Qwen-VL internals
+    (`model.model.get_rope_index`, `model.lm_head`, a 4-D attention mask passed through as it is), hence
+    requirements.txt pins transformers>=5.24,<5.25.
+    `score_naive` is the plain path: each question as one full sequence, all in one left-padded batch."""
+
+    def __init__(self, path: str, device: str = "auto", dtype: str = "auto", shared_prefix: bool = True,
+                 prefill_batch: int = 8, model=None):
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        self.torch = torch
+        device, dt = pick_device(device, dtype)
+        self.device = torch.device(device)
+        self.name = path
+        self.processor = AutoProcessor.from_pretrained(path)
+        # model: an already built model (the benchmark's random ones), else loaded from path
+        model = model if model is not None else AutoModelForImageTextToText.from_pretrained(path, dtype=dt)
+        self.model = model.to(self.device).eval()
+        self.prefill_batch = prefill_batch  # images per forward pass of the shared path
+        tok = self.processor.tokenizer
+
+        # every single-token spelling of yes / no, found with the tokenizer at start-up (an unknown-token
+        # id would count any unknown word as a yes, so each id must decode back to the word)
+        def ids(words):
+            found = set()
+            for w in words:
+                i = tok.encode(w, add_special_tokens=False)
+                decodes_back = len(i) == 1 and tok.decode(i).strip().lower() == w.strip().lower()
+                if decodes_back and i[0] != tok.unk_token_id:
+                    found.add(i[0])
+            return sorted(found)
+
+        self.yes_ids = ids(YES_VARIANTS)
+        self.no_ids = ids(NO_VARIANTS)
+        if not self.yes_ids or not self.no_ids:
+            raise ValueError(f"{path}: the tokenizer has no single-token 'yes'/'no'; it cannot be a verifier")
+        probe = self.chat_text("Is it?")
+        if "<think>" in probe[-40:]:
+            raise ValueError(f"{path}: its chat template opens a <think> block; use an Instruct (non-thinking) "
+                             "model, since the first answer token must be the yes/no")
+        # the prefix is the chat text up to the image's closing token; the question must come after it
+        end_id = getattr(self.model.config, "vision_end_token_id", None)
+        vision_end = tok.convert_ids_to_tokens(end_id) if end_id is not None else None
+        cut = probe.rfind(vision_end) + len(vision_end) if vision_end and vision_end in probe else 0
+        self.prefix_text = probe[:cut]
+        self.shared_prefix = shared_prefix
+        qwen_vl = hasattr(getattr(self.model, "model", None), "get_rope_index")
+        if shared_prefix and not (self.prefix_text and qwen_vl):
+            print(f"{path}: not a Qwen-VL model with the image before the question; scoring with the naive path "
+                  "(one full sequence per question)", file=sys.stderr)
+            self.shared_prefix = False
+
+    def chat_text(self, question: str) -> str:
+        messages = [{"role": "system", "content": STRICT_AUDITOR},
+                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def suffix_ids(self, question: str) -> list[int]:
+        """The tokens after the shared prefix: the question and the assistant turn."""
+        text = self.chat_text(question)
+        if not text.startswith(self.prefix_text):  # a question that changes the prefix (never expected)
+            raise ValueError(f"the chat text of {question!r} does not start with the shared prefix")
+        return self.processor.tokenizer(text[len(self.prefix_text):], add_special_tokens=False)["input_ids"]
+
+    def score(self, image: Image.Image, questions: list[str]) -> list[float]:
+        return self.score_many([(image, questions)])[0]
+
+    def score_many(self, items: list) -> list:
+        """items: [(image, questions)] -> one score list per item."""
+        if self.shared_prefix:
+            logits = self.logits_shared(items)
+        else:
+            logits = [self.logits_naive(image, qs) for image, qs in items]
+        return [self.confidences(x) for x in logits]
+
+    def score_naive(self, image: Image.Image, questions: list[str]) -> list[float]:
+        return self.confidences(self.logits_naive(image, questions))
+
+    def confidences(self, logits) -> list[float]:
+        return [confidence(row[self.yes_ids].tolist(), row[self.no_ids].tolist()) for row in logits]
+
+    def logits_naive(self, image: Image.Image, questions: list[str]):
+        """(n, V) first-answer-token logits, one full sequence per question (the image encoded n times)."""
+        torch = self.torch
+        if not questions:
+            return torch.zeros(0, 1)
+        texts = [self.chat_text(q) for q in questions]
+        inputs = self.processor(text=texts, images=[image] * len(texts), padding=True, padding_side="left",
+                                return_tensors="pt").to(self.device)
+        with torch.inference_mode():
+            return self.model(**inputs, logits_to_keep=1).logits[:, -1].float()  # (n, V)
+
+    def logits_shared(self, items: list) -> list:
+        """[(n_i, V)] first-answer-token logits per item: each image read once, its questions in the same pass."""
+        out = [self.torch.zeros(0, 1) for _ in items]
+        groups = {}  # images with the same token count share a pass: {grid: [(item index, prefix inputs)]}
+        for i, (image, questions) in enumerate(items):
+            if questions:
+                enc = self.processor(text=[self.prefix_text], images=[image], return_tensors="pt")
+                groups.setdefault(tuple(enc["image_grid_thw"].flatten().tolist()), []).append((i, enc))
+        for group in groups.values():
+            for start in range(0, len(group), self.prefill_batch):
+                chunk = group[start:start + self.prefill_batch]
+                logits = self.packed_logits([enc for _, enc in chunk], [items[i][1] for i, _ in chunk])
+                for (i, _), x in zip(chunk, logits.split([len(items[i][1]) for i, _ in chunk])):
+                    out[i] = x
+        return out
+
+    def packed_logits(self, encs: list, questions: list):
+        """n images of one token count (their prefix inputs) and their questions -> (all questions, V) logits.
+        Row b of the batch is [prefix of image b (P)][suffix 1][suffix 2]...[padding], P + S tokens."""
+        torch = self.torch
+        dev = self.device
+        suffixes = [[self.suffix_ids(q) for q in qs] for qs in questions]
+        cat = lambda key: torch.cat([e[key] for e in encs]).to(dev)  # noqa: E731
+        prefix = cat("input_ids")  # (n, P)
+        grid = cat("image_grid_thw")
+        n, P = prefix.shape
+        S = max(sum(map(len, rows)) for rows in suffixes)
+        ids = torch.full((n, S), self.processor.tokenizer.pad_token_id or 0)
+        segment = torch.full((n, P + S), -1)  # 0: the prefix, j: the j-th suffix, -1: padding
+        segment[:, :P] = 0
+        step = torch.zeros(n, S, dtype=torch.long)  # a suffix token's index within its suffix
+        last = []  # where each suffix ends, as an index into the flattened (n * (P + S)) tokens
+        for b, rows in enumerate(suffixes):
+            t = 0
+            for j, s in enumerate(rows, 1):
+                ids[b, t:t + len(s)] = torch.tensor(s)
+                segment[b, P + t:P + t + len(s)] = j
+                step[b, t:t + len(s)] = torch.arange(len(s))
+                t += len(s)
+                last.append(b * (P + S) + P + t - 1)
+        segment = segment.to(dev)
+        pos, _ = self.model.model.get_rope_index(prefix, mm_token_type_ids=cat("mm_token_type_ids"),
+                                                 image_grid_thw=grid)  # (3, n, P)
+        suffix_pos = pos.amax(dim=(0, 2))[:, None] + 1 + step.to(dev)  # (n, S); text: t = h = w
+        pos = torch.cat([pos, suffix_pos.expand(3, n, S)], dim=2)  # (3, n, P+S)
+        # block-causal: a token sees the earlier tokens of its own segment and the whole prefix (padding sees the
+        # prefix too, so that no row of the softmax is empty)
+        causal = torch.ones(P + S, P + S, dtype=torch.bool, device=dev).tril()
+        same = segment[:, :, None] == segment[:, None, :]  # (n, P+S queries, P+S keys)
+        sees = causal & (same | (segment[:, None, :] == 0))
+        dt = self.model.dtype
+        mask = torch.zeros(sees.shape, dtype=dt, device=dev).masked_fill(~sees, torch.finfo(dt).min)
+        with torch.inference_mode():
+            h = self.model.model(input_ids=torch.cat([prefix, ids.to(dev)], dim=1), position_ids=pos,
+                                 pixel_values=cat("pixel_values"), image_grid_thw=grid,
+                                 attention_mask=mask[:, None], use_cache=False).last_hidden_state  # (n, P+S, C)
+            return self.model.lm_head(h.flatten(0, 1)[torch.tensor(last, device=dev)]).float()  # (questions, V)
+
+
+class OpenAIVerifier:
+    """An MLLM served behind an OpenAI-compatible endpoint (SGLang or vLLM, as the paper serves its verifier):
+    one /chat/completions request per question with max_tokens 1 and the top 20 log-probs of the first token.
+    Questions are sent concurrently; failures are retried with backoff, then raised (HTTP 502/503), never
+    turned into a score."""
+
+    def __init__(self, base_url: str, model: str, api_key: str = "", workers: int = 8, tries: int = 5,
+                 backoff_s: float = 0.5, timeout_s: float = 120.0):
+        if not model:
+            raise ValueError("an openai: verifier needs --model (the name the endpoint serves)")
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.name = f"openai:{base_url} ({model})"
+        self.model = model
+        self.tries = tries
+        self.backoff_s = backoff_s
+        self.timeout_s = timeout_s
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.pool = ThreadPoolExecutor(max_workers=workers)
+        self.sessions = threading.local()  # requests.Session is not thread-safe: one per pool thread
+        self.lock = threading.Lock()
+        self.counters = {"endpoint_requests": 0, "endpoint_retries": 0, "no_yes_no_in_top_logprobs": 0}
+
+    def count(self, key: str):
+        with self.lock:
+            self.counters[key] += 1
+
+    def score(self, image: Image.Image, questions: list[str]) -> list[float]:
+        return self.score_many([(image, questions)])[0]
+
+    def score_many(self, items: list) -> list:
+        # each image encoded once, whatever its number of questions
+        urls = ["data:image/png;base64," + base64.b64encode(png_bytes(image)).decode() for image, _ in items]
+        jobs = [(url, q) for url, (_, qs) in zip(urls, items) for q in qs]
+        scores = iter(list(self.pool.map(lambda job: self.ask(*job), jobs)))
+        return [[next(scores) for _ in qs] for _, qs in items]
+
+    def ask(self, image_url: str, question: str) -> float:
+        body = {"model": self.model, "max_tokens": 1, "temperature": 0, "logprobs": True, "top_logprobs": 20,
+                "messages": [{"role": "system", "content": STRICT_AUDITOR},
+                             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
+                                                          {"type": "text", "text": question}]}]}
+        answer = self.post(body)
+        try:
+            first = answer["choices"][0]["logprobs"]["content"][0]
+            s, found = confidence_from_top_logprobs(first["top_logprobs"], first.get("token", ""))
+        except (KeyError, IndexError, TypeError, ValueError) as e:
+            raise UpstreamError(f"{self.url} answered without choices[0].logprobs.content[0].top_logprobs "
+                                f"({type(e).__name__}: {e}): does the server support logprobs? vLLM and SGLang "
+                                "return them; some servers (transformers serve) ignore the request for them", 502
+                                ) from None
+        if not found:  # counted in /health: many of these mean the prompt or the model is off
+            self.count("no_yes_no_in_top_logprobs")
+        return s
+
+    def post(self, body: dict) -> dict:
+        if not hasattr(self.sessions, "s"):
+            self.sessions.s = requests.Session()
+        problem = ""
+        for attempt in range(self.tries):
+            if attempt:
+                self.count("endpoint_retries")
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            self.count("endpoint_requests")
+            try:
+                r = self.sessions.s.post(self.url, json=body, headers=self.headers, timeout=self.timeout_s)
+            except requests.RequestException as e:
+                problem = f"cannot reach it ({type(e).__name__})"
+                continue
+            if r.status_code == 200:
+                try:
+                    return r.json()
+                except ValueError:
+                    raise UpstreamError(f"{self.url} answered 200 with a body that is not JSON", 502) from None
+            problem = f"HTTP {r.status_code}: {r.text[:300]}"
+            if r.status_code < 500 and r.status_code != 429:  # our request is wrong: retrying will not help
+                raise UpstreamError(f"{self.url} rejected the request ({problem})", 502)
+        raise UpstreamError(f"verifier endpoint {self.url} failed {self.tries} tries; the last: {problem}", 503)
+
+
+# --------------------------------------------------------------------------------------------------
+# Server: a worker thread batches concurrent requests; the HTTP handler validates and waits
+# --------------------------------------------------------------------------------------------------
+
+
+class Batcher:
+    """One worker thread owns the verifier, so concurrent requests never race on the model's state. It takes a
+    request, waits up to wait_s for more, up to max_images images, and scores them as one batch (only for a
+    verifier that batches, score_many: for the others a merged batch would only delay the first request).
+    It acts as a verifier itself (score_many), so score_batch works on it."""
+
+    def __init__(self, verifier, max_images: int = 32, wait_s: float = 0.005):
+        self.verifier = verifier
+        self.name = verifier.name
+        self.wait_s = wait_s
+        self.max_images = max_images if hasattr(verifier, "score_many") else 1
+        self.jobs = queue.Queue()
+        self.counters = {"requests": 0, "batches": 0, "images": 0}
+        threading.Thread(target=self.run, name="verifier-worker", daemon=True).start()
+
+    def score_many(self, items: list) -> list:
+        done = Future()
+        self.jobs.put((items, done))
+        return done.result()
+
+    def run(self):
+        while True:
+            batch = [self.jobs.get()]
+            n = len(batch[0][0])
+            deadline = time.monotonic() + self.wait_s
+            while n < self.max_images and (left := deadline - time.monotonic()) > 0:
+                try:
+                    batch.append(self.jobs.get(timeout=left))
+                except queue.Empty:
+                    break
+                n += len(batch[-1][0])
+            self.counters["batches"] += 1
+            self.counters["requests"] += len(batch)
+            self.counters["images"] += n
+            self.score(batch)
+
+    def score(self, batch: list):
+        try:
+            scores = score_items(self.verifier, [item for items, _ in batch for item in items])
+        except BadRequest as e:
+            if len(batch) > 1:  # one request's bad question must not fail the others: score each alone
+                for job in batch:
+                    self.score([job])
+            else:
+                batch[0][1].set_exception(e)
+            return
+        except Exception as e:  # noqa: BLE001 - delivered to every waiting request (HTTP 5xx), not swallowed
+            for _, done in batch:
+                done.set_exception(e)
+            return
+        for items, done in batch:
+            done.set_result(scores[:len(items)])
+            scores = scores[len(items):]
+
+
+def make_handler(verifier, token: str = "", max_body: int = 64 << 20, limits: Limits = Limits(),
+                 max_batch_images: int = 32, batch_wait_s: float = 0.005):
+    """The HTTP handler class for Server; it owns the Batcher (Handler.batcher) of `verifier`."""
+    batcher = Batcher(verifier, max_batch_images, batch_wait_s)
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        timeout = 120  # seconds a client may take to send its request (a stalled client frees its thread)
+
+        def handle(self):
+            try:
+                super().handle()
+            except (ConnectionError, TimeoutError) as e:  # the client's fault, not the server's: no traceback
+                self.log_message("client hung up or stalled before its reply (%s)", type(e).__name__)
+
+        def log_error(self, format, *args):
+            if not format.startswith("Request timed out"):  # an idle kept-alive connection, closed: not news
+                super().log_error(format, *args)
+
+        def log_request(self, code="-", size="-"):  # quiet: log errors only
+            if str(code)[0] in "45":
+                super().log_request(code, size)
+
+        def reply(self, code: int, obj: dict, close: bool = False):
+            data = json.dumps(obj).encode()
+            self.close_connection = self.close_connection or close
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            if close:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(data)
+
+        def fail(self, code: int, message: str):
+            """An error before the body was read: reply and close, since the body is still on the socket."""
+            self.reply(code, {"error": message}, close=True)
+
+        def authorized(self) -> bool:
+            given = self.headers.get("Authorization", "")
+            return not token or hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+
+        def do_GET(self):
+            if self.path == "/health":  # open without the token: a liveness probe
+                counters = {**batcher.counters, **getattr(verifier, "counters", {})}
+                return self.reply(200, {"status": "ok", "verifier": verifier.name, **counters})
+            if not self.authorized():
+                return self.fail(401, "missing or wrong bearer token (send 'Authorization: Bearer TOKEN')")
+            if self.path == "/score":
+                return self.fail(405, "use POST /score")
+            self.fail(404, f"no such path {self.path!r}; use GET /health or POST /score")
+
+        def do_POST(self):
+            if not self.authorized():
+                return self.fail(401, "missing or wrong bearer token (send 'Authorization: Bearer TOKEN')")
+            if self.path != "/score":
+                return self.fail(404, f"no such path {self.path!r}; use POST /score")
+            if self.headers.get("Content-Type", "").split(";")[0].strip().lower() != "application/json":
+                return self.fail(415, "the body must be JSON with 'Content-Type: application/json'")
+            if self.headers.get("Transfer-Encoding") or self.headers.get("Content-Length") is None:
+                return self.fail(411, "a Content-Length header is required (chunked bodies are not accepted)")
+            try:
+                length = int(self.headers["Content-Length"])
+            except ValueError:
+                return self.fail(400, f"Content-Length {self.headers['Content-Length']!r} is not a number")
+            if length > max_body or length < 0:
+                return self.fail(413, f"body of {length} bytes exceeds the limit of {max_body}")
+            data = self.rfile.read(length)
+            if len(data) < length:  # the client closed its side before the whole body came
+                self.close_connection = True
+                return self.log_message("client hung up after %d of %d body bytes", len(data), length)
+            try:
+                body = json.loads(data or b"null")
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+                return self.reply(400, {"error": f"the body is not valid JSON ({type(e).__name__}: {e})"})
+            try:
+                images, sem, qual = parse_score_request(body, limits)
+                result = score_batch(batcher, images, sem, qual)
+            except ApiError as e:
+                return self.reply(e.status, {"error": str(e)})
+            except Exception as e:  # noqa: BLE001 - a 500 naming it for the client, the traceback for the log
+                self.log_error("scoring failed:\n%s", "".join(traceback.format_exception(e)))
+                return self.reply(500, {"error": f"the verifier failed: {type(e).__name__}: {e}"})
+            self.reply(200, result)
+
+    Handler.batcher = batcher
+    return Handler
+
+
+class Server(ThreadingHTTPServer):
+    """A thread per connection. socketserver listens with a queue of 5 pending connections: when more clients
+    connect at once (trainer processes x reward threads, each opening its own), the kernel drops or resets
+    the rest. 1024 covers any trainer; the kernel caps it at net.core.somaxconn."""
+    request_queue_size = 1024
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI: serve (the default), score, bench, decompose
+# --------------------------------------------------------------------------------------------------
+
+
+def add_verifier_args(p: argparse.ArgumentParser):
+    p.add_argument("--verifier", default="toy",
+                   help="'toy', a Qwen-VL instruct model path / hub id, openai:http://HOST:PORT/v1, or "
+                   f"random:<{'|'.join(BENCH_SHAPES)}> (random weights at that shape: for benchmarks only)")
+    p.add_argument("--model", default="", help="model name at an openai: endpoint")
+    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", ""),
+                   help="bearer key of an openai: endpoint (default $OPENAI_API_KEY)")
+    p.add_argument("--device", default="auto", help="device of a transformers verifier")
+    p.add_argument("--dtype", default="auto", help="dtype of a transformers verifier (auto: bf16 on cuda)")
+    p.add_argument("--naive", action="store_true", help="transformers: one full sequence per question")
+
+
+def load_verifier(args):
+    if args.verifier == "toy":
+        return ToyVerifier()
+    if args.verifier.startswith("openai:"):
+        return OpenAIVerifier(args.verifier[len("openai:"):], args.model, args.api_key)
+    if args.verifier.startswith("random:"):
+        name = args.verifier[len("random:"):]
+        if name not in BENCH_SHAPES:
+            raise SystemExit(f"--verifier random:{name}: unknown shape; choose one of {sorted(BENCH_SHAPES)}")
+        return random_verifier(BENCH_SHAPES[name], device=args.device, dtype=args.dtype,
+                               shared_prefix=not args.naive)
+    return TransformersVerifier(args.verifier, args.device, args.dtype, shared_prefix=not args.naive)
+
+
+def cannot_read(path: str, e: Exception) -> SystemExit:
+    """A one-line exit for an input file that is missing or unreadable, naming it (no traceback)."""
+    return SystemExit(f"reward_server.py: cannot read {path}: {getattr(e, 'strerror', None) or e}")
+
+
+def cmd_serve(argv):
+    p = argparse.ArgumentParser(prog="reward_server.py", description=__doc__.split("\n\n")[0])
+    add_verifier_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port; 0 picks a free one (printed at start)")
+    p.add_argument("--token", default=os.environ.get("ALPHAGRPO_REWARD_TOKEN", ""),
+                   help="require 'Authorization: Bearer TOKEN' (default $ALPHAGRPO_REWARD_TOKEN)")
+    p.add_argument("--max-body", type=int, default=64 << 20, help="bytes per request body")
+    for f in fields(Limits):
+        p.add_argument("--" + f.name.replace("_", "-"), type=int, default=f.default, help=f.metadata["help"])
+    p.add_argument("--max-batch-images", type=int, default=32, help="images the worker scores in one batch")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long the worker waits to fill a batch")
+    p.add_argument("--exit-with-parent", action="store_true", help="exit when stdin closes (the trainer that "
+                   "started this server passes a pipe, so a killed trainer leaves no orphan server)")
+    args = p.parse_args(argv)
+    if args.exit_with_parent:
+        threading.Thread(target=lambda: (sys.stdin.read(), os._exit(0)), daemon=True).start()
+    limits = Limits(**{f.name: getattr(args, f.name) for f in fields(Limits)})
+    handler = make_handler(load_verifier(args), args.token, args.max_body, limits, args.max_batch_images,
+                           args.batch_wait_ms / 1000)
+    try:
+        server = Server((args.host, args.port), handler)
+    except OSError as e:  # the port is taken, the host is not this machine's, ...
+        where = f"{args.host}:{args.port}"
+        raise SystemExit(f"reward_server.py: cannot listen on {where}: {e.strerror or e}") from None
+    print(f"reward server listening on http://{args.host}:{server.server_address[1]}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+
+
+def cmd_score(argv):
+    p = argparse.ArgumentParser(prog="reward_server.py score", description="Score one image's questions, to "
+                                "check a question set before training.")
+    add_verifier_args(p)
+    p.add_argument("--image", required=True, help="a PNG or JPEG file")
+    p.add_argument("--question", action="append", required=True, help="a semantic question (repeat the flag)")
+    p.add_argument("--quality-question", action="append", default=[], help="a quality question (repeat the flag)")
+    args = p.parse_args(argv)
+    try:
+        with Image.open(args.image) as image:
+            image = image.convert("RGB")
+    except (OSError, ValueError) as e:  # missing, unreadable, not an image, truncated
+        raise cannot_read(args.image, e) from None
+    out = score_batch(load_verifier(args), [image], [args.question], [args.quality_question])
+    for q, s in zip(args.question + args.quality_question, out["semantic_scores"][0] + out["quality_scores"][0]):
+        print(f"{s:.4f}  {q}")
+    print(f"R = sqrt(mean(semantic) * mean(quality)) = {out['rewards'][0]:.4f}")
+
+
+# Random Qwen3-VL verifiers for benchmarks: `bench`, and `--verifier random:NAME` to serve one on a GPU next to
+# the trainer (alphagrpo.py bench). The tiny Qwen3-VL builder below also makes alphagrpo.py's toy reasoner.
+
+TOY_WORDS = ("red green blue yellow cyan magenta white black top bottom left right half image mostly bright dark "
+             "the a of is and with in on sky sun sea grass fire light shadow Yes No yes no Is The A Answer "
+             "Diagnosis Fix : . , ? ! system user assistant").split()
+TOY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def toy_tokenizer(words=TOY_WORDS):
+    """A word-level tokenizer over `words` with Qwen's special tokens and a Qwen-style chat template, built
+    offline with `tokenizers` (no download). The toy reasoner, the toy verifiers and the toy FLUX.2 klein's
+    text encoder share it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>", "<|video_pad|>", "[UNK]"]
+    tk = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + list(words))}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.decoder = decoders.WordPiece(prefix="##")
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   unk_token="[UNK]", additional_special_tokens=specials[1:7],
+                                   chat_template=TOY_CHAT_TEMPLATE)
+
+
+def vlm_config(text: dict, vision: dict, image_px: int, words=TOY_WORDS):
+    """A Qwen3-VL config with the given text_config / vision_config fields, and its processor with a word-level
+    tokenizer over `words` built offline with `tokenizers` (no download). Every image is resized to
+    image_px^2, i.e. (image_px / 32)^2 image tokens. Returns (processor, config)."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    tok = toy_tokenizer(words)
+    vocab = tok.get_vocab()
+    size = {"shortest_edge": image_px**2, "longest_edge": image_px**2}
+    processor = Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(size=size, patch_size=16, temporal_patch_size=2, merge_size=2),
+        video_processor=Qwen3VLVideoProcessor(size=size, patch_size=16, temporal_patch_size=2, merge_size=2),
+        tokenizer=tok, chat_template=TOY_CHAT_TEMPLATE)
+    hd = text.get("head_dim", 8)
+    text = {"vocab_size": len(vocab), "rope_parameters": {  # T/H/W split of the rotary dimensions (M-RoPE)
+        "rope_type": "default", "rope_theta": 5e6, "mrope_interleaved": True,
+        "mrope_section": [hd // 4, hd // 8, hd // 8]}, **text}
+    positions = max(vision["num_position_embeddings"], (image_px // 16) ** 2)  # of the vision tower's patches
+    config = Qwen3VLConfig(
+        text_config=text, vision_config={"patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                                         **vision, "num_position_embeddings": positions},
+        image_token_id=vocab["<|image_pad|>"], video_token_id=vocab["<|video_pad|>"],
+        vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"],
+        eos_token_id=vocab["<|im_end|>"], pad_token_id=vocab["<|endoftext|>"],
+        tie_word_embeddings=text.get("tie_word_embeddings", False))
+    return processor, config
+
+
+def make_vlm(text: dict, vision: dict, image_px: int, seed: int = 0, words=TOY_WORDS):
+    """A random Qwen3-VL (the reasoner's and the verifier's class) of the given sizes, and its processor
+    (vlm_config). Returns (processor, model)."""
+    import torch
+    from transformers import Qwen3VLForConditionalGeneration
+
+    processor, config = vlm_config(text, vision, image_px, words)
+    torch.manual_seed(seed)
+    return processor, Qwen3VLForConditionalGeneration(config)
+
+
+# The sizes of the text model and the vision tower; vocab 0 keeps the toy's.
+BENCH_SHAPES = {
+    "small": dict(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=512, vocab=0, vision_hidden=32,
+                  vision_depth=2, vision_heads=4, vision_intermediate=64),
+    "qwen3-vl-8b": dict(hidden=4096, layers=36, heads=32, kv_heads=8, intermediate=12288, vocab=151936,
+                        vision_hidden=1152, vision_depth=27, vision_heads=16, vision_intermediate=4304),
+}
+
+
+def random_verifier(shape: dict, image_px: int = 512, device: str = "auto", dtype: str = "auto", seed: int = 0,
+                    shared_prefix: bool = True) -> TransformersVerifier:
+    """A TransformersVerifier over a random Qwen3-VL of `shape`: the toy's processor and word-level tokenizer
+    (images resized to image_px^2, i.e. (image_px/32)^2 image tokens), the model built in memory on the device
+    (saving a multi-billion-parameter random model to disk would take longer than the benchmark)."""
+    import torch
+    from transformers import Qwen3VLForConditionalGeneration
+    from transformers.utils import logging as transformers_logging
+
+    hd = shape["hidden"] // shape["heads"]
+    mrope = [hd // 2 - 2 * (hd * 5 // 32), hd * 5 // 32, hd * 5 // 32]  # T/H/W, as Qwen3-VL splits its 64
+    text = dict(hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
+                num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
+                num_key_value_heads=shape["kv_heads"], head_dim=hd, max_position_embeddings=4096,
+                rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_interleaved": True,
+                                 "mrope_section": mrope})
+    if shape["vocab"]:
+        text["vocab_size"] = shape["vocab"]
+    vision = dict(depth=shape["vision_depth"], hidden_size=shape["vision_hidden"],
+                  num_heads=shape["vision_heads"], intermediate_size=shape["vision_intermediate"],
+                  out_hidden_size=shape["hidden"], num_position_embeddings=64, deepstack_visual_indexes=[0])
+    processor, config = vlm_config(text, vision, image_px)
+    device, dt = pick_device(device, dtype)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Qwen3VLForConditionalGeneration._from_config(config, dtype=dt)
+    transformers_logging.disable_progress_bar()  # the processor's save/load bars would bury the figures
+    with tempfile.TemporaryDirectory() as tmp:
+        processor.save_pretrained(tmp)  # read back with from_pretrained, as a real verifier's is
+        v = TransformersVerifier(tmp, device, dtype, shared_prefix=shared_prefix, model=model)
+    v.name = "random Qwen3-VL (" + ", ".join(f"{k} {x}" for k, x in shape.items()) + ")"
+    return v
+
+
+def cmd_bench(argv):
+    """Naive vs shared-prefix scoring of a random Qwen3-VL at a chosen shape, beside the one-pass floor, then
+    latency over HTTP."""
+    p = argparse.ArgumentParser(prog="reward_server.py bench", description=cmd_bench.__doc__)
+    p.add_argument("--shape", default="small", choices=sorted(BENCH_SHAPES), help="the model's sizes; each of "
+                   "them can be overridden by its own flag below")
+    for key in BENCH_SHAPES["small"]:
+        p.add_argument("--" + key.replace("_", "-"), type=int, default=None)
+    p.add_argument("--image-px", type=int, default=512, help="images are resized to this square: (px/32)^2 "
+                   "tokens")
+    p.add_argument("--questions", type=int, default=16, help="questions per image")
+    p.add_argument("--images", type=int, default=4, help="images timed per path")
+    p.add_argument("--clients", type=int, default=8, help="concurrent HTTP clients")
+    p.add_argument("--seconds", type=float, default=5.0, help="duration of each HTTP load run (0: none)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    import random
+
+    import torch
+
+    shape = {k: x if getattr(args, k) is None else getattr(args, k) for k, x in BENCH_SHAPES[args.shape].items()}
+    v = random_verifier(shape, args.image_px, args.device, args.dtype, args.seed)
+    rng = random.Random(args.seed)
+    words = [w for w in TOY_WORDS if w.isalpha()]
+    questions = [" ".join(["Is", "the", *rng.choices(words, k=rng.randint(4, 14)), "?"])
+                 for _ in range(args.questions)]
+    images = [Image.frombytes("RGB", (args.image_px,) * 2, rng.randbytes(3 * args.image_px ** 2))
+              for _ in range(args.images)]
+    prefix = v.processor(text=[v.prefix_text], images=images[:1], return_tensors="pt")["input_ids"].shape[1]
+    suffixes = [len(v.suffix_ids(q)) for q in questions]
+    print(f"bench: random Qwen3-VL, text {shape['layers']} x {shape['hidden']} (heads {shape['heads']}/"
+          f"{shape['kv_heads']}), vision {shape['vision_depth']} x {shape['vision_hidden']}, "
+          f"{(args.image_px // 32) ** 2} image tokens, prefix {prefix} tokens, suffixes "
+          f"{min(suffixes)}-{max(suffixes)} tokens, {args.questions} questions per image, {v.device} "
+          f"{str(v.model.dtype).removeprefix('torch.')}", flush=True)
+    # the floor: system prompt + image + every question's suffix as one sequence, each token read once and
+    # nothing computed twice, so no scoring path can do less work
+    floor_text = v.prefix_text + "".join(v.chat_text(q)[len(v.prefix_text):] for q in questions)
+
+    def floor(image):
+        inputs = v.processor(text=[floor_text], images=[image], return_tensors="pt").to(v.device)
+        with torch.inference_mode():
+            return v.model(**inputs, logits_to_keep=1).logits.float().cpu()  # .cpu() waits for the device
+
+    paths = {"naive": lambda image: v.score_naive(image, questions),  # its .tolist() waits for the device
+             "shared": lambda image: v.confidences(v.logits_shared([(image, questions)])[0]),
+             "floor": floor}
+    seconds = dict.fromkeys(paths, 0.0)
+    for path in paths.values():
+        path(images[0])  # warm-up
+    for image in images:  # the paths in turn, so that a busy machine slows them alike
+        for name, path in paths.items():
+            t = time.perf_counter()
+            path(image)
+            seconds[name] += time.perf_counter() - t
+    diff = max(abs(a - b) for a, b in zip(paths["naive"](images[0]), paths["shared"](images[0])))
+
+    def load(shared: bool) -> dict:
+        v.shared_prefix = shared
+        server = Server(("127.0.0.1", 0), make_handler(v))
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}/score"
+        bodies = [json.dumps({"images": [base64.b64encode(png).decode()], "semantic_questions": [questions],
+                              "quality_questions": [[]]}).encode() for png in map(png_bytes, images)]  # once
+        latencies = []
+        end = time.monotonic() + args.seconds
+
+        def client(k):
+            with requests.Session() as s:
+                while time.monotonic() < end:
+                    t = time.perf_counter()
+                    s.post(url, data=bodies[k % len(bodies)], headers={"Content-Type": "application/json"},
+                           timeout=600).raise_for_status()
+                    latencies.append(time.perf_counter() - t)
+                    k += 1
+
+        t = time.perf_counter()
+        with ThreadPoolExecutor(args.clients) as clients:
+            list(clients.map(client, range(args.clients)))
+        wall = time.perf_counter() - t
+        server.shutdown()
+        server.server_close()
+        c = server.RequestHandlerClass.batcher.counters
+        q = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else latencies * 99
+        return {"requests/s": len(latencies) / wall, "questions/s": len(latencies) * len(questions) / wall,
+                **{f"latency p{k} (ms)": 1000 * q[k - 1] for k in (50, 90, 99)},
+                "requests answered": len(latencies), "requests per batch": c["requests"] / max(c["batches"], 1)}
+
+    per_s = {name: len(images) * len(questions) / s for name, s in seconds.items()}
+    rows = [("questions/s, one image per call", per_s["naive"], per_s["shared"])]
+    if args.seconds > 0:
+        naive = load(False)
+        shared = load(True)
+        rows += [(f"HTTP, {args.clients} clients, {args.seconds:g} s: {k}", naive[k], shared[k]) for k in naive]
+    print(f"{'':50}{'naive':>10}{'shared':>10}{'ratio':>9}")
+    for name, a, b in rows:
+        print(f"{name:50}{a:10.1f}{b:10.1f}" + (f"{b / a:8.2f}x" if "/s" in name or "latency" in name else ""))
+    ms = {name: 1000 * s / len(images) for name, s in seconds.items()}
+    print(f"floor, one forward pass over system prompt + image + all {len(questions)} questions as one "
+          f"sequence: {ms['floor']:.1f} ms per image; shared prefix {ms['shared']:.1f} ms, "
+          f"{ms['shared'] / ms['floor']:.2f}x the floor; naive {ms['naive']:.1f} ms")
+    print(f"max |shared - naive| score difference: {diff:.2e}")
+
+
+# Offline decomposition (Sec. 4.2): prompts -> validated atomic yes/no questions, by an LLM
+
+DECOMPOSE_INSTRUCTION = """\
+You turn a text-to-image prompt into a checklist of atomic yes/no questions that a vision-language model answers \
+by looking at a generated image.
+
+Step 1, semantic questions: does the image follow the prompt? Cover every requirement of the prompt (usually 3 to \
+8 questions) and tag each with one dimension:
+Style (art style, medium), Environment (setting, weather, time of day), Viewpoint (camera angle, framing), \
+Existence (an object is present), Count (how many), Attribute (colour, shape, material, size), Action (what a \
+subject does), Spatial (relative position), Text (written text), Negative (something the prompt excludes is absent).
+
+Step 2, quality questions: is what step 1 asks about rendered well? Build on the objects of step 1 (usually 3 to 6 \
+questions) and tag each with one aspect:
+Geometry (plausible shapes, proportions), Anatomy (bodies, hands, faces), Texture (surfaces, materials), Coherence \
+(consistent parts, no stray artefacts), Lighting (light and shadows agree), Physics (support, contact, gravity, \
+reflections), Legibility (text is crisp and spelled right), Aesthetics (composition, focus).
+
+Rules for every question:
+- It starts with Is, Are, Does, Do, Can, Has or Have and ends with "?".
+- "Yes" means the image is good: "Is the street free of cars?" for "no cars"; "Are the fingers well formed?", not \
+"Are the fingers distorted?".
+- One atomic fact: no "or", never two facts in one question.
+- Only what can be seen: turn abstract words into visible evidence ("Is there steam rising from the cup?", not \
+"Is the coffee hot?").
+- Use only the tags above; skip a dimension the prompt does not touch.
+
+Answer with one JSON object and nothing else:
+{"semantic_questions": [{"question": "...", "tag": "Existence"}], "quality_questions": [{"question": "...", \
+"tag": "Geometry"}]}"""
+DECOMPOSE_RETRY = "That answer is not valid ({error}). Answer again with only the JSON object."
+
+# the rule-based validation of decomposed questions (Sec. 4.2, "invalid questions are filtered")
+AUXILIARY_VERBS = ("is", "are", "does", "do", "did", "can", "could", "has", "have", "had", "was", "were", "will",
+                   "would", "should")
+NON_VISUAL_WORDS = ("smell", "smells", "taste", "tastes", "tasty", "delicious", "sounds", "loud", "noisy", "hear",
+                    "feel", "feels", "think", "believe", "fragrant")
+TEMPERATURES = ("hot", "cold", "warm", "cool", "freezing")  # not visual as the predicate: "Is the coffee hot?"
+DEFECT_WORDS = ("blurry", "blurred", "distorted", "deformed", "disfigured", "mutated", "malformed", "artifact",
+                "artifacts", "garbled", "misspelled", "extra", "missing", "warped", "glitch", "glitches")
+NEGATIONS = ("no", "not", "none", "without", "free", "absent", "empty", "nothing", "nor")
+ABSENCES = NEGATIONS + ("missing", "lacking", "lacks")  # a Negative question asks about an absence
+QUESTION_WORDS = (3, 30)  # length bounds, in words
+
+
 def check_question(q, tags: tuple, quality: bool) -> str | None:
     """Why a decomposed question is invalid (not yes/no, not visual, not atomic, ...), or None if it is fine."""
     if not isinstance(q, dict) or not isinstance(q.get("question"), str):
         return "not a {question, tag} object"
-    text, words = q["question"].strip(), re.findall(r"[a-z']+", q["question"].lower())
+    text = q["question"].strip()
+    words = re.findall(r"[a-z']+", text.lower())
     if q.get("tag") not in tags:
         return "tag not in the allowed set"
     if not text.endswith("?") or text.count("?") > 1:
@@ -321,612 +1079,40 @@ def parse_llm_json(text: str) -> dict:
     return obj
 
 
-# --------------------------------------------------------------------------------------------------
-# Verifiers: score(image, questions) -> [s]; score_many([(image, questions)]) batches where it helps
-# --------------------------------------------------------------------------------------------------
+def make_llm(args):
+    """ask(messages) -> str, from an OpenAI-compatible URL or a local transformers causal LM (greedy)."""
+    if args.llm.startswith(("http://", "https://")):
+        chat = OpenAIVerifier(args.llm, args.model or "default", args.api_key)  # for its retrying post()
 
-
-def pick_device(device: str = "auto", dtype: str = "auto"):
-    """-> (device, torch dtype); auto: cuda if there is one, bf16 on cuda and fp32 elsewhere."""
+        def ask(messages):
+            answer = chat.post({"model": chat.model, "messages": messages, "temperature": 0,
+                                "max_tokens": args.max_new_tokens})
+            try:
+                return answer["choices"][0]["message"]["content"] or ""
+            except (KeyError, IndexError, TypeError):
+                raise UpstreamError(f"{chat.url} answered without choices[0].message.content", 502) from None
+        return ask
     import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    return device, getattr(torch, dtype) if dtype != "auto" else torch.bfloat16 if device == "cuda" else torch.float32
+    device = pick_device(args.device)[0]
+    tok = AutoTokenizer.from_pretrained(args.llm)
+    model = AutoModelForCausalLM.from_pretrained(args.llm, dtype="auto").to(device).eval()
 
-
-class ToyVerifier:
-    """A rule-based judge for the toy preset. It answers a closed grammar of questions about colours,
-    `Is the image [mostly] <colour>?` and `Is the (top|bottom|left|right) half of the image <colour>?`,
-    with Yes/No logits proportional to a colour margin, so rewards are graded and the DVReward arithmetic
-    is the same as with an MLLM. Any other question is a 400, never a guess."""
-
-    name = "toy"
-    COLOURS = {"red": (1, 0, 0), "green": (0, 1, 0), "blue": (0, 0, 1), "yellow": (1, 1, 0), "cyan": (0, 1, 1),
-               "magenta": (1, 0, 1), "white": (1, 1, 1), "black": (0, 0, 0)}
-    PATTERN = re.compile(r"is the (?:image(?: mostly)?|(top|bottom|left|right) half of the image) (\w+)\s*\?",
-                         re.IGNORECASE)
-    GAIN = 8.0  # logit per unit of colour margin
-
-    def answer_logits(self, image: Image.Image, question: str) -> tuple[float, float]:
-        m = self.PATTERN.fullmatch(question.strip())
-        if not m or m.group(2).lower() not in self.COLOURS:
-            raise BadRequest(f"the toy verifier cannot answer {question!r}: it knows only 'Is the image [mostly] "
-                             f"<colour>?' and 'Is the top|bottom|left|right half of the image <colour>?' with a "
-                             f"colour in {', '.join(self.COLOURS)}")
-        w, h = image.size
-        box = {None: (0, 0, w, h), "top": (0, 0, w, h // 2), "bottom": (0, h // 2, w, h),
-               "left": (0, 0, w // 2, h), "right": (w // 2, 0, w, h)}[m.group(1) and m.group(1).lower()]
-        rgb = [c / 255 for c in ImageStat.Stat(image.convert("RGB").crop(box)).mean]
-        dist = {name: math.dist(rgb, ref) for name, ref in self.COLOURS.items()}
-        target = m.group(2).lower()
-        # margin > 0 iff the region's mean colour is closer to the target than to any other colour
-        margin = min(d for name, d in dist.items() if name != target) - dist[target]
-        return self.GAIN * margin, 0.0
-
-    def score(self, image: Image.Image, questions: list[str]) -> list[float]:
-        return [confidence([y], [n]) for y, n in (self.answer_logits(image, q) for q in questions)]
-
-
-class TransformersVerifier:
-    """A Qwen-VL instruct model from transformers; s from the first answer token's yes/no probabilities.
-
-    Shared image prefix (the default): the chat text is [system prompt, image] + [question, assistant turn], and
-    the first part is the same for every question about one image. So per image it is encoded once (vision tower
-    and prefill, images with the same token count batched together), and the questions run as one right-padded
-    batch of suffixes on copies of that KV cache; each row's answer is read at its last real token. Qwen-VL's
-    rotary positions are 3-D (time, height, width) and the image advances them by max(h, w) tokens, not by its
-    token count, so the prefix positions come from the model's get_rope_index and every suffix continues at
-    their maximum + 1; they are passed explicitly, so the model's stored `rope_deltas` is neither read nor
-    written. This relies on Qwen-VL internals (`model.model.get_rope_index`, `model.lm_head`, the `cache` keyword,
-    DynamicCache layers' keys/values), hence requirements.txt pins transformers>=5.24,<5.25.
-    `score_naive` is the plain path: each question as one full sequence, all in one left-padded batch."""
-
-    def __init__(self, path: str, device: str = "auto", dtype: str = "auto", shared_prefix: bool = True,
-                 prefill_batch: int = 8, row_batch: int = 64, model=None):
-        import torch
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        self.torch = torch
-        device, dt = pick_device(device, dtype)
-        self.device = torch.device(device)
-        self.name = path
-        self.processor = AutoProcessor.from_pretrained(path)
-        # model: an already built model (the benchmark's random ones), else loaded from path
-        model = model if model is not None else AutoModelForImageTextToText.from_pretrained(path, dtype=dt)
-        self.model = model.to(self.device).eval()
-        self.prefill_batch, self.row_batch = prefill_batch, row_batch  # images per prefill, suffix rows per pass
-        tok = self.processor.tokenizer
-        # every single-token spelling of yes / no, found with the tokenizer at start-up (an unknown-token
-        # id would count any unknown word as a yes, so each id must decode back to the word)
-        def ids(words):
-            found = set()
-            for w in words:
-                i = tok.encode(w, add_special_tokens=False)
-                if len(i) == 1 and i[0] != tok.unk_token_id and tok.decode(i).strip().lower() == w.strip().lower():
-                    found.add(i[0])
-            return sorted(found)
-
-        self.yes_ids, self.no_ids = ids(YES_VARIANTS), ids(NO_VARIANTS)
-        if not self.yes_ids or not self.no_ids:
-            raise ValueError(f"{path}: the tokenizer has no single-token 'yes'/'no'; it cannot be a verifier")
-        probe = self.chat_text("Is it?")
-        if "<think>" in probe[-40:]:
-            raise ValueError(f"{path}: its chat template opens a <think> block; use an Instruct (non-thinking) model, "
-                             "since the first answer token must be the yes/no")
-        # the prefix is the chat text up to the image's closing token; the question must come after it
-        end_id = getattr(self.model.config, "vision_end_token_id", None)
-        vision_end = tok.convert_ids_to_tokens(end_id) if end_id is not None else None
-        cut = probe.rfind(vision_end) + len(vision_end) if vision_end and vision_end in probe else 0
-        self.prefix_text = probe[:cut]
-        self.shared_prefix = shared_prefix
-        if shared_prefix and not (self.prefix_text and hasattr(getattr(self.model, "model", None), "get_rope_index")):
-            print(f"{path}: not a Qwen-VL model with the image before the question; scoring with the naive path "
-                  "(one full sequence per question)", file=sys.stderr)
-            self.shared_prefix = False
-
-    def chat_text(self, question: str) -> str:
-        messages = [{"role": "system", "content": STRICT_AUDITOR},
-                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-
-    def score(self, image: Image.Image, questions: list[str]) -> list[float]:
-        return self.score_many([(image, questions)])[0]
-
-    def score_many(self, items: list) -> list:
-        """items: [(image, questions)] -> one score list per item."""
-        if self.shared_prefix:
-            logits = self.logits_shared(items)
-        else:
-            logits = [self.logits_naive(image, qs) for image, qs in items]
-        return [self.confidences(x) for x in logits]
-
-    def score_naive(self, image: Image.Image, questions: list[str]) -> list[float]:
-        return self.confidences(self.logits_naive(image, questions))
-
-    def confidences(self, logits) -> list[float]:
-        return [confidence(row[self.yes_ids].tolist(), row[self.no_ids].tolist()) for row in logits]
-
-    def logits_naive(self, image: Image.Image, questions: list[str]):
-        """(n, V) first-answer-token logits, one full sequence per question (the image encoded n times)."""
-        torch = self.torch
-        if not questions:
-            return torch.zeros(0, 1)
-        texts = [self.chat_text(q) for q in questions]
-        inputs = self.processor(text=texts, images=[image] * len(texts), padding=True, padding_side="left",
-                                return_tensors="pt").to(self.device)
+    def ask(messages):
+        inputs = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                         return_dict=True).to(device)
         with torch.inference_mode():
-            return self.model(**inputs, logits_to_keep=1).logits[:, -1].float()  # (n, V)
-
-    def logits_shared(self, items: list) -> list:
-        """[(n_i, V)] first-answer-token logits per item: one prefill per image, the questions as suffixes."""
-        torch, tok = self.torch, self.processor.tokenizer
-        out = [torch.zeros(0, 1) for _ in items]
-        encoded = {}  # images with the same token count share a prefill batch: {grid: [(item index, inputs)]}
-        for i, (image, questions) in enumerate(items):
-            if questions:
-                enc = self.processor(text=[self.prefix_text], images=[image], return_tensors="pt")
-                encoded.setdefault(tuple(enc["image_grid_thw"].flatten().tolist()), []).append((i, enc))
-        suffixes = {}
-        for i, (_, questions) in enumerate(items):
-            for q in questions:
-                text = self.chat_text(q)
-                if not text.startswith(self.prefix_text):  # a question that changes the prefix (never expected)
-                    raise ValueError(f"the chat text of {q!r} does not start with the shared prefix")
-                suffixes[i, q] = tok(text[len(self.prefix_text):], add_special_tokens=False)["input_ids"]
-        with torch.inference_mode():
-            for group in encoded.values():
-                for start in range(0, len(group), self.prefill_batch):
-                    chunk = group[start:start + self.prefill_batch]
-                    cache, next_pos = self.prefill([enc for _, enc in chunk])
-                    rows = [(k, suffixes[i, q]) for k, (i, _) in enumerate(chunk) for q in items[i][1]]
-                    logits = torch.cat([self.suffix_logits(cache, next_pos, rows[r:r + self.row_batch])
-                                        for r in range(0, len(rows), self.row_batch)])
-                    counts = [len(items[i][1]) for i, _ in chunk]
-                    for (i, _), x in zip(chunk, logits.split(counts)):
-                        out[i] = x
-        return out
-
-    def prefill(self, encs: list):
-        """Encode system prompt + image for n images of one size. -> (KV cache with n rows, next position (n,))."""
-        torch = self.torch
-        cat = lambda key: torch.cat([e[key] for e in encs]).to(self.device)  # noqa: E731
-        ids, mm_types, grid = cat("input_ids"), cat("mm_token_type_ids"), cat("image_grid_thw")  # ids: (n, P)
-        pos, _ = self.model.model.get_rope_index(ids, mm_token_type_ids=mm_types, image_grid_thw=grid)  # (3, n, P)
-        out = self.model.model(input_ids=ids, pixel_values=cat("pixel_values"), image_grid_thw=grid,
-                               mm_token_type_ids=mm_types, position_ids=pos, use_cache=True)
-        return out.cache, pos.amax(dim=(0, 2)) + 1
-
-    def suffix_logits(self, cache, next_pos, rows: list):
-        """rows: [(prefix row, suffix token ids)] -> (B, V) logits at each row's last real suffix token."""
-        from transformers import DynamicCache
-
-        torch = self.torch
-        B, S, P = len(rows), max(len(ids) for _, ids in rows), cache.get_seq_length()
-        which = torch.tensor([k for k, _ in rows], device=self.device)  # (B,) the prefix row of each suffix
-        lengths = torch.tensor([len(ids) for _, ids in rows], device=self.device)
-        suffix = torch.full((B, S), self.processor.tokenizer.pad_token_id or 0, device=self.device)
-        for r, (_, ids) in enumerate(rows):
-            suffix[r, :len(ids)] = torch.tensor(ids)
-        real = torch.arange(S, device=self.device)[None] < lengths[:, None]  # (B, S), right padding
-        mask = torch.cat([torch.ones(B, P, dtype=torch.long, device=self.device), real.long()], 1)  # (B, P+S)
-        pos = (next_pos[which][:, None] + torch.arange(S, device=self.device)[None]).expand(3, B, S)  # text: t=h=w
-        # the prefix cache copied to B rows (each row's own image); the suffix pass appends to this copy only
-        rows_cache = DynamicCache(ddp_cache_data=[(layer.keys[which], layer.values[which]) for layer in cache.layers])
-        h = self.model.model(input_ids=suffix, attention_mask=mask, position_ids=pos, cache=rows_cache,
-                             use_cache=True).last_hidden_state  # (B, S, C)
-        return self.model.lm_head(h[torch.arange(B, device=self.device), lengths - 1]).float()  # (B, V)
-
-
-class OpenAIVerifier:
-    """An MLLM served behind an OpenAI-compatible endpoint (SGLang or vLLM, as the paper serves its verifier):
-    one /chat/completions request per question with max_tokens 1 and the top 20 log-probs of the first token.
-    Questions are sent concurrently; failures are retried with backoff, then raised (HTTP 502/503), never
-    turned into a score."""
-
-    def __init__(self, base_url: str, model: str, api_key: str = "", workers: int = 8, tries: int = 5,
-                 backoff_s: float = 0.5, timeout_s: float = 120.0):
-        if not model:
-            raise ValueError("an openai: verifier needs --model (the name the endpoint serves)")
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.name = f"openai:{base_url} ({model})"
-        self.model, self.tries, self.backoff_s, self.timeout_s = model, tries, backoff_s, timeout_s
-        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.pool = ThreadPoolExecutor(max_workers=workers)
-        self.sessions = threading.local()  # requests.Session is not thread-safe: one per pool thread
-        self.lock = threading.Lock()
-        self.counters = {"endpoint_requests": 0, "endpoint_retries": 0, "no_yes_no_in_top_logprobs": 0}
-
-    def count(self, key: str):
-        with self.lock:
-            self.counters[key] += 1
-
-    def score(self, image: Image.Image, questions: list[str]) -> list[float]:
-        return self.score_many([(image, questions)])[0]
-
-    def score_many(self, items: list) -> list:
-        # each image encoded once, whatever its number of questions
-        urls = ["data:image/png;base64," + base64.b64encode(png_bytes(image)).decode() for image, _ in items]
-        jobs = [(url, q) for url, (_, qs) in zip(urls, items) for q in qs]
-        scores = iter(list(self.pool.map(lambda job: self.ask(*job), jobs)))
-        return [[next(scores) for _ in qs] for _, qs in items]
-
-    def ask(self, image_url: str, question: str) -> float:
-        body = {"model": self.model, "max_tokens": 1, "temperature": 0, "logprobs": True, "top_logprobs": 20,
-                "messages": [{"role": "system", "content": STRICT_AUDITOR},
-                             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
-                                                          {"type": "text", "text": question}]}]}
-        answer = self.post(body)
-        try:
-            first = answer["choices"][0]["logprobs"]["content"][0]
-            s, found = confidence_from_top_logprobs(first["top_logprobs"], first.get("token", ""))
-        except (KeyError, IndexError, TypeError, ValueError) as e:
-            raise UpstreamError(f"{self.url} answered without choices[0].logprobs.content[0].top_logprobs "
-                                f"({type(e).__name__}: {e}); does the server support logprobs?", 502) from None
-        if not found:  # counted in /health: many of these mean the prompt or the model is off
-            self.count("no_yes_no_in_top_logprobs")
-        return s
-
-    def post(self, body: dict) -> dict:
-        if not hasattr(self.sessions, "s"):
-            self.sessions.s = requests.Session()
-        problem = ""
-        for attempt in range(self.tries):
-            if attempt:
-                self.count("endpoint_retries")
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
-            self.count("endpoint_requests")
-            try:
-                r = self.sessions.s.post(self.url, json=body, headers=self.headers, timeout=self.timeout_s)
-            except requests.RequestException as e:
-                problem = f"cannot reach it ({type(e).__name__})"
-                continue
-            if r.status_code == 200:
-                try:
-                    return r.json()
-                except ValueError:
-                    raise UpstreamError(f"{self.url} answered 200 with a body that is not JSON", 502) from None
-            problem = f"HTTP {r.status_code}: {r.text[:300]}"
-            if r.status_code < 500 and r.status_code != 429:  # our request is wrong: retrying will not help
-                raise UpstreamError(f"{self.url} rejected the request ({problem})", 502)
-        raise UpstreamError(f"verifier endpoint {self.url} failed {self.tries} tries; the last: {problem}", 503)
-
-
-# --------------------------------------------------------------------------------------------------
-# Server: a worker thread batches concurrent requests; the HTTP handler validates and waits
-# --------------------------------------------------------------------------------------------------
-
-
-class Batcher:
-    """One worker thread owns the verifier, so concurrent requests never race on the model's state. It takes a
-    request, waits up to wait_s for more, up to max_images images, and scores them as one batch (only for a
-    verifier that batches, score_many: for the others a merged batch would only delay the first request).
-    It acts as a verifier itself (score_many), so score_batch works on it."""
-
-    def __init__(self, verifier, max_images: int = 32, wait_s: float = 0.005):
-        self.verifier, self.name, self.wait_s = verifier, verifier.name, wait_s
-        self.max_images = max_images if hasattr(verifier, "score_many") else 1
-        self.jobs = queue.Queue()
-        self.counters = {"requests": 0, "batches": 0, "images": 0}
-        threading.Thread(target=self.run, name="verifier-worker", daemon=True).start()
-
-    def score_many(self, items: list) -> list:
-        done = Future()
-        self.jobs.put((items, done))
-        return done.result()
-
-    def run(self):
-        while True:
-            batch = [self.jobs.get()]
-            n, deadline = len(batch[0][0]), time.monotonic() + self.wait_s
-            while n < self.max_images and (left := deadline - time.monotonic()) > 0:
-                try:
-                    batch.append(self.jobs.get(timeout=left))
-                except queue.Empty:
-                    break
-                n += len(batch[-1][0])
-            self.counters["batches"] += 1
-            self.counters["requests"] += len(batch)
-            self.counters["images"] += n
-            self.score(batch)
-
-    def score(self, batch: list):
-        try:
-            scores = score_items(self.verifier, [item for items, _ in batch for item in items])
-        except BadRequest as e:
-            if len(batch) > 1:  # one request's bad question must not fail the others: score each alone
-                for job in batch:
-                    self.score([job])
-            else:
-                batch[0][1].set_exception(e)
-            return
-        except Exception as e:  # noqa: BLE001 - delivered to every waiting request (HTTP 5xx), not swallowed
-            for _, done in batch:
-                done.set_exception(e)
-            return
-        for items, done in batch:
-            done.set_result(scores[:len(items)])
-            scores = scores[len(items):]
-
-
-def make_handler(verifier, token: str = "", max_body: int = 64 << 20, limits: Limits = Limits(),
-                 max_batch_images: int = 32, batch_wait_s: float = 0.005):
-    """The HTTP handler class for ThreadingHTTPServer; it owns the Batcher (Handler.batcher) of `verifier`."""
-    batcher = Batcher(verifier, max_batch_images, batch_wait_s)
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        timeout = 120  # seconds a client may take to send its request (a stalled client frees its thread)
-
-        def reply(self, code: int, obj: dict, close: bool = False):
-            data = json.dumps(obj).encode()
-            self.close_connection = self.close_connection or close
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            if close:
-                self.send_header("Connection", "close")
-            self.end_headers()
-            self.wfile.write(data)
-
-        def fail(self, code: int, message: str):
-            """An error before the body was read: reply and close, since the body is still on the socket."""
-            self.reply(code, {"error": message}, close=True)
-
-        def log_request(self, code="-", size="-"):  # quiet: log errors only
-            if str(code)[0] in "45":
-                super().log_request(code, size)
-
-        def authorized(self) -> bool:
-            given = self.headers.get("Authorization", "")
-            return not token or hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
-
-        def do_GET(self):
-            if self.path == "/health":  # open without the token: a liveness probe
-                counters = {**batcher.counters, **getattr(verifier, "counters", {})}
-                return self.reply(200, {"status": "ok", "verifier": verifier.name, **counters})
-            if not self.authorized():
-                return self.fail(401, "missing or wrong bearer token (send 'Authorization: Bearer TOKEN')")
-            if self.path == "/score":
-                return self.fail(405, "use POST /score")
-            self.fail(404, f"no such path {self.path!r}; use GET /health or POST /score")
-
-        def do_POST(self):
-            if not self.authorized():
-                return self.fail(401, "missing or wrong bearer token (send 'Authorization: Bearer TOKEN')")
-            if self.path != "/score":
-                return self.fail(404, f"no such path {self.path!r}; use POST /score")
-            if self.headers.get("Content-Type", "").split(";")[0].strip().lower() != "application/json":
-                return self.fail(415, "the body must be JSON with 'Content-Type: application/json'")
-            if self.headers.get("Transfer-Encoding") or self.headers.get("Content-Length") is None:
-                return self.fail(411, "a Content-Length header is required (chunked bodies are not accepted)")
-            try:
-                length = int(self.headers["Content-Length"])
-            except ValueError:
-                return self.fail(400, f"Content-Length {self.headers['Content-Length']!r} is not a number")
-            if length > max_body or length < 0:
-                return self.fail(413, f"body of {length} bytes exceeds the limit of {max_body}")
-            try:
-                body = json.loads(self.rfile.read(length) or b"null")
-            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-                return self.reply(400, {"error": f"the body is not valid JSON ({type(e).__name__}: {e})"})
-            try:
-                images, sem, qual = parse_score_request(body, limits)
-                result = score_batch(batcher, images, sem, qual)
-            except (BadRequest, UpstreamError) as e:
-                return self.reply(e.status, {"error": str(e)})
-            except Exception as e:  # noqa: BLE001 - the client gets a 500 naming it; the traceback goes to the log
-                self.log_error("scoring failed:\n%s", "".join(traceback.format_exception(e)))
-                return self.reply(500, {"error": f"the verifier failed: {type(e).__name__}: {e}"})
-            self.reply(200, result)
-
-    Handler.batcher = batcher
-    return Handler
-
-
-# --------------------------------------------------------------------------------------------------
-# CLI: serve (the default), score, bench, decompose
-# --------------------------------------------------------------------------------------------------
-
-
-def add_verifier_args(p: argparse.ArgumentParser):
-    p.add_argument("--verifier", default="toy",
-                   help="'toy', a Qwen-VL instruct model path / hub id, openai:http://HOST:PORT/v1, or "
-                   f"random:<{'|'.join(BENCH_SHAPES)}> (random weights at that shape: for benchmarks only)")
-    p.add_argument("--model", default="", help="model name at an openai: endpoint")
-    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", ""),
-                   help="bearer key of an openai: endpoint (default $OPENAI_API_KEY)")
-    p.add_argument("--device", default="auto", help="device of a transformers verifier")
-    p.add_argument("--dtype", default="auto", help="dtype of a transformers verifier (auto: bf16 on cuda)")
-    p.add_argument("--naive", action="store_true", help="transformers: one full sequence per question")
-
-
-def load_verifier(args):
-    if args.verifier == "toy":
-        return ToyVerifier()
-    if args.verifier.startswith("openai:"):
-        return OpenAIVerifier(args.verifier[len("openai:"):], args.model, args.api_key)
-    if args.verifier.startswith("random:"):
-        name = args.verifier[len("random:"):]
-        if name not in BENCH_SHAPES:
-            raise SystemExit(f"--verifier random:{name}: unknown shape; choose one of {sorted(BENCH_SHAPES)}")
-        return random_verifier(BENCH_SHAPES[name], device=args.device, dtype=args.dtype, shared_prefix=not args.naive)
-    return TransformersVerifier(args.verifier, args.device, args.dtype, shared_prefix=not args.naive)
-
-
-def cmd_serve(argv):
-    p = argparse.ArgumentParser(prog="reward_server.py", description=__doc__.split("\n\n")[0])
-    add_verifier_args(p)
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind (127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port; 0 picks a free one (printed at start)")
-    p.add_argument("--token", default=os.environ.get("ALPHAGRPO_REWARD_TOKEN", ""),
-                   help="require 'Authorization: Bearer TOKEN' (default $ALPHAGRPO_REWARD_TOKEN)")
-    p.add_argument("--max-body", type=int, default=64 << 20, help="bytes per request body")
-    for f in fields(Limits):
-        p.add_argument("--" + f.name.replace("_", "-"), type=int, default=f.default, help=f.metadata["help"])
-    p.add_argument("--max-batch-images", type=int, default=32, help="images the worker scores in one batch")
-    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long the worker waits to fill a batch")
-    p.add_argument("--exit-with-parent", action="store_true", help="exit when stdin closes (the trainer that "
-                   "started this server passes a pipe, so a killed trainer leaves no orphan server)")
-    args = p.parse_args(argv)
-    if args.exit_with_parent:
-        threading.Thread(target=lambda: (sys.stdin.read(), os._exit(0)), daemon=True).start()
-    limits = Limits(**{f.name: getattr(args, f.name) for f in fields(Limits)})
-    handler = make_handler(load_verifier(args), args.token, args.max_body, limits, args.max_batch_images,
-                           args.batch_wait_ms / 1000)
-    server = ThreadingHTTPServer((args.host, args.port), handler)
-    print(f"reward server listening on http://{args.host}:{server.server_address[1]}", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-
-
-def cmd_score(argv):
-    p = argparse.ArgumentParser(prog="reward_server.py score", description="Score one image's questions, to check "
-                                "a question set before training.")
-    add_verifier_args(p)
-    p.add_argument("--image", required=True, help="a PNG or JPEG file")
-    p.add_argument("--question", action="append", required=True, help="a semantic question (repeat the flag)")
-    p.add_argument("--quality-question", action="append", default=[], help="a quality question (repeat the flag)")
-    args = p.parse_args(argv)
-    image = Image.open(args.image).convert("RGB")
-    scores = load_verifier(args).score(image, args.question + args.quality_question)
-    for q, s in zip(args.question + args.quality_question, scores):
-        print(f"{s:.4f}  {q}")
-    sem, qual = scores[:len(args.question)], scores[len(args.question):]
-    print(f"R = sqrt(mean(semantic) * mean(quality)) = {dvreward(sem, qual):.4f}")
-
-
-# Random Qwen3-VL verifiers for benchmarks: `bench`, and `--verifier random:NAME` to serve one on a GPU next to
-# the trainer (alphagrpo.py bench). The sizes of the text model and the vision tower; vocab 0 keeps the toy's.
-BENCH_SHAPES = {
-    "small": dict(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=512, vocab=0, vision_hidden=32,
-                  vision_depth=2, vision_heads=4, vision_intermediate=64),
-    "qwen3-vl-8b": dict(hidden=4096, layers=36, heads=32, kv_heads=8, intermediate=12288, vocab=151936,
-                        vision_hidden=1152, vision_depth=27, vision_heads=16, vision_intermediate=4304),
-}
-
-
-def random_verifier(shape: dict, image_px: int = 512, device: str = "auto", dtype: str = "auto", seed: int = 0,
-                    shared_prefix: bool = True) -> "TransformersVerifier":
-    """A TransformersVerifier over a random Qwen3-VL of `shape`: the toy's processor and word-level tokenizer
-    (images resized to image_px^2, i.e. (image_px/32)^2 image tokens), the model built in memory (saving a
-    multi-billion-parameter random model to disk would take longer than the benchmark)."""
-    import torch
-    from transformers import AutoConfig, Qwen3VLForConditionalGeneration
-    from transformers.utils import logging as transformers_logging
-
-    import alphagrpo as ag
-
-    transformers_logging.disable_progress_bar()  # the throwaway processor's save/load bars would bury the figures
-    with tempfile.TemporaryDirectory() as tmp:
-        ag.build_toy_vlm(tmp, seed=seed, hidden=32, layers=1, image_px=image_px)
-        config = AutoConfig.from_pretrained(tmp)
-        text, vis, hd = config.text_config, config.vision_config, shape["hidden"] // shape["heads"]
-        text.hidden_size, text.intermediate_size = shape["hidden"], shape["intermediate"]
-        text.num_hidden_layers = shape["layers"]
-        text.num_attention_heads, text.num_key_value_heads, text.head_dim = shape["heads"], shape["kv_heads"], hd
-        text.vocab_size = shape["vocab"] or text.vocab_size
-        text.rope_parameters["mrope_section"] = [hd // 2 - 2 * (hd * 5 // 32), hd * 5 // 32, hd * 5 // 32]  # T/H/W
-        vis.hidden_size, vis.depth, vis.num_heads = shape["vision_hidden"], shape["vision_depth"], shape["vision_heads"]
-        vis.intermediate_size, vis.out_hidden_size = shape["vision_intermediate"], shape["hidden"]
-        device, dt = pick_device(device, dtype)
-        torch.manual_seed(seed)
-        with torch.device(device):
-            model = Qwen3VLForConditionalGeneration._from_config(config, dtype=dt)
-        v = TransformersVerifier(tmp, device, dtype, shared_prefix=shared_prefix, model=model)
-    v.name = "random Qwen3-VL (" + ", ".join(f"{k} {x}" for k, x in shape.items()) + ")"
-    return v
-
-
-def cmd_bench(argv):
-    """Naive vs shared-prefix scoring of a random Qwen3-VL at a chosen shape, then latency over HTTP."""
-    p = argparse.ArgumentParser(prog="reward_server.py bench", description=cmd_bench.__doc__)
-    p.add_argument("--shape", default="small", choices=sorted(BENCH_SHAPES), help="the model's sizes; each of "
-                   "them can be overridden by its own flag below")
-    for key in BENCH_SHAPES["small"]:
-        p.add_argument("--" + key.replace("_", "-"), type=int, default=None)
-    p.add_argument("--image-px", type=int, default=512, help="images are resized to this square: (px/32)^2 tokens")
-    p.add_argument("--questions", type=int, default=16, help="questions per image")
-    p.add_argument("--images", type=int, default=4, help="images timed per path")
-    p.add_argument("--clients", type=int, default=8, help="concurrent HTTP clients")
-    p.add_argument("--seconds", type=float, default=5.0, help="duration of each HTTP load run (0: none)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    import random
-
-    import alphagrpo as ag
-
-    shape = {k: getattr(args, k) if getattr(args, k) is not None else x for k, x in BENCH_SHAPES[args.shape].items()}
-    v = random_verifier(shape, args.image_px, args.device, args.dtype, args.seed)
-    device, dtype = v.device, v.model.dtype
-    rng = random.Random(args.seed)
-    words = [w for w in ag.TOY_WORDS if w.isalpha()]
-    questions = [" ".join(["Is", "the", *rng.choices(words, k=rng.randint(4, 14)), "?"]) for _ in range(args.questions)]
-    images = [Image.frombytes("RGB", (args.image_px,) * 2, rng.randbytes(3 * args.image_px ** 2))
-              for _ in range(args.images)]
-    prefix = v.processor(text=[v.prefix_text], images=images[:1], return_tensors="pt")["input_ids"].shape[1]
-    suffixes = [len(v.processor.tokenizer(v.chat_text(q)[len(v.prefix_text):])["input_ids"]) for q in questions]
-    print(f"bench: random Qwen3-VL, text {shape['layers']} x {shape['hidden']} (heads {shape['heads']}/"
-          f"{shape['kv_heads']}), vision {shape['vision_depth']} x {shape['vision_hidden']}, "
-          f"{(args.image_px // 32) ** 2} image tokens, prefix {prefix} tokens, suffixes "
-          f"{min(suffixes)}-{max(suffixes)} tokens, {args.questions} questions per image, {device} "
-          f"{str(dtype).removeprefix('torch.')}", flush=True)
-
-    def questions_per_s(shared: bool) -> float:
-        v.shared_prefix = shared
-        v.score(images[0], questions)  # warm-up
-        t = time.perf_counter()
-        for image in images:
-            v.score(image, questions)  # its .tolist() waits for the device
-        return len(images) * len(questions) / (time.perf_counter() - t)
-
-    def load(shared: bool) -> dict:
-        v.shared_prefix = shared
-        server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(v))
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        url = f"http://127.0.0.1:{server.server_address[1]}/score"
-        bodies = [json.dumps({"images": [base64.b64encode(png).decode()], "semantic_questions": [questions],
-                              "quality_questions": [[]]}).encode() for png in map(png_bytes, images)]  # once
-        latencies, end = [], time.monotonic() + args.seconds
-
-        def client(k):
-            with requests.Session() as s:
-                while time.monotonic() < end:
-                    t = time.perf_counter()
-                    s.post(url, data=bodies[k % len(bodies)], headers={"Content-Type": "application/json"},
-                           timeout=600).raise_for_status()
-                    latencies.append(time.perf_counter() - t)
-                    k += 1
-
-        t = time.perf_counter()
-        with ThreadPoolExecutor(args.clients) as clients:
-            list(clients.map(client, range(args.clients)))
-        wall = time.perf_counter() - t
-        server.shutdown()
-        c = server.RequestHandlerClass.batcher.counters
-        q = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else latencies * 99
-        return {"requests/s": len(latencies) / wall, "questions/s": len(latencies) * len(questions) / wall,
-                "latency p50 (ms)": 1000 * q[49], "latency p90 (ms)": 1000 * q[89], "latency p99 (ms)": 1000 * q[98],
-                "requests answered": len(latencies), "requests per batch": c["requests"] / max(c["batches"], 1)}
-
-    rows = [("questions/s, one image per call", questions_per_s(False), questions_per_s(True))]
-    diff = max(abs(a - b) for a, b in zip(v.score_naive(images[0], questions), v.score(images[0], questions)))
-    if args.seconds > 0:
-        naive, shared = load(False), load(True)
-        rows += [(f"HTTP, {args.clients} clients, {args.seconds:g} s: {k}", naive[k], shared[k]) for k in naive]
-    print(f"{'':50}{'naive':>10}{'shared':>10}{'ratio':>9}")
-    for name, a, b in rows:
-        print(f"{name:50}{a:10.1f}{b:10.1f}" + (f"{b / a:8.2f}x" if "/s" in name or "latency" in name else ""))
-    print(f"max |shared - naive| score difference: {diff:.2e}")
+            out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+        return tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return ask
 
 
 def cmd_decompose(argv):
     """Decompose prompts into DVReward questions with an LLM (Sec. 4.2, offline)."""
     p = argparse.ArgumentParser(prog="reward_server.py decompose", description=cmd_decompose.__doc__)
-    p.add_argument("input", help="plain-text prompts (one a line) or JSONL rows with a 'prompt' (other fields kept)")
+    p.add_argument("input", help="plain-text prompts (one a line) or JSONL rows with a 'prompt' (other fields "
+                   "kept)")
     p.add_argument("--llm", required=True, help="a causal LM path / hub id, or an OpenAI-compatible URL .../v1")
     p.add_argument("--model", default="", help="model name at an OpenAI-compatible --llm")
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", ""))
@@ -935,19 +1121,24 @@ def cmd_decompose(argv):
     p.add_argument("--device", default="auto")
     p.add_argument("--max-new-tokens", type=int, default=1024)
     args = p.parse_args(argv)
-    rows, problems = [], []
-    with open(args.input, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:  # a JSONL row, or else a plain-text prompt
-                row = json.loads(line) if line.lstrip().startswith("{") else {"prompt": line}
-            except json.JSONDecodeError:
-                row = None
-            if isinstance(row, dict) and isinstance(row.get("prompt"), str) and row["prompt"].strip():
-                rows.append((n, {**row, "prompt": row["prompt"].strip()}))
-            else:
-                problems.append(f"{args.input}:{n}: not a JSON object with a non-empty 'prompt'; row skipped")
+    try:
+        with open(args.input, encoding="utf-8") as f:
+            lines = f.readlines()
+    except (OSError, UnicodeDecodeError) as e:  # missing, a folder, not readable, not UTF-8
+        raise cannot_read(args.input, e) from None
+    rows = []
+    problems = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:  # a JSONL row, or else a plain-text prompt
+            row = json.loads(line) if line.lstrip().startswith("{") else {"prompt": line}
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("prompt"), str) and row["prompt"].strip():
+            rows.append((n, {**row, "prompt": row["prompt"].strip()}))
+        else:
+            problems.append(f"{args.input}:{n}: not a JSON object with a non-empty 'prompt'; row skipped")
     ask = make_llm(args)
 
     def decompose(job):  # -> (line number, output row or None, why None, dropped [(question, reason)])
@@ -972,7 +1163,9 @@ def cmd_decompose(argv):
         out.update({k: v for k, v in row.items() if k not in out})
         return n, out if sem else None, "no valid semantic question left", dropped + dropped_q
 
-    written, reasons, total = 0, {}, 0
+    written = 0
+    total = 0
+    reasons = {}  # why a question was dropped -> how many
     workers = args.workers if args.llm.startswith(("http://", "https://")) else 1  # a local model: one at a time
     with ThreadPoolExecutor(max(workers, 1)) as pool, open(args.out, "w", encoding="utf-8") as f:
         for n, out, problem, dropped in pool.map(decompose, rows):
@@ -987,36 +1180,10 @@ def cmd_decompose(argv):
                 written += 1
     if problems:
         print("\n".join(problems), file=sys.stderr)
-    print(f"wrote {written} rows to {args.out}; skipped {len(problems)} rows\ndropped {sum(reasons.values())} of "
-          f"{total} questions" + "".join(f"\n  {c:5d}  {r}" for r, c in sorted(reasons.items(), key=lambda x: -x[1])))
-
-
-def make_llm(args):
-    """ask(messages) -> str, from an OpenAI-compatible URL or a local transformers causal LM (greedy)."""
-    if args.llm.startswith(("http://", "https://")):
-        chat = OpenAIVerifier(args.llm, args.model or "default", args.api_key)  # for its retrying post()
-
-        def ask(messages):
-            answer = chat.post({"model": chat.model, "messages": messages, "temperature": 0,
-                                "max_tokens": args.max_new_tokens})
-            try:
-                return answer["choices"][0]["message"]["content"] or ""
-            except (KeyError, IndexError, TypeError):
-                raise UpstreamError(f"{chat.url} answered without choices[0].message.content", 502) from None
-        return ask
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    device, tok = pick_device(args.device)[0], AutoTokenizer.from_pretrained(args.llm)
-    model = AutoModelForCausalLM.from_pretrained(args.llm, dtype="auto").to(device).eval()
-
-    def ask(messages):
-        inputs = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                         return_dict=True).to(device)
-        with torch.inference_mode():
-            out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
-        return tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    return ask
+    print(f"wrote {written} rows to {args.out}; skipped {len(problems)} rows")
+    print(f"dropped {sum(reasons.values())} of {total} questions")
+    for reason, count in sorted(reasons.items(), key=lambda x: -x[1]):
+        print(f"  {count:5d}  {reason}")
 
 
 COMMANDS = {"serve": cmd_serve, "score": cmd_score, "bench": cmd_bench, "decompose": cmd_decompose}
@@ -1027,8 +1194,8 @@ def main(argv=None):
     command = COMMANDS[argv.pop(0)] if argv and argv[0] in COMMANDS else cmd_serve  # default: serve
     try:
         return command(argv)
-    except (BadRequest, UpstreamError) as e:  # a question the verifier rejects, an endpoint that keeps failing
-        raise SystemExit(f"reward_server.py: {e}") from None
+    except (ApiError, OSError) as e:  # a question the verifier rejects, an endpoint that keeps failing, a file
+        raise SystemExit(f"reward_server.py: {e}") from None  # or a port the command cannot use: one line
 
 
 if __name__ == "__main__":

@@ -461,8 +461,7 @@ def test_dvreward_is_the_geometric_mean():
 
 
 def test_server_scores_and_rejects_bad_requests():
-    server, url = serve(rs.ToyVerifier())
-    try:
+    with serving(rs.ToyVerifier()) as (url, _):
         assert requests.get(f"{url}/health").json()["status"] == "ok"
         im = png_b64(solid((0, 255, 0)))
         q = "Is the image mostly green?"
@@ -491,8 +490,6 @@ def test_server_scores_and_rejects_bad_requests():
         assert requests.get(f"{url}/nope").status_code == 404
         assert "error" in requests.post(f"{url}/nope", json={}).json()
         assert requests.post(f"{url}/score", json=good).json()["rewards"] == pytest.approx([math.sqrt(s), s])
-    finally:
-        server.shutdown()
 
 
 def test_transformers_verifier_over_http_matches_its_logits(toy_dirs):
@@ -500,15 +497,11 @@ def test_transformers_verifier_over_http_matches_its_logits(toy_dirs):
     computed here from the same model's logits, one question at a time."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    verifier = rs.TransformersVerifier(toy_dirs[0], device="cpu", dtype="float32")
-    server, url = serve(verifier)
-    try:
-        image = solid((30, 200, 60), bottom=(200, 30, 60))
-        qs = ["Is the image mostly green?", "Is the top half of the image red?", "Is the image bright?"]
-        body = {"images": [png_b64(image)], "semantic_questions": [qs[:2]], "quality_questions": [qs[2:]]}
+    image = solid((30, 200, 60), bottom=(200, 30, 60))
+    qs = ["Is the image mostly green?", "Is the top half of the image red?", "Is the image bright?"]
+    body = {"images": [png_b64(image)], "semantic_questions": [qs[:2]], "quality_questions": [qs[2:]]}
+    with serving(rs.TransformersVerifier(toy_dirs[0], device="cpu", dtype="float32")) as (url, _):
         got = requests.post(f"{url}/score", json=body).json()
-    finally:
-        server.shutdown()
     model = AutoModelForImageTextToText.from_pretrained(toy_dirs[0]).eval()
     proc = AutoProcessor.from_pretrained(toy_dirs[0])
     yes = [proc.tokenizer.convert_tokens_to_ids(t) for t in ("Yes", "yes")]
@@ -1224,12 +1217,18 @@ def test_training_survives_a_verifier_restart(toy_dirs, tmp_path):
         time.sleep(0.2)
         server.shutdown()
         server.server_close()
+        for c in connections:  # a real restart also ends the connections the trainer keeps alive
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
         time.sleep(2.0)
         state["server"] = ThreadingHTTPServer(("127.0.0.1", port), rs.make_handler(rs.ToyVerifier()))
         threading.Thread(target=state["server"].serve_forever, daemon=True).start()
 
     server, url = serve(Restarting())
     port = server.server_address[1]
+    connections = []
+    handler = server.RequestHandlerClass
+    server.RequestHandlerClass = lambda request, *rest: (connections.append(request), handler(request, *rest))
     args = ag.Args(reasoner=toy_dirs[0], renderer=toy_dirs[1], group_size=2, groups_per_step=2, steps=3,
                    reward_url=url, reward_patience=30.0, out=str(tmp_path / "run"), sample_every=0, eval_every=0,
                    save_every=0)
@@ -1246,16 +1245,6 @@ def test_training_survives_a_verifier_restart(toy_dirs, tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
-def png_bytes(image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-
-
-
-
 def png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -1267,11 +1256,20 @@ def bomb_png(width: int, height: int) -> bytes:
             + png_chunk(b"IEND", b""))
 
 
+def start_server(*flags, **popen):
+    """`reward_server.py FLAGS --port 0` in its own process, as the trainer starts it -> (process, url)."""
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "reward_server.py"), *flags, "--port", "0"],
+                            stdout=subprocess.PIPE, text=True, **popen)
+    line = proc.stdout.readline()
+    assert line.startswith("reward server listening on http://127.0.0.1:"), line
+    return proc, line.split("listening on", 1)[1].strip()
+
+
 @contextlib.contextmanager
 def serving(handler_or_verifier, token="", **kw):
     handler = handler_or_verifier if isinstance(handler_or_verifier, type) else rs.make_handler(
         handler_or_verifier, token, **kw)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = rs.Server(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}", server
@@ -1347,7 +1345,7 @@ def test_malformed_requests_get_the_right_4xx_and_a_good_one_is_still_answered()
             ("a GIF", post({**good, "images": [b64(b"GIF89a..."), green]}), 400, "not a PNG"),
             ("PNG without IHDR", post({**good, "images": [b64(b"\x89PNG\r\n\x1a\nbroken"), green]}), 400,
              "broken PNG"),
-            ("corrupt PNG data", post({**good, "images": [b64(png_bytes(solid((0, 0, 0)))[:60]), green]}), 400,
+            ("corrupt PNG data", post({**good, "images": [b64(rs.png_bytes(solid((0, 0, 0)))[:60]), green]}), 400,
              "broken PNG"),
             ("image side too large", post({**good, "images": [png_b64(solid((0, 0, 0), size=65)), green]}), 413,
              "each side must be 1 to 64"),
@@ -1397,8 +1395,7 @@ def test_png_size_is_checked_before_decoding():
 
 @pytest.mark.parametrize("which", ["tiny_vlm", "vlm64"])
 def test_shared_prefix_equals_naive(which, request):
-    v = rs.TransformersVerifier(request.getfixturevalue(which), device="cpu", dtype="float32", prefill_batch=2,
-                                row_batch=3)
+    v = rs.TransformersVerifier(request.getfixturevalue(which), device="cpu", dtype="float32", prefill_batch=2)
     assert v.shared_prefix  # the default
     qs = ["Is the image mostly green ?", "Is the top half of the image red ?", "Is the sky blue ?",
           "Is the bottom half of the image a bright yellow sun with dark shadow on the grass ?", "Yes",
@@ -1417,47 +1414,73 @@ def test_shared_prefix_equals_naive(which, request):
     naive = v.score_many(items)
     assert [len(s) for s in scores] == [len(q) for _, q in items]
     assert max(abs(a - b) for s, n in zip(scores, naive) for a, b in zip(s, n)) < 1e-4
-    # the check is sensitive: suffixes one position off (the image counted as its token count, say) move the
+    # the check is sensitive: 1-D positions (the image counted as its token count, not as max(h, w)) move the
     # logits by more than the tolerance
-    prefill = v.prefill
-    v.prefill = lambda encs: (lambda cache, next_pos: (cache, next_pos + 1))(*prefill(encs))
+    v.model.model.get_rope_index = lambda ids, **kw: (torch.arange(ids.shape[1]).expand(3, *ids.shape), None)
     assert (v.logits_shared(items[:1])[0] - shared[0]).abs().max().item() > 1e-3
 
 
-def load_run(verifier, pool, clients=16, seconds=3.0, tol=1e-9):
-    """clients post requests drawn from pool [(image, semantic, quality, expected scores)] for `seconds`;
-    every answer must match its expected scores; the server must have seen exactly the requests sent."""
+def load_run(url, pool, clients=16, requests_each=4, keep_alive=(True,), tol=1e-9):
+    """`clients` threads start at once and each posts `requests_each` requests drawn from pool [(image, semantic,
+    quality, expected scores)]; client k keeps one connection alive if keep_alive[k % len(keep_alive)], else it
+    opens a new connection per request (as separate trainer processes do). Every request must be answered (no
+    connection refused or reset) with its expected scores, and the server must count exactly the requests sent.
+    Returns the server's counters for this run."""
     bodies = [{"images": [png_b64(im) for im, *_ in reqs], "semantic_questions": [s for _, s, _, _ in reqs],
                "quality_questions": [q for _, _, q, _ in reqs]} for reqs in pool]
-    sent, answered, wrong = [0] * clients, [0] * clients, []
-    with serving(verifier) as (url, server):
-        end = time.monotonic() + seconds
+    failed = []
+    wrong = []
+    start = threading.Barrier(clients)
+    before = requests.get(url + "/health").json()
 
-        def client(k):
-            rng = random.Random(k)
-            with requests.Session() as session:
-                while time.monotonic() < end:
-                    i = rng.randrange(len(pool))
-                    sent[k] += 1
-                    r = session.post(url + "/score", json=bodies[i], timeout=60)
-                    answered[k] += 1
-                    if r.status_code != 200:
-                        wrong.append((i, r.status_code, r.text))
-                        continue
-                    got = r.json()
-                    for (_, _, _, want), s, q in zip(pool[i], got["semantic_scores"], got["quality_scores"]):
-                        if len(s + q) != len(want) or max((abs(a - b) for a, b in zip(s + q, want)), default=0) > tol:
-                            wrong.append((i, s + q, want))
+    def client(k):
+        rng = random.Random(k)
+        with requests.Session() as session:
+            post = session.post if keep_alive[k % len(keep_alive)] else requests.post
+            start.wait(timeout=30)
+            for _ in range(requests_each):
+                i = rng.randrange(len(pool))
+                try:
+                    r = post(url + "/score", json=bodies[i], timeout=60)
+                except requests.ConnectionError as e:
+                    failed.append(repr(e))
+                    continue
+                if r.status_code != 200:
+                    wrong.append((i, r.status_code, r.text))
+                    continue
+                got = r.json()
+                for (_, _, _, want), s, q in zip(pool[i], got["semantic_scores"], got["quality_scores"]):
+                    if len(s + q) != len(want) or max((abs(a - b) for a, b in zip(s + q, want)), default=0) > tol:
+                        wrong.append((i, s + q, want))
 
-        with ThreadPoolExecutor(clients) as ex:
-            list(ex.map(client, range(clients)))
-        counters = requests.get(url + "/health").json()
+    with ThreadPoolExecutor(clients) as ex:
+        list(ex.map(client, range(clients)))
+    after = requests.get(url + "/health").json()
+    assert not failed, f"{len(failed)} of {clients * requests_each} requests failed, e.g. {failed[0]}"
     assert not wrong, wrong[:3]
-    assert sum(sent) == sum(answered) == counters["requests"] > clients
+    counters = {k: after[k] - before[k] for k in ("requests", "batches", "images")}
+    assert counters["requests"] == clients * requests_each
     return counters
 
 
-def test_load_toy_verifier_16_clients():
+@pytest.fixture(scope="module")
+def toy_server(tmp_path_factory):
+    """`reward_server.py --verifier toy` in its own process, as the trainer starts it; -> (url, its stderr log)."""
+    log = tmp_path_factory.mktemp("toy_server") / "stderr.log"
+    with open(log, "w") as err:
+        proc, url = start_server("--verifier", "toy", stderr=err)
+    try:
+        yield url, log
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("keep_alive", [False, True], ids=["new-connection-per-request", "keep-alive"])
+def test_load_toy_server_64_clients(toy_server, keep_alive):
+    """64 clients at once, 4 requests each (a few seconds on 2 CPU cores). With socketserver's listen backlog
+    of 5, connections beyond it were reset (a few percent of the requests) and the server logged tracebacks."""
+    url, log = toy_server
     rng = random.Random(0)
     toy = rs.ToyVerifier()
     qs = ["Is the image mostly green?", "Is the top half of the image red?", "Is the left half of the image blue?"]
@@ -1469,8 +1492,36 @@ def test_load_toy_verifier_16_clients():
             sem, qual = qs[:rng.randint(1, 3)], qs[:rng.randint(0, 2)]
             reqs.append((im, sem, qual, toy.score(im, sem + qual)))
         pool.append(reqs)
-    counters = load_run(rs.ToyVerifier(), pool)
+    counters = load_run(url, pool, clients=64, requests_each=4, keep_alive=(keep_alive,))
     assert counters["batches"] == counters["requests"]  # the toy cannot batch: merging would only add latency
+    assert "Traceback" not in log.read_text()
+
+
+def test_server_logs_a_client_that_hangs_up_in_one_line(toy_server):
+    """A client that disconnects before its reply (a reset after the whole body; a close halfway through the
+    body) costs the server one log line each, no traceback, and the server keeps serving."""
+    url, log = toy_server
+    q = "Is the image mostly green?"
+    good = {"images": [png_b64(solid((0, 255, 0)))] * 8, "semantic_questions": [[q]] * 8,
+            "quality_questions": [[]] * 8}
+    body = json.dumps(good).encode()
+    head = ("POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n")
+    lines = len(log.read_text().splitlines())
+    for sent, reset in ((body, True), (body[:len(body) // 2], False)):
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=10) as s:
+            s.sendall(head.encode() + sent)
+            if reset:  # close with a TCP reset instead of a FIN
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        for _ in range(50):  # the server notices in its own time
+            if len(log.read_text().splitlines()) > lines:
+                break
+            time.sleep(0.1)
+        lines = len(log.read_text().splitlines())
+    new = log.read_text().splitlines()[-2:]
+    assert len(new) == 2 and all("hung up" in line for line in new), new
+    assert "Traceback" not in log.read_text()
+    assert requests.post(url + "/score", json=good).json()["rewards"][0] > 0.99
 
 
 def test_load_transformers_verifier_16_clients(tiny_vlm):
@@ -1485,7 +1536,8 @@ def test_load_transformers_verifier_16_clients(tiny_vlm):
             sem, qual = qs[:rng.randint(1, 4)], qs[:rng.randint(0, 2)]
             reqs.append((im, sem, qual, v.score(im, sem + qual)))
         pool.append(reqs)
-    counters = load_run(v, pool, tol=1e-5)  # images batched together: float32 sums in another order
+    with serving(v) as (url, _):  # both client styles at once; images batched together: float32 sums in
+        counters = load_run(url, pool, requests_each=3, keep_alive=(True, False), tol=1e-5)  # another order
     assert counters["images"] / counters["batches"] > 1.5
 
 
@@ -1562,6 +1614,8 @@ def fake_openai(calls: list, state: dict):
                 return self.send(400, {"error": "image too large"})
             if question == "Is it malformed?":
                 return self.send(200, {"choices": []})
+            if question == "Is it without logprobs?":  # as `transformers serve` answers: it ignores logprobs
+                return self.send(200, {"choices": [{"message": {"content": "Yes"}, "logprobs": None}]})
             logprobs, token = CANNED[question]
             self.send(200, {"choices": [{"message": {"content": token},
                                          "logprobs": {"content": [{"token": token, "logprob": -0.1,
@@ -1596,7 +1650,8 @@ def test_openai_verifier_against_a_fake_endpoint():
             assert prefix == "data:image/png;base64"
             assert Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB").tobytes() == image.tobytes()
             for question, code, msg in [("Is it down?", 503, "failed 5 tries"), ("Is it rejected?", 502, "HTTP 400"),
-                                        ("Is it malformed?", 502, "top_logprobs")]:
+                                        ("Is it malformed?", 502, "top_logprobs"),
+                                        ("Is it without logprobs?", 502, "does the server support logprobs?")]:
                 r = requests.post(url + "/score", json={"images": [png_b64(image)], "semantic_questions": [[question]],
                                                         "quality_questions": [[]]})
                 assert r.status_code == code and msg in r.json()["error"], (question, r.text)
@@ -1718,7 +1773,6 @@ def test_question_validation_keeps_the_curated_questions():
             total += len(row[key])
             reasons += [r for _, r in rs.validate_questions(row[key], tags, quality, seen)[1]]
     assert len(reasons) < 0.05 * total and all(r.startswith("not atomic ('or'") for r in reasons)
-    assert rs.SEMANTIC_TAGS == ag.SEMANTIC_TAGS and rs.QUALITY_TAGS == ag.QUALITY_TAGS
 
 
 def test_decompose_with_a_local_transformers_llm(tmp_path, tiny_vlm, capsys):
@@ -1730,7 +1784,7 @@ def test_decompose_with_a_local_transformers_llm(tmp_path, tiny_vlm, capsys):
 
     path = tmp_path / "llm"
     tok = AutoTokenizer.from_pretrained(tiny_vlm)
-    tok.chat_template = ag.TOY_CHAT_TEMPLATE
+    tok.chat_template = rs.TOY_CHAT_TEMPLATE
     tok.save_pretrained(path)
     Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                  num_attention_heads=2, num_key_value_heads=1, head_dim=8)).save_pretrained(path)
@@ -1764,14 +1818,28 @@ def test_score_command(tmp_path):
         math.sqrt((scores[0] + scores[1]) / 2 * scores[2]), abs=1e-3)
 
 
+def test_commands_name_a_missing_or_unreadable_input_in_one_line(tmp_path):
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("not an image")
+    not_utf8 = tmp_path / "latin1.txt"
+    not_utf8.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    q = ["--question", "Is the image mostly green?"]
+    for argv, named in [(["score", "--image", str(tmp_path / "missing.png"), *q], "missing.png"),
+                        (["score", "--image", str(not_an_image), *q], "notes.png"),
+                        (["score", "--image", str(tmp_path), *q], str(tmp_path)),
+                        (["decompose", str(tmp_path / "missing.txt"), "--llm", "http://127.0.0.1:9/v1",
+                          "--out", str(tmp_path / "o.jsonl")], "missing.txt"),
+                        (["decompose", str(not_utf8), "--llm", "http://127.0.0.1:9/v1", "--out",
+                          str(tmp_path / "o.jsonl")], "latin1.txt")]:
+        res = subprocess.run([sys.executable, os.path.join(HERE, "reward_server.py"), *argv], capture_output=True,
+                             text=True, timeout=60)
+        assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+        assert len(res.stderr.splitlines()) == 1 and named in res.stderr, res.stderr
+
+
 def test_serve_command_prints_its_port_and_takes_the_token_from_the_environment():
-    env = {**os.environ, "ALPHAGRPO_REWARD_TOKEN": "t0k"}
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "reward_server.py"), "--verifier", "toy", "--port", "0"],
-                            stdout=subprocess.PIPE, text=True, env=env)
+    proc, url = start_server("--verifier", "toy", env={**os.environ, "ALPHAGRPO_REWARD_TOKEN": "t0k"})
     try:
-        line = proc.stdout.readline()
-        assert line.startswith("reward server listening on http://127.0.0.1:")
-        url = line.split("listening on", 1)[1].strip()
         assert requests.get(url + "/health").json()["verifier"] == "toy"
         body = {"images": [], "semantic_questions": [], "quality_questions": []}
         assert requests.post(url + "/score", json=body).status_code == 401
@@ -1787,6 +1855,7 @@ def test_bench_command_runs_at_a_tiny_size(capsys):
              "--clients", "2", "--seconds", "0.5", "--device", "cpu"])
     out = capsys.readouterr().out
     assert "questions/s, one image per call" in out and "latency p99 (ms)" in out and "ratio" in out
+    assert float(out.split("x the floor")[0].rsplit(",", 1)[1]) > 0  # the shared path beside the one-pass floor
     assert float(out.split("max |shared - naive| score difference:")[1]) < 1e-4
 
 
