@@ -923,6 +923,21 @@ def test_checkpoints_are_refused_when_corrupt_partial_or_foreign(toy_dirs, tmp_p
         ag.load_checkpoint(str(bad), policy, None, ag.Args(**common))
 
 
+def merge_exported_lora(sd: dict, modules: dict, rank: int):
+    """Every exported key names an nn.Linear of the base model with the right shapes; add B A to its weight
+    (alpha / r is already folded into B)."""
+    for k, w in sd.items():
+        name, kind = k[len("transformer."):].rsplit(".lora_", 1)
+        lin = modules[name]
+        assert isinstance(lin, torch.nn.Linear)
+        assert w.shape == ((rank, lin.in_features) if kind == "A.weight" else (lin.out_features, rank))
+    with torch.no_grad():
+        for k in sd:
+            if k.endswith("lora_A.weight"):
+                name = k[len("transformer."):-len(".lora_A.weight")]
+                modules[name].weight += sd[f"transformer.{name}.lora_B.weight"] @ sd[k]
+
+
 def test_renderer_lora_export_loads_in_diffusers_and_merges(toy_dirs, tmp_path):
     from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
@@ -933,17 +948,7 @@ def test_renderer_lora_export_loads_in_diffusers_and_merges(toy_dirs, tmp_path):
     base = SD3Transformer2DModel.from_pretrained(toy_dirs[1], subfolder="transformer")
     modules = dict(base.named_modules())
     assert sd and all(k.startswith("transformer.") for k in sd)
-    for k, w in sd.items():
-        name, kind = k[len("transformer."):].rsplit(".lora_", 1)
-        lin = modules[name]
-        assert isinstance(lin, torch.nn.Linear)
-        assert w.shape == ((4, lin.in_features) if kind == "A.weight" else (lin.out_features, 4))
-    # merge W + B A by hand (alpha / r already folded into B) and compare with our LoRA-wrapped model
-    with torch.no_grad():
-        for k in sd:
-            if k.endswith("lora_A.weight"):
-                name = k[len("transformer."):-len(".lora_A.weight")]
-                modules[name].weight += sd[f"transformer.{name}.lora_B.weight"] @ sd[k]
+    merge_exported_lora(sd, modules, rank=4)  # W + B A by hand; compared with our LoRA-wrapped model
     torch.manual_seed(0)
     x, ctx, pooled = torch.randn(2, 16, 4, 4), torch.randn(2, 7, 32), torch.randn(2, 32)
     t = torch.tensor([500.0, 500.0])
@@ -2055,16 +2060,7 @@ def test_klein_lora_export_loads_in_diffusers_and_merges(klein_dirs, tmp_path):
     assert {k[len("transformer."):].rsplit(".lora_", 1)[0] for k in sd} == wrapped
     assert any("single_transformer_blocks" in n and n.endswith("attn.to_out") for n in wrapped)  # MLP/fused too
     assert any(n.endswith("ff.linear_in") for n in wrapped)
-    for k, w in sd.items():
-        name, kind = k[len("transformer."):].rsplit(".lora_", 1)
-        lin = modules[name]
-        assert isinstance(lin, torch.nn.Linear)
-        assert w.shape == ((4, lin.in_features) if kind == "A.weight" else (lin.out_features, 4))
-    with torch.no_grad():
-        for k in sd:
-            if k.endswith("lora_A.weight"):
-                name = k[len("transformer."):-len(".lora_A.weight")]
-                modules[name].weight += sd[f"transformer.{name}.lora_B.weight"] @ sd[k]
+    merge_exported_lora(sd, modules, rank=4)
     r = policy.renderer
     x = r.noise(2, torch.Generator().manual_seed(0))
     cond = r.encode(["a red top"] * 2)
