@@ -90,10 +90,13 @@ class Args:
     reward_patience: float = 300.0
     """Seconds to keep retrying a reward server that is down (it may be restarting) before the run stops."""
     reasoner: str = ""
-    """Reasoner path or hub id (a Qwen-VL instruct model). Toy: built under OUT/toy_models."""
+    """Reasoner path or hub id (a Qwen-VL instruct model). Toy: the toy world's (--toy-cache)."""
     renderer: str = ""
     """Renderer path or hub id: a Flux2KleinPipeline or StableDiffusion3Pipeline folder (its model_index.json
-    names the class). Toy: a tiny FLUX.2 klein built under OUT/toy_models."""
+    names the class). Toy: the toy world's tiny FLUX.2 klein (--toy-cache)."""
+    toy_cache: str = ""
+    """Where the toy world (the toy models with their priors) is built once and reused, in toy-<hash of its
+    configuration>; default $XDG_CACHE_HOME/alphagrpo or ~/.cache/alphagrpo."""
     prompts: str = ""
     """prompts.jsonl with DVReward questions (see README). Toy: the embedded TOY_PROMPTS."""
     group_size: int = 16
@@ -119,7 +122,7 @@ class Args:
     """Classifier-free guidance scale, identical at rollout and train time."""
     max_new_tokens: int = 8
     """Longest reasoning text, in tokens."""
-    max_text_tokens: int = 64
+    max_text_tokens: int = 32
     """Text-encoder tokens for prompt + reasoning (klein: Qwen3; SD3: T5, while CLIP keeps its first 77)."""
     temperature: float = 1.0
     """Sampling temperature of the reasoning text (no top-p/top-k: they make stored log-probs off-policy)."""
@@ -149,6 +152,11 @@ class Args:
     """AdamW learning rate (official: 5e-5 at rank 32)."""
     reasoner_lr: float = 0.0
     """Learning rate of the reasoner's LoRA; 0 means --lr (official code: und_learning_rate)."""
+    train_reasoner: bool = True
+    """Update the reasoner's LoRA. --no-train-reasoner freezes it: the renderer alone learns from the shared
+    advantage (the text loss is still computed, for the metrics)."""
+    train_renderer: bool = True
+    """Update the renderer's LoRA. --no-train-renderer freezes it: the reasoner alone learns."""
     weight_decay: float = 1e-4
     """AdamW weight decay."""
     grad_clip: float = 1.0
@@ -241,16 +249,44 @@ REFLECT_INSTRUCTION = (
     "instruction that corrects them."
 )
 
-# The toy preset's prompts: a closed grammar that the toy verifier of reward_server.py understands. One
-# target, "the bottom half is green" (headroom 0.2: best of 64 samples minus the mean, untrained toy), in
-# several wordings: the tiny random models learn one target in 20 CPU steps, while targets that differ per
-# prompt split the signal and need several times more steps (README, "The toy task").
-TOY_PROMPTS = [
-    {"prompt": p, "semantic_questions": [{"question": "Is the bottom half of the image green?", "tag": "Spatial"}],
-     "quality_questions": []}
-    for p in ("the bottom half is green", "green grass fills the lower half", "a green meadow at the bottom",
-              "a field below the horizon, green")
+# The toy world (README, "The toy world"): a target is a colour and a region, in the toy verifier's grammar
+# ("Is the bottom half of the image green?"). Explicit prompts name the target. Implicit ones name a thing;
+# which colour it has and where it sits is the toy world knowledge below, which the reasoner must learn by
+# GRPO: its prior (`toy_reasoner_prior`) only restates explicit requests and never sees these wordings, and
+# the renderer's prior (`toy_renderer_prior`) draws explicit captions only. Train and test use other words.
+# Four colours, none the complement of another: a toy image shows the rest in the complementary colour.
+TOY_COLOURS, TOY_REGIONS = ("red", "green", "blue", "white"), ("top", "bottom", "left", "right")
+TOY_EXPLICIT = {"train": ("the {region} half is {colour}", "{colour} in the {region} half",
+                          "make the {region} half {colour}"),
+                "test": ("paint the {region} half {colour}", "a {colour} {region} half")}
+TOY_WORLD = [  # (colour, region, train wording, test wording)
+    ("green", "bottom", "grass fills the lower half", "a lawn of grass below"),
+    ("blue", "top", "the sky is above", "clear sky overhead"),
+    ("red", "bottom", "fire burns in the lower half", "a fire below"),
+    ("blue", "bottom", "the sea fills the lower half", "a calm sea below"),
+    ("white", "bottom", "snow covers the lower half", "fresh snow below"),
+    ("white", "top", "clouds hang above", "thick clouds overhead"),
+    ("red", "left", "a ripe tomato on the left", "a tomato at the left"),
+    ("green", "right", "a leaf on the right", "a leaf at the right"),
 ]
+
+
+def toy_plan(target: dict) -> str:
+    """The plan that names a target: "green bottom"."""
+    return f"{target['colour']} {target['region']}"
+
+
+def toy_row(prompt: str, colour: str, region: str, kind: str, split: str) -> dict:
+    return {"prompt": prompt, "semantic_questions": [{"question": f"Is the {region} half of the image {colour}?",
+                                                      "tag": "Spatial"}], "quality_questions": [],
+            "target": {"colour": colour, "region": region}, "kind": kind, "split": split}
+
+
+# Each target once explicitly (wordings in turn) and once implicitly, per split.
+TOY_PROMPTS = [toy_row(TOY_EXPLICIT[split][k % len(TOY_EXPLICIT[split])].format(colour=c, region=r), c, r,
+                       "explicit", split) for split in ("train", "test") for k, (c, r, _, _) in enumerate(TOY_WORLD)] + [
+    toy_row(words, c, r, "implicit", split) for c, r, train, test in TOY_WORLD
+    for split, words in (("train", train), ("test", test))]
 
 
 def parse_args(argv=None) -> tuple[str, Args, dict]:
@@ -310,6 +346,8 @@ def parse_args(argv=None) -> tuple[str, Args, dict]:
         p.error("--srr-strength too low: the refinement needs at least 2 of the --num-steps steps")
     if args.groups_per_step < args.updates_per_rollout:
         p.error("--groups-per-step must be at least --updates-per-rollout (each update needs a group)")
+    if not (args.train_reasoner or args.train_renderer):
+        p.error("--no-train-reasoner and --no-train-renderer together leave nothing to train")
     return command, args, extra
 
 
@@ -933,6 +971,8 @@ def build_toy_klein(path: str, seed: int = 0) -> str:
     """The toy renderer: a tiny FLUX.2 klein, saved with save_pretrained. Returns path."""
     pipe = make_klein(SHAPES["toy"], seed)
     linear_decoder(pipe.vae)
+    with torch.no_grad():  # a trained Qwen3's hidden states are O(1); a random one's are its 0.02-scale embeddings,
+        pipe.text_encoder.get_input_embeddings().weight.normal_(0, 1)  # too faint for the renderer to learn to read
     pipe.save_pretrained(path)
     return path
 
@@ -948,6 +988,190 @@ def linear_decoder(vae):
                 m.weight.zero_()
                 m.bias.zero_()
         vae.decoder.conv_out.weight.mul_(3.0)
+
+
+# The toy world's priors. A real unified model arrives with priors: it follows instructions and draws what
+# explicit words say, which is why the paper's RL needs no cold start. The random toy models have none, so the
+# toy world gives them a short supervised cold start on explicit requests only; what the implicit prompts mean
+# (grass -> green bottom) is left for GRPO to find. Built once per configuration and cached (toy_world_dir).
+TOY_BUILD = dict(seed=0, reasoner_steps=450, reasoner_warmup=300, reasoner_lr=3e-3, reasoner_batch=32, guess_share=0.4,
+                 vae_steps=200, vae_lr=3e-3, renderer_steps=1000, renderer_lr=3e-3, batch=16, caption_dropout=0.1)
+# Requests that leave the colour or the region open, about things that have neither in the toy world: the
+# prior's plan guesses what is open, uniformly. So the reasoner learns to copy what a request names and to guess
+# the rest, rather than to map every unknown word to one fixed plan; its guesses are what GRPO explores.
+TOY_OPEN = ("a {thing} in the {region} half", "the {thing} is {colour}", "a {thing} somewhere")
+TOY_THINGS = ("thing", "shape", "pattern", "picture", "wall", "cloth")
+
+
+def toy_targets() -> list[dict]:
+    """Every colour x region of the toy world (4 x 4): the priors learn this grammar, not the table."""
+    return [{"colour": c, "region": r} for c in TOY_COLOURS for r in TOY_REGIONS]
+
+
+def toy_image(target: dict, size: int) -> Image.Image:
+    """A synthetic toy image: the target's region in its colour, the rest in the complementary colour (green
+    bottom, magenta top): two colours symmetric about grey, which the toy VAE's near-linear decoder draws best."""
+    from reward_server import ToyVerifier
+
+    rgb = [int(255 * c) for c in ToyVerifier.COLOURS[target["colour"]]]
+    im, h = Image.new("RGB", (size, size), tuple(255 - c for c in rgb)), size // 2
+    im.paste(tuple(rgb), {"top": (0, 0, size, h), "bottom": (0, h, size, size), "left": (0, 0, h, size),
+                          "right": (h, 0, size, size)}[target["region"]])
+    return im
+
+
+def fit(params, lr: float, steps: int, loss_fn) -> float:
+    """Supervised training of `params` (their requires_grad on only meanwhile): AdamW, no weight decay (words a
+    prior never sees keep their embeddings), the learning rate decaying linearly to 0. loss_fn(step) -> loss."""
+    params = list(params)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    for step in range(steps):
+        opt.param_groups[0]["lr"] = lr * (1 - step / steps)
+        loss = loss_fn(step)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for p in params:
+        p.requires_grad_(False)
+    return loss.item()
+
+
+def toy_reasoner_prior(reasoner: Reasoner, steps: int, warmup: int, lr: float, guess_share: float, batch: int,
+                       seed: int) -> float:
+    """Instruction prior: teacher-force the plan ("green bottom" + EOS) after an explicit request in the RT2I
+    instruction. After `warmup` steps, a `guess_share` of the batches are open requests (TOY_OPEN) whose plan
+    guesses the open part. Implicit wordings are never shown. Trains the language model's own weights (its
+    LoRA stays zero); returns the last loss."""
+    rng, targets, inputs = random.Random(seed), toy_targets(), {}
+    tok, eos = reasoner.processor.tokenizer, int(reasoner.eos_ids[0])
+
+    def loss(step):
+        template = rng.choice(TOY_OPEN if step >= warmup and rng.random() < guess_share else TOY_EXPLICIT["train"])
+        prompts, plans = [], []
+        for t, guess in zip(rng.choices(targets, k=batch), rng.choices(targets, k=batch)):
+            prompts.append(template.format(**t, thing=rng.choice(TOY_THINGS)))  # one template: one length
+            plans.append(toy_plan({k: t[k] if "{" + k + "}" in template else guess[k] for k in t}))
+        for p in prompts:
+            if p not in inputs:  # the processor once per prompt, not per step
+                inputs[p] = reasoner.chat_inputs(RT2I_INSTRUCTION.format(prompt=p), None, 1)
+        ids = torch.tensor([tok(p, add_special_tokens=False)["input_ids"] + [eos] for p in plans], device=reasoner.device)
+        batch_inputs = {k: torch.cat([inputs[p][k] for p in prompts]) for k in inputs[prompts[0]]}
+        return -reasoner.token_logprobs(TextRollout(batch_inputs, ids, torch.ones_like(ids), plans)).mean()
+
+    lm = [p for n, p in reasoner.model.named_parameters() if ".lora_" not in n and ".visual." not in n]
+    return fit(lm, lr, steps, loss)
+
+
+def toy_renderer_prior(renderer: Renderer, vae_steps: int, vae_lr: float, steps: int, lr: float, batch: int,
+                       caption_dropout: float, seed: int) -> tuple[float, float]:
+    """Drawing prior, written against the Renderer interface: an autoencoder run of the VAE (the toy's random
+    encoder is no inverse of its decoder, and SRR encodes images), then flow matching of the transformer on
+    synthetic images with explicit captions, alone or with the plan, or an open request with the plan.
+    Caption dropout keeps the unconditional velocity that CFG needs. Returns the last (VAE, flow) losses."""
+    rng, gen, targets = random.Random(seed), torch.Generator().manual_seed(seed), toy_targets()
+    images = [toy_image(t, renderer.args.resolution) for t in targets]
+    pixels = torch.cat([renderer.pixels(im) for im in images]).to(renderer.vae.dtype)  # (32, 3, H, W) in [-1, 1]
+
+    def vae_loss(step):  # x -> z (the posterior's mode, as encode_image takes it) -> x, z at unit scale
+        x = pixels[rng.choices(range(len(targets)), k=batch)]
+        z = renderer.vae.encode(x).latent_dist.mode()
+        x_hat = renderer.vae.decode(z, return_dict=False)[0].clamp(-1, 1)  # an image shows clamped pixels
+        return ((x_hat - x) ** 2).mean() + (z.std() - 1) ** 2
+
+    loss_vae = fit(renderer.vae.parameters(), vae_lr, vae_steps, vae_loss)
+    x0_all = torch.cat([renderer.encode_image(im) for im in images])  # (32, ...) in the sampler's latent space
+
+    def caption(t):
+        words = rng.choice(TOY_EXPLICIT["train"]).format(**t)
+        open_words = rng.choice(TOY_OPEN).format(**t, thing=rng.choice(TOY_THINGS))
+        return "" if rng.random() < caption_dropout else rng.choice([words, renderer_text(words, toy_plan(t)),
+                                                                      renderer_text(open_words, toy_plan(t))])
+
+    pools = []  # captions are encoded once, in 16 batches reused in turn (encode() is the slow part)
+    for _ in range(16):
+        rows = [rng.randrange(len(targets)) for _ in range(batch)]
+        pools.append((rows, renderer.encode([caption(targets[i]) for i in rows])))
+    sigmas = renderer.sigmas(renderer.args.num_steps)[:-1].tolist()  # where the toy's sampler evaluates v
+
+    def flow_loss(step):  # x_t = (1 - t) x_0 + t eps; the sampler integrates v = eps - x_0
+        rows, cond = pools[step % len(pools)]
+        x0, eps, sigma = x0_all[rows], renderer.noise(len(rows), gen), rng.choice(sigmas)
+        v = renderer.velocity((1 - sigma) * x0 + sigma * eps, sigma, cond, guidance=1.0)
+        return ((v - (eps - x0)) ** 2).mean()
+
+    weights = [p for n, p in renderer.transformer.named_parameters() if ".lora_" not in n]
+    return loss_vae, fit(weights, lr, steps, flow_loss)
+
+
+def strip_lora(model: nn.Module):
+    """Put the base Linear layers back (LoRA B is still zero, so nothing is lost): the model saves as its class."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, LoRALinear):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, m.base)
+
+
+def toy_world_dir(args: Args) -> str:
+    """The toy world's folder: <--toy-cache>/toy-<hash of everything the build reads, its code included>."""
+    import hashlib
+    import inspect
+
+    import diffusers
+    import transformers
+
+    code = [inspect.getsource(f) for f in (toy_tokenizer, make_vlm, make_klein, build_toy_vlm, build_toy_klein,
+                                           linear_decoder, Reasoner, Renderer, KleinRenderer, LoRALinear, toy_targets,
+                                           toy_image, fit, toy_reasoner_prior, toy_renderer_prior, build_toy_world)]
+    key = json.dumps([SHAPES["toy"], TOY_WORDS, TOY_COLOURS, TOY_REGIONS, TOY_EXPLICIT, TOY_OPEN, TOY_THINGS, TOY_BUILD, RT2I_INSTRUCTION, code,
+                      dataclasses.asdict(Args(**PRESETS["toy"])), torch.__version__, transformers.__version__,
+                      diffusers.__version__], default=str)
+    root = args.toy_cache or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                                          "alphagrpo")
+    return os.path.join(root, "toy-" + hashlib.sha256(key.encode()).hexdigest()[:16])
+
+
+def build_toy_world(folder: str) -> tuple[str, str]:
+    """The toy reasoner and renderer with their priors, built into `folder` unless it holds them already.
+    Returns (reasoner path, renderer path)."""
+    import shutil
+    import tempfile
+
+    paths = os.path.join(folder, "reasoner"), os.path.join(folder, "renderer")
+    if os.path.exists(os.path.join(folder, "build.json")):
+        return paths
+    print(f"building the toy world (once, about a minute): {folder}", flush=True)
+    t0, b = time.perf_counter(), TOY_BUILD
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".building-", dir=os.path.dirname(folder))  # renamed when complete
+    try:
+        args = Args(**PRESETS["toy"], device="cpu", seed=b["seed"])
+        policy = load_policy(dataclasses.replace(args, reasoner=build_toy_vlm(os.path.join(tmp, "reasoner")),
+                                                 renderer=build_toy_klein(os.path.join(tmp, "renderer"))), tmp)
+        plan_loss = toy_reasoner_prior(policy.reasoner, b["reasoner_steps"], b["reasoner_warmup"], b["reasoner_lr"],
+                                       b["guess_share"], b["reasoner_batch"], b["seed"])
+        vae_loss, flow_loss = toy_renderer_prior(policy.renderer, b["vae_steps"], b["vae_lr"], b["renderer_steps"],
+                                                 b["renderer_lr"], b["batch"], b["caption_dropout"], b["seed"])
+        for model in (policy.reasoner.model, policy.renderer.transformer):
+            strip_lora(model)
+        policy.reasoner.model.save_pretrained(os.path.join(tmp, "reasoner"))
+        policy.renderer.transformer.save_pretrained(os.path.join(tmp, "renderer", "transformer"))
+        policy.renderer.vae.save_pretrained(os.path.join(tmp, "renderer", "vae"))
+        report = {"seconds": round(time.perf_counter() - t0, 1), "plan_loss": plan_loss, "vae_loss": vae_loss,
+                  "flow_loss": flow_loss, **b}
+        with open(os.path.join(tmp, "build.json"), "w") as f:
+            json.dump(report, f, indent=1)
+        if os.path.exists(folder):  # another process finished first: keep its copy
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"toy world built in {report['seconds']:.0f} s: plan loss {plan_loss:.3f}, VAE loss {vae_loss:.4f}, "
+          f"flow loss {flow_loss:.3f}", flush=True)
+    return paths
 
 
 # --------------------------------------------------------------------------------------------------
@@ -980,10 +1204,15 @@ def normalize_row(row, where: str) -> dict:
         out[key] = norm
     if not out["semantic_questions"]:
         raise ValueError(f"{where}: no semantic question (DVReward needs at least one)")
-    for key in ("split", "task", "difficulty"):
+    for key in ("split", "task", "difficulty", "kind"):
         if key in row and not isinstance(row[key], str):
             raise ValueError(f"{where}: '{key}' must be a string")
         out[key] = row.get(key)
+    target = row.get("target")
+    if target is not None and not (isinstance(target, dict) and all(isinstance(target.get(k), str)
+                                                                     for k in ("colour", "region"))):
+        raise ValueError(f"{where}: 'target' must be {{'colour': str, 'region': str}} (toy-world rows)")
+    out["target"] = target
     return out
 
 
@@ -1374,6 +1603,20 @@ def group_loss(policy: Policy, g: Group, args: Args):
                   "image_ratio_dev": (logps.detach() - im.old_logp).exp().sub(1).abs().max().item()}
 
 
+def make_optimizer(policy: Policy, args: Args) -> torch.optim.Optimizer:
+    """One AdamW over the LoRA weights of the sides that train (--train-reasoner, --train-renderer): the reasoner's
+    at --reasoner-lr, the renderer's at --lr. A frozen side's LoRA needs no gradient and gets no update; its
+    loss term is still computed, for the metrics."""
+    groups = []
+    for trains, params, lr in ((args.train_reasoner, policy.reasoner.lora_params, args.reasoner_lr or args.lr),
+                               (args.train_renderer, policy.renderer.lora_params, args.lr)):
+        for p in params:
+            p.requires_grad_(trains)
+        if trains:
+            groups.append({"params": params, "lr": lr})
+    return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+
+
 def update(policy: Policy, optimizer, groups: list, args: Args, rng: random.Random, world: int = 1) -> list:
     """`updates_per_rollout` optimizer steps, each on a disjoint share of the step's groups. The shares are
     drawn over the group indices with the same rng on every rank, so they do not depend on the number of
@@ -1417,7 +1660,7 @@ def mean_or_none(xs):
 
 # Arguments that may change between a checkpoint and its resumption; any other difference is refused.
 RESUMABLE = {"steps", "out", "resume", "reward_url", "reward_token", "reward_patience", "device", "sample_every",
-             "save_every", "eval_every"}
+             "save_every", "eval_every", "toy_cache"}
 
 
 def file_sha256(path: str) -> str:
@@ -1536,11 +1779,10 @@ def renderer_kind(path: str) -> str:
 
 
 def model_paths(args: Args, out: str) -> tuple[str, str, bool]:
-    """(reasoner path, renderer path, whether they are the toy models to build under OUT/toy_models)."""
-    toy = args.preset == "toy"
-    reasoner = args.reasoner or (os.path.join(out, "toy_models", "reasoner") if toy else "")
-    renderer = args.renderer or (os.path.join(out, "toy_models", "renderer") if toy else "")
-    return reasoner, renderer, toy
+    """(reasoner path, renderer path, whether the toy world is needed: built once, cached in toy_world_dir)."""
+    toy = args.preset == "toy" and not (args.reasoner and args.renderer)
+    folder = toy_world_dir(args) if toy else ""
+    return args.reasoner or os.path.join(folder, "reasoner"), args.renderer or os.path.join(folder, "renderer"), toy
 
 
 def check_models(args: Args, out: str):
@@ -1560,10 +1802,8 @@ def load_policy(args: Args, out: str, device=None, rank: int = 0, world: int = 1
     dtype = getattr(torch, args.dtype)
     reasoner_path, renderer_path, toy = model_paths(args, out)
     # The toy models are fixed artifacts, like real checkpoints: the same weights whatever --seed says.
-    if toy and rank == 0 and not args.reasoner:
-        build_toy_vlm(reasoner_path)
-    if toy and rank == 0 and not args.renderer:
-        build_toy_klein(renderer_path)
+    if toy and rank == 0:
+        build_toy_world(toy_world_dir(args))
     if world > 1:
         torch.distributed.barrier()  # the other ranks load what rank 0 wrote
     from diffusers import Flux2KleinPipeline, StableDiffusion3Pipeline
@@ -1608,6 +1848,45 @@ def save_grid(path: str, tiles: list, cols: int):
     grid.save(path)
 
 
+def plot_curves(metrics: str, path: str):
+    """OUT/curves.png from metrics.jsonl, drawn with PIL: the rewards and plan accuracies (0 to 1) over the
+    steps, and under them the clip fractions (on their own scale). Series that are all null are left out."""
+    with open(metrics) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    panels = [("reward and plan accuracy", ("reward_mean", "eval_reward", "plan_accuracy", "plan_accuracy_implicit",
+                                            "eval_plan_accuracy_implicit"), 1.0),
+              ("clip fractions", ("text_clipfrac", "image_clipfrac"), None)]
+    palette = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
+    W, H = 720, 240  # one panel
+    image = Image.new("RGB", (W, H * len(panels)), "white")
+    d = ImageDraw.Draw(image)
+    s0 = min(r["step"] for r in rows)
+    s1 = max(max(r["step"] for r in rows), s0 + 1)
+    for p, (title, keys, top) in enumerate(panels):
+        series = {k: [(r["step"], r[k]) for r in rows if r.get(k) is not None] for k in keys}
+        series = {k: v for k, v in series.items() if v}
+        top = top or 1.1 * max([y for v in series.values() for _, y in v] + [1e-3])
+        x0, y0, x1, y1 = 56, p * H + 24, W - 190, (p + 1) * H - 28  # the plot's box
+        d.rectangle((x0, y0, x1, y1), outline="black")
+        d.text((x0, y0 - 16), title, fill="black")
+        for frac in (0.0, 0.5, 1.0):
+            y = y1 - frac * (y1 - y0)
+            d.line((x0 - 4, y, x0, y), fill="black")
+            d.text((4, y - 6), f"{frac * top:.3g}", fill="black")
+        d.text((x0, y1 + 6), f"step {s0}", fill="black")
+        d.text((x1 - 60, y1 + 6), f"step {s1}", fill="black")
+        for i, (k, pts) in enumerate(series.items()):
+            colour = palette[keys.index(k)]
+            xy = [(x0 + (s - s0) / (s1 - s0) * (x1 - x0), y1 - min(max(v / top, 0), 1) * (y1 - y0)) for s, v in pts]
+            if len(xy) > 1:
+                d.line(xy, fill=colour, width=2)
+            for x, y in xy[:: max(1, len(xy) // 40)]:  # dots: sparse series (evaluation) stay visible
+                d.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
+            d.text((x1 + 10, y0 + 16 * i), k, fill=colour)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    image.save(path)
+
+
 def group_tiles(g: Group, n: int = 6) -> list:
     """One grid row: SRR shows the initial image first, then the refinements beside it."""
     init = [(g.init_image, f"initial {g.init_reward:.2f}", "")] if g.init_image is not None else []
@@ -1617,8 +1896,9 @@ def group_tiles(g: Group, n: int = 6) -> list:
 @torch.no_grad()
 def evaluate(policy: Policy, rows: list, args: Args, client, path: str, rank=0, world=1):
     """Render the test prompts with reasoning and the ODE sampler at fixed seeds; the mean DVReward over
-    all of them (gathered from every rank) and a PNG grid. Returns the mean."""
-    sigmas, tiles, futures = policy.renderer.sigmas(args.eval_num_steps), [], []
+    all of them (gathered from every rank) and a PNG grid. Returns {eval_reward, eval_plan_accuracy (toy
+    targets, else None), eval_plan_accuracy_implicit}."""
+    sigmas, tiles, futures, plans = policy.renderer.sigmas(args.eval_num_steps), [], [], []
     for k in range(rank, len(rows), world):
         gen = seeded(args, -1, k)  # the same seeds at every evaluation
         text = policy.reasoner.generate(RT2I_INSTRUCTION.format(prompt=rows[k]["prompt"]), None, 1)
@@ -1628,15 +1908,35 @@ def evaluate(policy: Policy, rows: list, args: Args, client, path: str, rank=0, 
         sem, qual = questions(rows[k])
         futures.append(client.submit([image], [sem], [qual]))  # scored while the next prompt is drawn
         tiles.append((image, rows[k]["prompt"]))
+        plans.append((text.texts[0], rows[k].get("target"), rows[k].get("kind")))
     rewards = [f.result()["rewards"][0] for f in futures]
     tiles = [(im, f"R {r:.2f}", p) for (im, p), r in zip(tiles, rewards)]
     if world > 1:
         everyone = [None] * world
-        torch.distributed.all_gather_object(everyone, rewards)
-        rewards = sum(everyone, [])
+        torch.distributed.all_gather_object(everyone, (rewards, plans))
+        rewards, plans = sum((e[0] for e in everyone), []), sum((e[1] for e in everyone), [])
     if rank == 0:
         save_grid(path, tiles[:64], cols=8)
-    return sum(rewards) / len(rewards)
+    implicit = [(y, t) for y, t, kind in plans if kind == "implicit"]
+    return {"eval_reward": sum(rewards) / len(rewards),
+            "eval_plan_accuracy": plan_accuracy([y for y, _, _ in plans], [t for _, t, _ in plans]),
+            "eval_plan_accuracy_implicit": plan_accuracy([y for y, _ in implicit], [t for _, t in implicit])}
+
+
+def plan_names_target(text: str, target: dict) -> bool:
+    """A reasoning text names a toy target when the only colour it names is the target's colour and the only
+    region it names is the target's region ("green bottom" for the green bottom half; not "green red bottom")."""
+    from reward_server import ToyVerifier
+
+    words = set(text.lower().replace(":", " ").replace(".", " ").replace(",", " ").split())
+    return words & set(ToyVerifier.COLOURS) == {target["colour"]} and words & set(TOY_REGIONS) == {target["region"]}
+
+
+def plan_accuracy(texts: list[str], targets: list) -> float | None:
+    """The share of reasoning texts that name their row's target (`plan_names_target`), over the texts whose
+    row has one; None when none has (prompt sets without toy targets)."""
+    pairs = [(y, t) for y, t in zip(texts, targets) if t is not None]
+    return sum(plan_names_target(y, t) for y, t in pairs) / len(pairs) if pairs else None
 
 
 def summarize(g: Group) -> dict:
@@ -1648,7 +1948,8 @@ def summarize(g: Group) -> dict:
                 tags.setdefault(q["tag"], []).append(s)
     return {"task": g.task, "rewards": g.rewards.tolist(), "init_reward": g.init_reward, "skip": g.skip,
             "failed": None if g.failed is None else g.failed.float().mean().item(),
-            "text_len": g.text.mask.sum(1).float().mean().item(), "tags": tags}
+            "text_len": g.text.mask.sum(1).float().mean().item(), "tags": tags, "kind": g.row.get("kind"),
+            "plan_accuracy": plan_accuracy(g.text.texts, [g.row.get("target")] * len(g.text.texts))}
 
 
 def metrics_row(step: int, summaries: list, stats: list, zero_std_frac: float, timers: dict, tags: list,
@@ -1660,7 +1961,11 @@ def metrics_row(step: int, summaries: list, stats: list, zero_std_frac: float, t
            **{k: mean_or_none([st[k] for st in stats]) for k in
               ("text_loss", "image_loss", "text_clipfrac", "image_clipfrac", "text_kl", "image_kl")},
            **{f"time_{k}": timers[k] for k in ("reason", "render", "reward_wait", "train", "step")},
-           "text_len": mean_or_none([s["text_len"] for s in summaries]), "eval_reward": None}
+           "text_len": mean_or_none([s["text_len"] for s in summaries]), "eval_reward": None,
+           # toy world: plans that name the target (null without targets), all prompts and the implicit ones
+           "plan_accuracy": mean_or_none([s["plan_accuracy"] for s in summaries]),
+           "plan_accuracy_implicit": mean_or_none([s["plan_accuracy"] for s in summaries if s["kind"] == "implicit"]),
+           "eval_plan_accuracy": None, "eval_plan_accuracy_implicit": None}
     row.update({f"score_{t}": mean_or_none([x for s in summaries for x in s["tags"].get(t, [])]) for t in tags})
     if args.task != "rt2i":
         srr = [s for s in summaries if s["task"] == "srr"]
@@ -1698,8 +2003,8 @@ def train(args: Args, policy: Policy | None = None) -> str:
     if rank == 0 and not args.resume and os.path.exists(os.path.join(out, "metrics.jsonl")):
         raise ValueError(f"{out} already holds a run (metrics.jsonl): pass --resume {out} or another --out")
     toy_rows = args.preset == "toy" and not args.prompts  # the data first: a bad row fails before any model loads
-    rows = TOY_PROMPTS if toy_rows else load_prompts(args.prompts, "train")
-    eval_rows = TOY_PROMPTS if toy_rows else load_prompts(args.prompts, "test")
+    rows = [r for r in TOY_PROMPTS if r["split"] == "train"] if toy_rows else load_prompts(args.prompts, "train")
+    eval_rows = [r for r in TOY_PROMPTS if r["split"] == "test"] if toy_rows else load_prompts(args.prompts, "test")
     tags = sorted({q["tag"] for r in rows for k in ("semantic_questions", "quality_questions")
                    for q in r[k] if q["tag"]})
     if not (args.dry_run or args.reward_url or args.preset == "toy"):
@@ -1708,8 +2013,7 @@ def train(args: Args, policy: Policy | None = None) -> str:
         check_models(args, out)
     os.makedirs(out, exist_ok=True)
     policy = policy or load_policy(args, out, device, rank, world)
-    optimizer = torch.optim.AdamW([{"params": policy.reasoner.lora_params, "lr": args.reasoner_lr or args.lr},
-                                   {"params": policy.renderer.lora_params}], lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = make_optimizer(policy, args)
     start = load_checkpoint(args.resume, policy, optimizer, args) if args.resume else 0
     if rank == 0:
         keep_metrics_before(os.path.join(out, "metrics.jsonl"), start)
@@ -1749,22 +2053,24 @@ def train(args: Args, policy: Policy | None = None) -> str:
             if world > 1:
                 everyone = [None] * world
                 torch.distributed.all_gather_object(everyone, local)
-            eval_reward = None
+            evaluation = {}
             last = step == args.steps - 1
             if args.eval_every and (step % args.eval_every == 0 or last):
-                eval_reward = evaluate(policy, eval_rows, args, client, os.path.join(out, "eval", f"step_{step:06d}.png"),
-                                       rank, world)
+                evaluation = evaluate(policy, eval_rows, args, client, os.path.join(out, "eval", f"step_{step:06d}.png"),
+                                      rank, world)
             if rank == 0:
                 row = metrics_row(step, [s for e in everyone for s in e["summaries"]],
                                   [s for e in everyone for s in e["stats"]],
                                   sum(e["zero"] for e in everyone) / world, everyone[0]["timers"], tags, args)
-                row["eval_reward"] = eval_reward
+                row.update(evaluation)
                 with open(os.path.join(out, "metrics.jsonl"), "a") as f:
                     f.write(json.dumps(row) + "\n")
                 if args.sample_every and (step % args.sample_every == 0 or last):
                     tiles = [t for g in groups[:4] for t in group_tiles(g)]
                     save_grid(os.path.join(out, "samples", f"step_{step:06d}.png"), tiles,
                               cols=max(len(group_tiles(g)) for g in groups[:4]))
+                if last or (args.sample_every and step % args.sample_every == 0):
+                    plot_curves(os.path.join(out, "metrics.jsonl"), os.path.join(out, "curves.png"))
                 if args.save_every and ((step + 1) % args.save_every == 0 or last):  # after its metrics row
                     save_checkpoint(policy, optimizer, args, step + 1, out)
     except RewardError as e:

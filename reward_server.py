@@ -762,7 +762,9 @@ def cmd_score(argv):
 
 TOY_WORDS = ("red green blue yellow cyan magenta white black top bottom left right half image mostly bright dark "
              "the a of is and with in on sky sun sea grass fire light shadow Yes No yes no Is The A Answer "
-             "Diagnosis Fix : . , ? ! system user assistant").split()
+             "Diagnosis Fix above below lower overhead at make paint fills burns covers hang clear calm fresh thick "
+             "ripe lawn snow clouds tomato leaf somewhere thing shape pattern picture wall cloth "
+             ": . , ? ! system user assistant").split()
 TOY_CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
     "{% else %}{% for c in m['content'] %}"
