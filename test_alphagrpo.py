@@ -586,6 +586,10 @@ def test_default_run_learns(seed, tmp_path):
     assert len(rows) >= 10
     first, last = (sum(r["reward_mean"] for r in rows[s]) / 5 for s in (slice(0, 5), slice(-5, None)))
     assert last >= first + 0.05, [round(r["reward_mean"], 3) for r in rows]
+    # the text policy learns the toy world: plans name the implicit prompts' targets more often at the end
+    plans = [r["plan_accuracy_implicit"] for r in rows]
+    assert sum(plans[-5:]) / 5 >= sum(plans[:5]) / 5 + 0.1, [round(p, 2) for p in plans]
+    assert Image.open(out / "curves.png").size == (720, 480)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -2103,3 +2107,77 @@ def test_klein_dry_run_has_the_published_parameter_counts(capsys):
     assert rows["reasoner"] == 4_437_815_808
     out = capsys.readouterr().out
     assert "total (estimate)" in out and "fits" in out
+
+
+# --------------------------------------------------------------------------------------------------
+# The toy world: priors, plan accuracy, which half trains, curves
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def toy_world():
+    """The default toy world (built once and cached, as `python alphagrpo.py` does; CI's first command builds it)."""
+    args = ag.Args()
+    reasoner, renderer, _ = ag.model_paths(args, "")
+    ag.build_toy_world(ag.toy_world_dir(args))
+    return reasoner, renderer
+
+
+def test_toy_world_priors_follow_explicit_requests(toy_world):
+    """The renderer's prior draws an explicit caption's target far above chance, and the reasoner's prior restates
+    an explicit request's colour, on the test wordings (never seen by the priors)."""
+    policy, args = make_policy(toy_world)
+    verifier, targets = rs.ToyVerifier(), ag.toy_targets()
+    renderer, sigmas = policy.renderer, policy.renderer.sigmas(args.eval_num_steps)
+    captions = [ag.TOY_EXPLICIT["test"][k % 2].format(**t) for k, t in enumerate(targets)]
+    with torch.no_grad():
+        x0 = ag.render(renderer, renderer.encode(captions), renderer.noise(len(targets), torch.Generator().manual_seed(0)),
+                       sigmas, range(0), 0.0)[0]
+    images = renderer.decode(x0)
+    asked = {(t["colour"], t["region"]) for t in targets}
+    score = {(c, r): [verifier.score(im, [f"Is the {r} half of the image {c}?"])[0] for im in images] for c, r in asked}
+    own = sum(score[t["colour"], t["region"]][i] for i, t in enumerate(targets)) / len(targets)
+    chance = sum(sum(v) for v in score.values()) / (len(targets) * len(asked))  # every image against every question
+    assert own >= chance + 0.3, (own, chance)
+    torch.manual_seed(0)
+    plans = [policy.reasoner.generate(ag.RT2I_INSTRUCTION.format(prompt=c), None, 1).texts[0] for c in captions]
+    named = [t["colour"] in y.lower().split() for y, t in zip(plans, targets)]
+    assert sum(named) / len(named) >= 0.6, plans  # chance: 1 in 4 colours
+
+
+def test_plan_accuracy_by_hand():
+    green_bottom, red_top = {"colour": "green", "region": "bottom"}, {"colour": "red", "region": "top"}
+    assert ag.plan_names_target("green bottom", green_bottom)
+    assert ag.plan_names_target("Green, bottom.", green_bottom)
+    assert not ag.plan_names_target("green red bottom", green_bottom)  # two colours: not a plan for the target
+    assert not ag.plan_names_target("green top", green_bottom) and not ag.plan_names_target("bottom", green_bottom)
+    assert ag.plan_accuracy(["green bottom", "green bottom", "whatever"], [green_bottom, red_top, None]) == 0.5
+    assert ag.plan_accuracy(["green bottom"], [None]) is None
+
+
+@pytest.mark.parametrize("frozen", ["reasoner", "renderer"])
+def test_a_frozen_side_does_not_move(toy_dirs, frozen):
+    """--no-train-reasoner / --no-train-renderer: the frozen side's LoRA is bit-identical after an update, the
+    other side's moves (the same shared advantage drives it)."""
+    policy, args = make_policy(toy_dirs, group_size=4, groups_per_step=1, updates_per_rollout=1,
+                               **{f"train_{frozen}": False})
+    randomize_lora(policy)
+    g = rollout(policy, args, seed=3)
+    assert g.advantages.abs().sum() > 0
+    sides = {"reasoner": policy.reasoner.lora_params, "renderer": policy.renderer.lora_params}
+    before = {k: [p.detach().clone() for p in v] for k, v in sides.items()}
+    ag.update(policy, ag.make_optimizer(policy, args), [g], args, random.Random(0))
+    moved = {k: any(not torch.equal(a, b) for a, b in zip(before[k], sides[k])) for k in sides}
+    assert moved == {"reasoner": frozen != "reasoner", "renderer": frozen != "renderer"}
+
+
+def test_curves_png_draws_the_series(tmp_path):
+    rows = [{"step": s, "reward_mean": 0.2 + 0.02 * s, "eval_reward": 0.3 if s % 5 == 0 else None,
+             "plan_accuracy": None, "text_clipfrac": 0.01, "image_clipfrac": 0.2} for s in range(10)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    ag.plot_curves(str(tmp_path / "metrics.jsonl"), str(tmp_path / "curves.png"))
+    im = Image.open(tmp_path / "curves.png").convert("RGB")
+    assert im.size == (720, 480)
+    colours = {c for _, c in im.getcolors(1 << 20)}
+    assert (31, 119, 180) in colours and (255, 127, 14) in colours  # reward_mean and eval_reward are drawn
+    assert (44, 160, 44) not in colours  # plan_accuracy is all null: left out
