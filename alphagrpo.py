@@ -2,8 +2,11 @@
 
 Paper: "AlphaGRPO: Unlocking Self-Reflective Multimodal Generation in Unified Multimodal Models via
 Decompositional Verifiable Reward" (https://huangrh99.github.io/AlphaGRPO/). Read it beside this file:
-the code follows the paper's order (Sec. 3 preliminaries -> Sec. 4.1 AlphaGRPO -> the loop) and the
-comments name the section or equation that each line computes.
+the method comes first and in the paper's order (Sec. 3 preliminaries -> Sec. 4.1 AlphaGRPO and FPR ->
+arguments -> models -> rollouts -> the objective -> the loop -> inference -> main); the comments name the
+section or equation that each line computes. An APPENDIX after `main` holds what a reader of the method can
+skip: the command line, model loading, the reward client, checkpoints, the toy models and their priors,
+benchmark outputs, the memory plan, dry run and bench.
 
 What is implemented
 - The unified trajectory o = (y, x_T..x_0) (Sec. 4.1): a reasoner writes text y, then a renderer draws the
@@ -12,22 +15,25 @@ What is implemented
 - Image: Flow-GRPO's SDE sampler with a closed-form Gaussian log-prob and KL (Sec. 3), trained only
   inside a window of W consecutive steps.
 - Reasoning text-to-image (RT2I) and Self-Reflective Refinement (SRR) with False-Positive Rectification
-  (Sec. 4.1); rewards from the DVReward server (`reward_server.py`, Sec. 4.2) over HTTP, asynchronously.
+  (Sec. 4.1), the refinement generated with the initial image in context; rewards from the DVReward server
+  (`reward_server.py`, Sec. 4.2) over HTTP, asynchronously.
 
 The policy is "decoupled unified": no AR-diffusion unified model (BAGEL, Show-o2) ships in transformers
-or diffusers, so a Qwen3-VL instruct model reasons and Stable Diffusion 3.5 draws. Both get a small LoRA
-and one optimizer; `Reasoner` and `Renderer` are the whole interface a BAGEL adapter would fill. The toy
-preset builds the same classes at tiny sizes, so every code path runs on a laptop CPU in a minute.
+or diffusers, so a Qwen3-VL instruct model reasons and FLUX.2 klein draws and edits (Stable Diffusion 3.5,
+which cannot edit, is the Flow-GRPO-comparable alternative). Both get a small LoRA and one optimizer;
+`Reasoner` and `Renderer` are the whole interface a BAGEL adapter would fill. The toy preset builds the
+same classes at tiny sizes with a short supervised prior, so every code path runs on a laptop CPU.
 
-Left out: full fine-tuning, FSDP/DeepSpeed, the paper's in-context image editing (SRR refines by
-SDEdit here, see README), BAGEL itself.
+Left out: full fine-tuning, FSDP/DeepSpeed, BAGEL itself, the benchmarks' scorers (`eval` writes their
+input trees), re-implementing the official code's top-p sampling (off-policy: see README).
 
 Launch
     python alphagrpo.py                                   # toy models, CPU, starts its toy reward server
-    python alphagrpo.py --task srr                        # Self-Reflective Refinement with FPR
+    python alphagrpo.py --task srr                        # Self-Reflective Refinement with FPR, in context
     python reward_server.py --verifier Qwen/Qwen3-VL-8B-Instruct --port 8000          # on a GPU
-    python alphagrpo.py --preset sd35 --reward-url http://127.0.0.1:8000              # on an 80 GB GPU
-    python alphagrpo.py sample --prompt "the bottom half is green" --refine-rounds 2
+    python alphagrpo.py --preset klein --reward-url http://127.0.0.1:8000             # on an 80 GB GPU
+    python alphagrpo.py sample --prompt "grass fills the lower half" --refine-rounds 2
+    python alphagrpo.py eval --benchmark geneval --data geneval/prompts/evaluation_metadata.jsonl --out DIR
     python alphagrpo.py bench --preset klein      # GPU figures at real shapes, random weights (README, Performance)
 
 Shapes: G group size, L generated tokens, P prompt tokens, V vocabulary, C latent channels,
@@ -61,8 +67,144 @@ from tqdm import tqdm
 from reward_server import QUALITY_TAGS, SEMANTIC_TAGS, make_vlm, toy_tokenizer
 from reward_server import TOY_CHAT_TEMPLATE, TOY_WORDS  # noqa: F401 - the toy vocabulary, defined there
 
+
 # --------------------------------------------------------------------------------------------------
-# Arguments
+# Sec. 3: GRPO for language and for flow matching, as pure functions
+# --------------------------------------------------------------------------------------------------
+
+
+def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, std_mode: str = "group", eps: float = 1e-4,
+                     batch_std: float | None = None):
+    """A_i = (R_i - mean_group(R)) / (std + eps), one scalar per trajectory (Sec. 3, GRPO).
+
+    rewards, group_ids: (N,). std is the population std (ddof=0, + 1e-4 as Flow-GRPO) of the group ('group')
+    or of all N rewards ('batch'; batch_std overrides it, e.g. with all ranks' rewards). A group whose rewards
+    are all equal carries no signal: its advantages are exactly 0 (never NaN). Returns (A (N,), zero_std (N,))."""
+    rewards = rewards.double()
+    A = torch.zeros_like(rewards)
+    zero_std = torch.zeros_like(rewards, dtype=torch.bool)
+    if batch_std is None:
+        batch_std = float(rewards.std(unbiased=False)) if rewards.numel() > 1 else 0.0
+    for g in group_ids.unique():
+        m = group_ids == g
+        r = rewards[m]
+        if bool((r == r[0]).all()):
+            zero_std[m] = True  # A stays 0: (r - mean) would be rounding noise divided by eps
+            continue
+        std = r.std(unbiased=False) if std_mode == "group" else batch_std
+        A[m] = (r - r.mean()) / (std + eps)
+    return A.float(), zero_std
+
+
+def sde_step(v: torch.Tensor, x: torch.Tensor, sigma, sigma_next, noise_level: float, second_sigma: float,
+             prev_sample: torch.Tensor | None = None, generator: torch.Generator | None = None):
+    """One step of the flow sampler as a Gaussian policy (Sec. 3, Flow-GRPO's Euler-Maruyama SDE).
+
+    Samples x_{t-1} when prev_sample is None, else scores the given one; the same code does both, so
+    rollout and training log-probs cannot drift apart. v, x: (B, C, h, w); sigma, sigma_next: floats or
+    (B,) with sigma = t and dt = sigma_next - sigma < 0; second_sigma is the schedule's second sigma.
+    Returns (x_{t-1}, log_prob (B,) or None when std is 0, mean, std_t), all in float32 (bf16 overflows).
+
+    The log-prob is averaged over latent elements (Flow-GRPO, official code), so exp(logp - logp_old) is
+    the per-element geometric mean of the density ratio, and the image clip range is tiny (1e-4)."""
+    v, x = v.float(), x.float()
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(shape)
+    sigma_next = torch.as_tensor(sigma_next, dtype=torch.float32, device=x.device).reshape(shape)
+    dt = sigma_next - sigma
+    # std_t = a * sqrt(t / (1 - t)); at t = 1 only the denominator's t becomes second_sigma (it would divide by 0)
+    t_denominator = torch.where(sigma == 1, torch.full_like(sigma, second_sigma), sigma)
+    std_t = noise_level * torch.sqrt(sigma / (1 - t_denominator))
+    # mu = x + v dt + std_t^2 / (2t) * (x + (1 - t) v) dt: the Euler step plus the score correction
+    # that keeps the SDE's marginals equal to the ODE's. With std_t = 0 it is exactly the Euler step.
+    mean = x + v * dt + std_t**2 / (2 * sigma) * (x + (1 - sigma) * v) * dt
+    scale = std_t * torch.sqrt(-dt)  # the step's standard deviation, std_t * sqrt(|dt|)
+    if prev_sample is None:
+        if noise_level == 0:
+            return mean, None, mean, std_t
+        noise = torch.randn(x.shape, generator=generator, dtype=torch.float32,
+                            device=generator.device if generator is not None else x.device).to(x.device)
+        prev_sample = mean + scale * noise
+    elif bool((scale == 0).any()):
+        raise ValueError("sde_step: cannot score a sample under a zero std (noise_level 0 or dt 0 is an ODE "
+                         "step, which has no density); score only the SDE window's steps")
+    prev_sample = prev_sample.float()
+    # log N(x_{t-1}; mu, scale^2), averaged over all but the batch dimension
+    log_prob = -((prev_sample.detach() - mean) ** 2) / (2 * scale**2) - torch.log(scale) - 0.5 * math.log(2 * math.pi)
+    return prev_sample, log_prob.mean(dim=tuple(range(1, x.ndim))), mean, std_t
+
+
+def image_kl(mean: torch.Tensor, mean_ref: torch.Tensor, std_t: torch.Tensor, dt, flow_grpo_form: bool = False):
+    """Closed-form KL(pi_theta || pi_ref) of one SDE step, averaged per latent element to match the log-prob:
+    KL = mean((mu_theta - mu_ref)^2) / (2 std_t^2 |dt|) (Sec. 3, "weighted distance between velocity fields").
+    Flow-GRPO and the official code drop |dt|, so their beta equals ours divided by |dt| (ours = theirs * |dt|);
+    flow_grpo_form=True gives their expression. Returns (B,)."""
+    dims = tuple(range(1, mean.ndim))
+    var = std_t.reshape(-1) ** 2 * (1.0 if flow_grpo_form else abs(float(dt)))
+    return ((mean - mean_ref) ** 2).mean(dim=dims) / (2 * var)
+
+
+def text_loss(logp, old_logp, ref_logp, A, mask, clip_low: float, clip_high: float, beta: float = 0.0,
+              seq_level: bool = False):
+    """GRPO text loss (Sec. 3, Eq. of L_text): PPO clip with separate ranges, k3 KL to the reference.
+
+    logp, old_logp, ref_logp: (G, L) per-token log-probs (ref_logp may be None when beta is 0); A: (G,)
+    one advantage per sequence; mask: (G, L) 1 on generated tokens. The loss is the token-level masked mean
+    over the batch. seq_level=True uses one ratio per sequence (GSPO), exp(mean_tokens(logp - old_logp)).
+    Returns (loss, clipfrac, kl)."""
+    mask = mask.float()
+    n_tok = mask.sum().clamp(min=1)
+    log_ratio = logp - old_logp
+    if seq_level:  # GSPO: one ratio per sequence, shared by its tokens
+        log_ratio = ((log_ratio * mask).sum(1) / mask.sum(1).clamp(min=1))[:, None].expand_as(logp)
+    r = torch.exp(log_ratio)  # (G, L)
+    A = A[:, None]  # (G, 1): each sequence keeps its own advantage (never (G,) against (G, 1) -> GxG)
+    per_token = -torch.min(r * A, r.clamp(1 - clip_low, 1 + clip_high) * A)  # (G, L)
+    # clipped = tokens whose gradient the clip removed
+    clipped = ((r < 1 - clip_low) & (A < 0)) | ((r > 1 + clip_high) & (A > 0))
+    clipfrac = (clipped.float() * mask).sum() / n_tok
+    kl = torch.zeros((), device=logp.device)
+    if ref_logp is not None:
+        d = ref_logp - logp
+        kl = ((torch.exp(d) - d - 1) * mask).sum() / n_tok  # k3 estimator of KL(pi_theta || pi_ref)
+    loss = (per_token * mask).sum() / n_tok + beta * kl
+    return loss, clipfrac.detach(), kl.detach()
+
+
+def image_loss(logp, old_logp, A, clip: float, adv_clip: float = 5.0, kl=None, beta: float = 0.0):
+    """Flow-GRPO image loss (Sec. 3, Eq. of L_img): the density ratio of each trained step, clipped.
+
+    logp, old_logp: (G, W) element-averaged log-probs of the W trained steps; A: (G,); kl: (G, W) or None.
+    Mean over trained steps and samples. Returns (loss, clipfrac)."""
+    A = A.clamp(-adv_clip, adv_clip)[:, None]  # (G, 1)
+    r = torch.exp(logp - old_logp)  # (G, W)
+    per_step = torch.max(-A * r, -A * r.clamp(1 - clip, 1 + clip))
+    clipped = ((r < 1 - clip) & (A < 0)) | ((r > 1 + clip) & (A > 0))
+    loss = per_step.mean() + (beta * kl.mean() if kl is not None and beta else 0.0)
+    return loss, clipped.float().mean().detach()
+
+
+# --------------------------------------------------------------------------------------------------
+# Sec. 4.1: False-Positive Rectification
+# --------------------------------------------------------------------------------------------------
+
+
+def false_positive_rectification(refined: torch.Tensor, init_reward: float, value: str = "init"):
+    """FPR (Sec. 4.1): a refinement must strictly improve on the initial image. Before normalization,
+    each refinement with R(refined) <= R(x_init) (ties fail) gets the group minimum: the initial image's
+    reward (value='init', official code; it is then the minimum) or the lowest refined reward
+    (value='group-min', the paper's wording). So a failed refinement never gets a positive advantage.
+
+    refined: (G,). Returns (rectified rewards (G,), failed (G,) bool, skip) where skip means no refinement
+    improved: the group carries no signal and must be dropped from the loss and its denominator."""
+    failed = refined <= init_reward
+    floor = init_reward if value == "init" else float(refined.min())
+    rectified = torch.where(failed, torch.full_like(refined, floor), refined)
+    return rectified, failed, bool(failed.all())
+
+
+# --------------------------------------------------------------------------------------------------
+# Arguments, presets and the reasoner's instructions
 # --------------------------------------------------------------------------------------------------
 
 
@@ -94,6 +236,10 @@ class Args:
     renderer: str = ""
     """Renderer path or hub id: a Flux2KleinPipeline or StableDiffusion3Pipeline folder (its model_index.json
     names the class). Toy: the toy world's tiny FLUX.2 klein (--toy-cache)."""
+    toy_world: bool = False
+    """Toy preset: the toy world (README, "The toy world": several targets, implicit prompts, tiny FLUX.2 klein
+    and Qwen3-VL with a supervised prior, built once and cached) instead of the default single-target task on
+    tiny random models. Work in progress: its text policy does not learn the implicit targets yet."""
     toy_cache: str = ""
     """Where the toy world (the toy models with their priors) is built once and reused, in toy-<hash of its
     configuration>; default $XDG_CACHE_HOME/alphagrpo or ~/.cache/alphagrpo."""
@@ -234,12 +380,15 @@ PRESETS = {
     ),
 }
 
+
 # The reasoner's instructions: one visible constant per task (Sec. 4.1).
 RT2I_INSTRUCTION = (
     "You will draw an image for this request: \"{prompt}\". Before drawing, plan it: list the objects "
     "and how many, their colours and other attributes, where each one is, the setting, the style, and "
     "anything the request implies but does not say. Answer with the plan only, as short visual facts."
 )
+
+
 # Reflect mode (Sec. 2): tell the model that the image *is* wrong and make it look for errors; asking
 # "is this image correct?" triggers confirmation bias instead.
 REFLECT_INSTRUCTION = (
@@ -249,244 +398,9 @@ REFLECT_INSTRUCTION = (
     "instruction that corrects them."
 )
 
-# The toy world (README, "The toy world"): a target is a colour and a region, in the toy verifier's grammar
-# ("Is the bottom half of the image green?"). Explicit prompts name the target. Implicit ones name a thing;
-# which colour it has and where it sits is the toy world knowledge below, which the reasoner must learn by
-# GRPO: its prior (`toy_reasoner_prior`) only restates explicit requests and never sees these wordings, and
-# the renderer's prior (`toy_renderer_prior`) draws explicit captions only. Train and test use other words.
-# Four colours, none the complement of another: a toy image shows the rest in the complementary colour.
-TOY_COLOURS, TOY_REGIONS = ("red", "green", "blue", "white"), ("top", "bottom", "left", "right")
-TOY_EXPLICIT = {"train": ("the {region} half is {colour}", "{colour} in the {region} half",
-                          "make the {region} half {colour}"),
-                "test": ("paint the {region} half {colour}", "a {colour} {region} half")}
-TOY_WORLD = [  # (colour, region, train wording, test wording)
-    ("green", "bottom", "grass fills the lower half", "a lawn of grass below"),
-    ("blue", "top", "the sky is above", "clear sky overhead"),
-    ("red", "bottom", "fire burns in the lower half", "a fire below"),
-    ("blue", "bottom", "the sea fills the lower half", "a calm sea below"),
-    ("white", "bottom", "snow covers the lower half", "fresh snow below"),
-    ("white", "top", "clouds hang above", "thick clouds overhead"),
-    ("red", "left", "a ripe tomato on the left", "a tomato at the left"),
-    ("green", "right", "a leaf on the right", "a leaf at the right"),
-]
-
-
-def toy_plan(target: dict) -> str:
-    """The plan that names a target: "green bottom"."""
-    return f"{target['colour']} {target['region']}"
-
-
-def toy_row(prompt: str, colour: str, region: str, kind: str, split: str) -> dict:
-    return {"prompt": prompt, "semantic_questions": [{"question": f"Is the {region} half of the image {colour}?",
-                                                      "tag": "Spatial"}], "quality_questions": [],
-            "target": {"colour": colour, "region": region}, "kind": kind, "split": split}
-
-
-# Each target once explicitly (wordings in turn) and once implicitly, per split.
-TOY_PROMPTS = [toy_row(TOY_EXPLICIT[split][k % len(TOY_EXPLICIT[split])].format(colour=c, region=r), c, r,
-                       "explicit", split) for split in ("train", "test") for k, (c, r, _, _) in enumerate(TOY_WORLD)] + [
-    toy_row(words, c, r, "implicit", split) for c, r, train, test in TOY_WORLD
-    for split, words in (("train", train), ("test", test))]
-
-
-def parse_args(argv=None) -> tuple[str, Args, dict]:
-    """`[train|sample|eval|bench] --flag value ...` -> (command, Args, the command's extra options). Help text
-    comes from the field docstrings above; a preset's values apply first and explicit flags override them."""
-    source = ast.parse(open(__file__, encoding="utf-8").read() if "__file__" in globals() else "")
-    docs, body = {}, next((n.body for n in source.body if isinstance(n, ast.ClassDef) and n.name == "Args"), [])
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr):
-            docs[node.target.id] = nxt.value.value
-    argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv.pop(0) if argv and argv[0] in ("train", "sample", "bench", "eval") else "train"
-    p = argparse.ArgumentParser(prog=f"alphagrpo.py {command}", argument_default=argparse.SUPPRESS)
-    for f in dataclasses.fields(Args):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=docs.get(f.name))
-        else:
-            p.add_argument(flag, type={"int": int, "float": float}.get(f.type, str), help=docs.get(f.name))
-    if command == "sample":
-        p.add_argument("--prompt", required=True, help="the request to draw")
-        p.add_argument("--refine-rounds", type=int, default=0, help="reflect-and-refine rounds after the first image")
-        p.add_argument("--checkpoint", default="", help="a checkpoint (or run) folder whose LoRA weights to load")
-        p.add_argument("--question", action="append", default=[], help="a DVReward question for the reward "
-                       "(repeatable); default: the prompt's questions in the prompt set, if it is there")
-    if command == "eval":
-        p.add_argument("--benchmark", required=True, choices=sorted(BENCHMARKS), help="the benchmark (README)")
-        p.add_argument("--data", required=True, help="its prompt file or folder, from your clone (README)")
-        p.add_argument("--refine-rounds", type=int, default=0, help="reflect-and-refine rounds, each in its own tree")
-        p.add_argument("--checkpoint", default="", help="a checkpoint (or run) folder whose LoRA weights to load")
-        p.add_argument("--reasoning", action=argparse.BooleanOptionalAction, default=True,
-                       help="plan (and reflect) with the reasoner before drawing")
-        p.add_argument("--samples-per-prompt", type=int, default=0, help="K images a prompt; 0: the benchmark's "
-                       "default (GenEval 4, DPG-Bench 4 in a 2x2 grid, WISE, TIIF-Bench and GEdit-Bench 1)")
-        p.add_argument("--limit", type=int, default=0, help="only the first N prompts (0: all)")
-    if command == "bench":
-        p.add_argument("--verifier", default="", help="the reward server's verifier, started on this device for "
-                       "the training-step figures (default: random:qwen3-vl-8b for the real presets, random:small for toy); "
-                       "--reward-url uses a running server instead")
-        p.add_argument("--repeats", type=int, default=3, help="timed runs of each sampler (after one warm-up)")
-    given = vars(p.parse_args(argv))
-    extra = {k: given.pop(k) for k in ("prompt", "refine_rounds", "checkpoint", "question", "verifier", "repeats")
-             if k in given}
-    extra |= {k: given.pop(k) for k in ("benchmark", "data", "reasoning", "samples_per_prompt", "limit") if k in given}
-    preset = given.get("preset", Args.preset)
-    if preset not in PRESETS:
-        p.error(f"--preset must be one of {sorted(PRESETS)}, not {preset!r}")
-    args = Args(**{**PRESETS[preset], **given})
-    for name, allowed in [("task", ("rt2i", "srr", "mix")), ("std_mode", ("group", "batch")),
-                          ("srr_pick", ("min", "sample")), ("srr_refine", ("auto", "edit", "sdedit")), ("fpr_value", ("init", "group-min")),
-                          ("dtype", ("float32", "bfloat16"))]:
-        if getattr(args, name) not in allowed:
-            p.error(f"--{name.replace('_', '-')} must be one of {allowed}, not {getattr(args, name)!r}")
-    if not 0 < args.sde_window or args.sde_window_start_max + args.sde_window > args.num_steps - 1:
-        p.error("the SDE window must fit in the first T-1 steps: sde_window_start_max + sde_window <= num_steps - 1")
-    if args.task != "rt2i" and args.srr_refine != "edit" and round(args.srr_strength * args.num_steps) < 2:
-        p.error("--srr-strength too low: the refinement needs at least 2 of the --num-steps steps")
-    if args.groups_per_step < args.updates_per_rollout:
-        p.error("--groups-per-step must be at least --updates-per-rollout (each update needs a group)")
-    if not (args.train_reasoner or args.train_renderer):
-        p.error("--no-train-reasoner and --no-train-renderer together leave nothing to train")
-    return command, args, extra
-
 
 # --------------------------------------------------------------------------------------------------
-# Sec. 3: GRPO for language and for flow matching, as pure functions
-# --------------------------------------------------------------------------------------------------
-
-
-def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, std_mode: str = "group", eps: float = 1e-4,
-                     batch_std: float | None = None):
-    """A_i = (R_i - mean_group(R)) / (std + eps), one scalar per trajectory (Sec. 3, GRPO).
-
-    rewards, group_ids: (N,). std is the population std (ddof=0, + 1e-4 as Flow-GRPO) of the group ('group')
-    or of all N rewards ('batch'; batch_std overrides it, e.g. with all ranks' rewards). A group whose rewards
-    are all equal carries no signal: its advantages are exactly 0 (never NaN). Returns (A (N,), zero_std (N,))."""
-    rewards = rewards.double()
-    A = torch.zeros_like(rewards)
-    zero_std = torch.zeros_like(rewards, dtype=torch.bool)
-    if batch_std is None:
-        batch_std = float(rewards.std(unbiased=False)) if rewards.numel() > 1 else 0.0
-    for g in group_ids.unique():
-        m = group_ids == g
-        r = rewards[m]
-        if bool((r == r[0]).all()):
-            zero_std[m] = True  # A stays 0: (r - mean) would be rounding noise divided by eps
-            continue
-        std = r.std(unbiased=False) if std_mode == "group" else batch_std
-        A[m] = (r - r.mean()) / (std + eps)
-    return A.float(), zero_std
-
-
-def sde_step(v: torch.Tensor, x: torch.Tensor, sigma, sigma_next, noise_level: float, sigma_1: float,
-             prev_sample: torch.Tensor | None = None, generator: torch.Generator | None = None):
-    """One step of the flow sampler as a Gaussian policy (Sec. 3, Flow-GRPO's Euler-Maruyama SDE).
-
-    Samples x_{t-1} when prev_sample is None, else scores the given one; the same code does both, so
-    rollout and training log-probs cannot drift apart. v, x: (B, C, h, w); sigma, sigma_next: floats or
-    (B,) with sigma = t and dt = sigma_next - sigma < 0; sigma_1 is the schedule's second sigma.
-    Returns (x_{t-1}, log_prob (B,) or None when std is 0, mean, std_t), all in float32 (bf16 overflows).
-
-    The log-prob is averaged over latent elements (Flow-GRPO, official code), so exp(logp - logp_old) is
-    the per-element geometric mean of the density ratio, and the image clip range is tiny (1e-4)."""
-    v, x = v.float(), x.float()
-    shape = (-1,) + (1,) * (x.ndim - 1)
-    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(shape)
-    sigma_next = torch.as_tensor(sigma_next, dtype=torch.float32, device=x.device).reshape(shape)
-    dt = sigma_next - sigma
-    # std_t = a * sqrt(t / (1 - t)); at t = 1 only the denominator's t becomes sigma_1 (it would divide by 0)
-    std_t = noise_level * torch.sqrt(sigma / (1 - torch.where(sigma == 1, torch.full_like(sigma, sigma_1), sigma)))
-    # mu = x + v dt + std_t^2 / (2t) * (x + (1 - t) v) dt: the Euler step plus the score correction
-    # that keeps the SDE's marginals equal to the ODE's. With std_t = 0 it is exactly the Euler step.
-    mean = x + v * dt + std_t**2 / (2 * sigma) * (x + (1 - sigma) * v) * dt
-    scale = std_t * torch.sqrt(-dt)  # the step's standard deviation, std_t * sqrt(|dt|)
-    if prev_sample is None:
-        if noise_level == 0:
-            return mean, None, mean, std_t
-        noise = torch.randn(x.shape, generator=generator, dtype=torch.float32,
-                            device=generator.device if generator is not None else x.device).to(x.device)
-        prev_sample = mean + scale * noise
-    elif bool((scale == 0).any()):
-        raise ValueError("sde_step: cannot score a sample under a zero std (noise_level 0 or dt 0 is an ODE "
-                         "step, which has no density); score only the SDE window's steps")
-    prev_sample = prev_sample.float()
-    # log N(x_{t-1}; mu, scale^2), averaged over all but the batch dimension
-    log_prob = -((prev_sample.detach() - mean) ** 2) / (2 * scale**2) - torch.log(scale) - 0.5 * math.log(2 * math.pi)
-    return prev_sample, log_prob.mean(dim=tuple(range(1, x.ndim))), mean, std_t
-
-
-def image_kl(mean: torch.Tensor, mean_ref: torch.Tensor, std_t: torch.Tensor, dt, flow_grpo_form: bool = False):
-    """Closed-form KL(pi_theta || pi_ref) of one SDE step, averaged per latent element to match the log-prob:
-    KL = mean((mu_theta - mu_ref)^2) / (2 std_t^2 |dt|) (Sec. 3, "weighted distance between velocity fields").
-    Flow-GRPO and the official code drop |dt|, so their beta equals ours divided by |dt| (ours = theirs * |dt|);
-    flow_grpo_form=True gives their expression. Returns (B,)."""
-    dims = tuple(range(1, mean.ndim))
-    var = std_t.reshape(-1) ** 2 * (1.0 if flow_grpo_form else abs(float(dt)))
-    return ((mean - mean_ref) ** 2).mean(dim=dims) / (2 * var)
-
-
-def text_loss(logp, old_logp, ref_logp, A, mask, clip_low: float, clip_high: float, beta: float = 0.0,
-              seq_level: bool = False):
-    """GRPO text loss (Sec. 3, Eq. of L_text): PPO clip with separate ranges, k3 KL to the reference.
-
-    logp, old_logp, ref_logp: (G, L) per-token log-probs (ref_logp may be None when beta is 0); A: (G,)
-    one advantage per sequence; mask: (G, L) 1 on generated tokens. The loss is the token-level masked mean
-    over the batch. seq_level=True uses one ratio per sequence (GSPO), exp(mean_tokens(logp - old_logp)).
-    Returns (loss, clipfrac, kl)."""
-    mask = mask.float()
-    n_tok = mask.sum().clamp(min=1)
-    log_ratio = logp - old_logp
-    if seq_level:  # GSPO: one ratio per sequence, shared by its tokens
-        log_ratio = ((log_ratio * mask).sum(1) / mask.sum(1).clamp(min=1))[:, None].expand_as(logp)
-    r = torch.exp(log_ratio)  # (G, L)
-    A = A[:, None]  # (G, 1): each sequence keeps its own advantage (never (G,) against (G, 1) -> GxG)
-    per_token = -torch.min(r * A, r.clamp(1 - clip_low, 1 + clip_high) * A)  # (G, L)
-    # clipped = tokens whose gradient the clip removed
-    clipped = ((r < 1 - clip_low) & (A < 0)) | ((r > 1 + clip_high) & (A > 0))
-    clipfrac = (clipped.float() * mask).sum() / n_tok
-    kl = torch.zeros((), device=logp.device)
-    if ref_logp is not None:
-        d = ref_logp - logp
-        kl = ((torch.exp(d) - d - 1) * mask).sum() / n_tok  # k3 estimator of KL(pi_theta || pi_ref)
-    loss = (per_token * mask).sum() / n_tok + beta * kl
-    return loss, clipfrac.detach(), kl.detach()
-
-
-def image_loss(logp, old_logp, A, clip: float, adv_clip: float = 5.0, kl=None, beta: float = 0.0):
-    """Flow-GRPO image loss (Sec. 3, Eq. of L_img): the density ratio of each trained step, clipped.
-
-    logp, old_logp: (G, W) element-averaged log-probs of the W trained steps; A: (G,); kl: (G, W) or None.
-    Mean over trained steps and samples. Returns (loss, clipfrac)."""
-    A = A.clamp(-adv_clip, adv_clip)[:, None]  # (G, 1)
-    r = torch.exp(logp - old_logp)  # (G, W)
-    per_step = torch.max(-A * r, -A * r.clamp(1 - clip, 1 + clip))
-    clipped = ((r < 1 - clip) & (A < 0)) | ((r > 1 + clip) & (A > 0))
-    loss = per_step.mean() + (beta * kl.mean() if kl is not None and beta else 0.0)
-    return loss, clipped.float().mean().detach()
-
-
-# --------------------------------------------------------------------------------------------------
-# Sec. 4.1: False-Positive Rectification
-# --------------------------------------------------------------------------------------------------
-
-
-def false_positive_rectification(refined: torch.Tensor, init_reward: float, value: str = "init"):
-    """FPR (Sec. 4.1): a refinement must strictly improve on the initial image. Before normalization,
-    each refinement with R(refined) <= R(x_init) (ties fail) gets the group minimum: the initial image's
-    reward (value='init', official code; it is then the minimum) or the lowest refined reward
-    (value='group-min', the paper's wording). So a failed refinement never gets a positive advantage.
-
-    refined: (G,). Returns (rectified rewards (G,), failed (G,) bool, skip) where skip means no refinement
-    improved: the group carries no signal and must be dropped from the loss and its denominator."""
-    failed = refined <= init_reward
-    floor = init_reward if value == "init" else float(refined.min())
-    rectified = torch.where(failed, torch.full_like(refined, floor), refined)
-    return rectified, failed, bool(failed.all())
-
-
-# --------------------------------------------------------------------------------------------------
-# The models: a hand-written LoRA, the reasoner (transformers) and the renderer (diffusers)
+# The models: a hand-written LoRA, the reasoner (transformers), the renderers (diffusers)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -627,7 +541,7 @@ class ImageRollout:
     cond: tuple  # (prompt_embeds (2G, S, D), pooled (2G, D)): [negative; positive] for CFG
     latents: torch.Tensor  # (G, W+1, C, h, w): x at the W trained steps and the one after the last
     sigmas: torch.Tensor  # (W+1,) the sigmas of those latents
-    sigma_1: float  # the schedule's second sigma (sde_step's guard at t = 1)
+    second_sigma: float  # the schedule's second sigma (sde_step's guard at t = 1)
     old_logp: torch.Tensor  # (G, W)
     images: list  # G PIL images
 
@@ -814,13 +728,13 @@ def render(renderer: Renderer, cond: tuple, x: torch.Tensor, sigmas: torch.Tenso
     """Run the sampler from x at sigmas[start] to sigmas[-1] = 0: SDE on the step indices in `window`, ODE
     elsewhere. Returns (x_0 (G, C, h, w), window latents (G, W+1, C, h, w), window log-probs (G, W)),
     the last two None for an empty window (pure ODE)."""
-    kept, logps, sigma_1 = [], [], float(sigmas[1])
+    kept, logps, second_sigma = [], [], float(sigmas[1])
     for i in range(start, len(sigmas) - 1):
         a = noise_level if i in window else 0.0
         if i == window.start:
             kept.append(x)
         v = renderer.velocity(x, sigmas[i], cond)
-        x, logp, _, _ = sde_step(v, x, float(sigmas[i]), float(sigmas[i + 1]), a, sigma_1, generator=generator)
+        x, logp, _, _ = sde_step(v, x, float(sigmas[i]), float(sigmas[i + 1]), a, second_sigma, generator=generator)
         if i in window:
             kept.append(x)
             logps.append(logp)
@@ -829,412 +743,781 @@ def render(renderer: Renderer, cond: tuple, x: torch.Tensor, sigmas: torch.Tenso
     return x, torch.stack(kept, 1), torch.stack(logps, 1)
 
 
+@dataclass
+class Policy:
+    """pi = pi_text x pi_img: the two models of the unified trajectory, with their LoRA weights."""
+    reasoner: Reasoner
+    renderer: Renderer
+    device: torch.device
+
+    def lora_state(self) -> dict:
+        return {f"{part}.{n}": p.detach().clone() for part, m in (("reasoner", self.reasoner.model),
+                                                                   ("renderer", self.renderer.transformer))
+                for n, p in m.named_parameters() if ".lora_" in n}
+
+    def load_lora_state(self, state: dict):
+        parts = (("reasoner", self.reasoner.model), ("renderer", self.renderer.transformer))
+        own = {f"{part}.{n}": p for part, m in parts
+               for n, p in m.named_parameters() if ".lora_" in n}
+        if own.keys() != state.keys() or any(own[k].shape != state[k].shape for k in own):
+            missing, extra = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+            raise ValueError(f"the LoRA weights do not fit these models (missing {missing[:3]}, unexpected "
+                             f"{extra[:3]}, or other shapes): were they made with other --lora-rank/targets?")
+        with torch.no_grad():
+            for k, p in own.items():
+                p.copy_(state[k])
+
+
 # --------------------------------------------------------------------------------------------------
-# Toy models: the real classes at tiny sizes, saved with save_pretrained and loaded with from_pretrained
+# Rollouts: one group = one prompt, G trajectories o_i = (y_i, x_i) (Sec. 4.1)
 # --------------------------------------------------------------------------------------------------
 
-# Model sizes. The toy preset and the real one build the same classes; only these numbers differ. The real
-# ones are the published configs of Qwen3-VL-4B-Instruct and Stable Diffusion 3.5 medium (used by --dry-run;
-# a test checks the parameter counts they give against the published ones).
-SHAPES = {
-    "toy": {
-        "text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, head_dim=8, max_position_embeddings=4096),
-        "vision": dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32,
-                       num_position_embeddings=64, deepstack_visual_indexes=[0]),
-        "transformer": dict(sample_size=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
-                            joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=32,
-                            pos_embed_max_size=8, dual_attention_layers=(0,)),
-        # 4 blocks: the real 8x downsampling, so a 32 px image has 4x4 latents whose colours vary between samples
-        "vae": dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4, sample_size=32),
-        "clip_l": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, projection_dim=16),
-        "clip_g": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, projection_dim=16),
-        "t5": dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8),
-        # FLUX.2 klein at toy size: 1 double-stream + 2 single-stream blocks; a 4-layer Qwen3 read at layers 1-3
-        "flux2_transformer": dict(num_layers=1, num_single_layers=2, attention_head_dim=8, num_attention_heads=4,
-                                  timestep_guidance_channels=16, mlp_ratio=2.0, axes_dims_rope=(2, 2, 2, 2)),
-        # 4 latent channels (patchified to 16); 4 blocks: the real 8x downsampling, so 32 px is 2x2 tokens
-        "flux2_vae": dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
-                          sample_size=32),
-        "qwen3": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=4, num_attention_heads=2,
-                      num_key_value_heads=1, head_dim=8, max_position_embeddings=1024),
-    },
-    "sd35": {
-        "text": dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
-                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
-                     tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 5e6,
-                                                                "mrope_section": [24, 20, 20], "mrope_interleaved": True}),
-        "vision": dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2560,
-                       num_position_embeddings=2304, deepstack_visual_indexes=[5, 11, 17]),
-        "transformer": dict(sample_size=128, num_layers=24, attention_head_dim=64, num_attention_heads=24,
-                            joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
-                            pos_embed_max_size=384, dual_attention_layers=tuple(range(13))),
-        "vae": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, sample_size=1024),
-        "clip_l": dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                       num_attention_heads=12, projection_dim=768, hidden_act="quick_gelu"),
-        "clip_g": dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                       num_attention_heads=20, projection_dim=1280, hidden_act="gelu"),
-        "t5": dict(vocab_size=32128, d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24,
-                   feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, relative_attention_max_distance=128),
-    },
-    # FLUX.2-klein-base-4B: the transformer's published config.json, Qwen3-4B as its text encoder, the FLUX.2 VAE
-    "klein": {
-        "flux2_transformer": dict(num_layers=5, num_single_layers=20, attention_head_dim=128, num_attention_heads=24,
-                                  timestep_guidance_channels=256, mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32)),
-        "flux2_vae": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=32,
-                          norm_num_groups=32, sample_size=1024),
-        "qwen3": dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
-                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
-                      tie_word_embeddings=True, rope_theta=1e6),
-    },
-}
-SHAPES["klein"].update(text=SHAPES["sd35"]["text"], vision=SHAPES["sd35"]["vision"])  # the same reasoner
+
+def sdedit_start(x_init: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor, strength: float):
+    """The SRR refinement is conditioned on the initial image SDEdit-style: the sampler starts from its
+    latents noised to the sigma where the last `strength` share of the schedule begins. Flow matching
+    noises by interpolation, x_t = (1 - t) x_0 + t eps. Returns (start step index, x_t). Strength 0 gives
+    back x_init exactly (no step runs); strength 1 is a fresh sample."""
+    start = len(sigmas) - 1 - round(strength * (len(sigmas) - 1))
+    t = float(sigmas[start])
+    return start, (1 - t) * x_init + t * noise
 
 
-def make_sd3(shapes: dict, seed: int = 0):
-    """A random StableDiffusion3Pipeline of the given sizes, with SD3.5-medium's fixed fields (16 latent
-    channels, VAE scaling/shift factors, no quant convs, qk RMS-norm, dual-attention layers, flow shift 3)
-    and tokenizers built offline (character-level CLIP BPE, T5 unigram)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+def refines_in_context(renderer: Renderer, args: Args) -> bool:
+    """SRR's refinement sees the initial image in context (--srr-refine edit, or auto on a renderer that can)."""
+    return args.srr_refine == "edit" or (args.srr_refine == "auto" and renderer.can_edit)
 
+
+def refinement_inputs(renderer: Renderer, args: Args, texts: list, x_init: torch.Tensor, noise: torch.Tensor,
+                      sigmas: torch.Tensor):
+    """How an SRR refinement is conditioned on the initial image's latents x_init (1, C, h, w); the one place
+    that knows, for training and inference. In context (klein): fresh noise, x_init's tokens join the sequence,
+    and the model redraws what is wrong (it can remove, move, recount). SDEdit (SD3): the sampler starts from
+    x_init noised to --srr-strength. Returns (cond, start step, x at the start)."""
+    if refines_in_context(renderer, args):
+        return renderer.encode(texts, reference=x_init), 0, noise
+    start, x = sdedit_start(x_init.expand(len(noise), -1, -1, -1), noise, sigmas, args.srr_strength)
+    return renderer.encode(texts), start, x
+
+
+def sde_window(start: int, n_sigmas: int, args: Args, gen: torch.Generator) -> range:
+    """The W consecutive steps sampled by the SDE and trained: from a start drawn in [start, start +
+    sde_window_start_max], never reaching the last step (sigma_next = 0: its log-prob overflows, Flow-GRPO).
+    SDEdit starts late: the draw is capped so the window still fits (it shortens only if W steps cannot)."""
+    last = n_sigmas - 3  # the last step that may be trained: step indices run 0..T-1 = n_sigmas - 2
+    room = max(0, min(args.sde_window_start_max, last + 1 - args.sde_window - start))
+    w0 = start + int(torch.randint(0, room + 1, (1,), generator=gen))
+    return range(w0, min(w0 + args.sde_window, last + 1))
+
+
+@dataclass
+class Group:
+    index: int  # k, the group's position in the step (all ranks agree on it)
+    task: str  # 'rt2i' or 'srr'
+    row: dict  # the prompt row with its questions
+    text: TextRollout
+    image: ImageRollout
+    reward_future: Future
+    init_image: Image.Image | None = None  # SRR: the shared initial image (no gradient)
+    init_reward: float | None = None
+    rewards: torch.Tensor | None = None  # (G,) raw rewards
+    scores: dict | None = None  # per-question scores from the server
+    advantages: torch.Tensor | None = None  # (G,)
+    skip: bool = False  # SRR: no refinement improved; dropped from the loss
+    failed: torch.Tensor | None = None  # (G,) SRR: refinements that did not beat the initial image
+    fpr_rewards: torch.Tensor | None = None  # (G,) SRR: rewards after FPR, which the advantages use
+
+
+def questions(row: dict) -> tuple[list[str], list[str]]:
+    return [q["question"] for q in row["semantic_questions"]], [q["question"] for q in row["quality_questions"]]
+
+
+def renderer_text(prompt: str, reasoning: str) -> str:
+    # The prompt goes first: the CLIP encoders keep only 77 tokens, T5 carries the reasoning.
+    return f"{prompt}. {reasoning}" if reasoning else prompt
+
+
+def seed_torch_and_group_rng(args: Args, step: int, k: int) -> torch.Generator:
+    """All randomness of group k at a step comes from (seed, step, k): a resumed run, or one on another
+    number of GPUs, draws exactly the same samples. Seeds torch's global RNG (transformers' generate samples
+    the reasoner's text from it) and returns the generator of the image noise."""
+    seed = (args.seed * 1_000_003 + step) * 1009 + k
     torch.manual_seed(seed)
-    chars = sorted(ByteLevel.alphabet())
-    clip_vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, **{c: i + 2 for i, c in enumerate(chars)},
-                  **{c + "</w>": i + 2 + len(chars) for i, c in enumerate(chars)}}
-    clip_tok = CLIPTokenizer(vocab=clip_vocab, merges=[], model_max_length=77)
-    letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;?!'\"-"
-    t5_vocab = ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)] + [(c, -5.0) for c in letters]
-                + [("\u2581" + c, -4.0) for c in letters])
-    t5_tok = T5Tokenizer(vocab=t5_vocab, extra_ids=0, model_max_length=512)
-
-    def clip(sizes, seed_offset):
-        torch.manual_seed(seed + seed_offset)
-        return CLIPTextModelWithProjection(CLIPTextConfig(**{
-            "vocab_size": len(clip_vocab), "max_position_embeddings": 77, "bos_token_id": 0, "eos_token_id": 1,
-            "pad_token_id": 1, **sizes}))
-
-    te1, te2 = clip(shapes["clip_l"], 1), clip(shapes["clip_g"], 2)
-    te3 = T5EncoderModel(T5Config(**{"vocab_size": len(t5_vocab), **shapes["t5"]}))
-    transformer = SD3Transformer2DModel(patch_size=2, in_channels=16, out_channels=16, qk_norm="rms_norm",
-                                        **shapes["transformer"])
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        use_quant_conv=False, use_post_quant_conv=False, **shapes["vae"])
-    return StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
-        text_encoder=te1, tokenizer=clip_tok, text_encoder_2=te2, tokenizer_2=clip_tok,
-        text_encoder_3=te3, tokenizer_3=t5_tok)
+    return torch.Generator().manual_seed(seed)
 
 
-def make_klein(shapes: dict, seed: int = 0):
-    """A random Flux2KleinPipeline of the given sizes (base, not distilled: it uses CFG), with klein's fixed
-    fields (patch size 1 over 2x2-patchified latents, no guidance embedding, rope theta 2000, the dynamic-shift
-    scheduler); the toy gets the word-level tokenizer, the real shapes Qwen3's vocabulary size."""
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    tok = toy_tokenizer()
-    torch.manual_seed(seed)
-    te = Qwen3ForCausalLM(Qwen3Config(**{"vocab_size": len(tok), "tie_word_embeddings": True, **shapes["qwen3"]}))
-    vae = AutoencoderKLFlux2(**shapes["flux2_vae"])
-    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=4 * shapes["flux2_vae"]["latent_channels"],
-                                          joint_attention_dim=3 * shapes["qwen3"]["hidden_size"], guidance_embeds=False,
-                                          **shapes["flux2_transformer"])
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                                base_image_seq_len=256, max_image_seq_len=4096, time_shift_type="exponential")
-    return Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=te, tokenizer=tok, transformer=transformer,
-                              is_distilled=False)
-
-
-def build_toy_vlm(path: str, seed: int = 0, hidden: int = 32, layers: int = 2, image_px: int = 64) -> str:
-    """The toy reasoner / verifier, saved with save_pretrained (so from_pretrained, the real loading code,
-    reads it back). hidden/layers/image_px give bigger random models for benchmarks. Returns path."""
-    text = {**SHAPES["toy"]["text"], "hidden_size": hidden, "intermediate_size": 2 * hidden,
-            "num_hidden_layers": layers, "head_dim": hidden // 4}
-    processor, model = make_vlm(text, {**SHAPES["toy"]["vision"], "out_hidden_size": hidden}, image_px, seed)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
-
-
-def build_toy_sd3(path: str, seed: int = 0) -> str:
-    """The toy renderer, saved with save_pretrained. Returns path."""
-    pipe = make_sd3(SHAPES["toy"], seed)
-    linear_decoder(pipe.vae)
-    pipe.save_pretrained(path)
-    return path
-
-
-def build_toy_klein(path: str, seed: int = 0) -> str:
-    """The toy renderer: a tiny FLUX.2 klein, saved with save_pretrained. Returns path."""
-    pipe = make_klein(SHAPES["toy"], seed)
-    linear_decoder(pipe.vae)
-    with torch.no_grad():  # a trained Qwen3's hidden states are O(1); a random one's are its 0.02-scale embeddings,
-        pipe.text_encoder.get_input_embeddings().weight.normal_(0, 1)  # too faint for the renderer to learn to read
-    pipe.save_pretrained(path)
-    return path
-
-
-def linear_decoder(vae):
-    """Hand-set weights, so that the toy task can be learnt in 20 CPU steps (README): zero the VAE decoder's
-    residual branches (ResNet conv2, attention output): it becomes a near-linear map from latents to pixels,
-    so "greener" is one direction in latent space, not a maze; and raise the contrast (random init decodes
-    to near-grey)."""
+def rollout_group(policy: Policy, row: dict, task: str, args: Args, gen: torch.Generator, client,
+                  sigmas: torch.Tensor, init=None, timers=None, index: int = 0) -> Group:
+    """Sample one group (Sec. 4.1): G reasoning texts, then G images conditioned on them, and send the
+    images to the reward server without waiting. SRR: `init` = (initial image, its latents, its reward)."""
+    reasoner, renderer, G = policy.reasoner, policy.renderer, args.group_size
+    t0 = time.perf_counter()
+    if task == "rt2i":  # y is a plan
+        text = reasoner.generate(RT2I_INSTRUCTION.format(prompt=row["prompt"]), None, G)
+    else:  # y is a diagnosis and a fix of the initial image (reflect mode)
+        text = reasoner.generate(REFLECT_INSTRUCTION.format(prompt=row["prompt"]), init[0], G)
     with torch.no_grad():
-        for name, m in vae.decoder.named_modules():
-            if name.endswith(("conv2", "to_out.0")):
-                m.weight.zero_()
-                m.bias.zero_()
-        vae.decoder.conv_out.weight.mul_(3.0)
+        text.old_logp = reasoner.token_logprobs(text)
+        if args.beta_text > 0:
+            with lora_disabled(reasoner.model):
+                text.ref_logp = reasoner.token_logprobs(text)
+    t1 = time.perf_counter()
+    texts = [renderer_text(row["prompt"], y) for y in text.texts]
+    noise = renderer.noise(1 if args.same_init_noise else G, gen).expand(G, -1, -1, -1)
+    if task == "rt2i":
+        cond, start, x = renderer.encode(texts), 0, noise
+    else:
+        cond, start, x = refinement_inputs(renderer, args, texts, init[1], noise, sigmas)
+    window = sde_window(start, len(sigmas), args, gen)
+    x0, kept, logp = render(renderer, cond, x, sigmas, window, args.noise_level, gen, start=start)
+    images = renderer.decode(x0)
+    if timers is not None:
+        timers["reason"] += t1 - t0
+        timers["render"] += time.perf_counter() - t1
+    sem, qual = questions(row)
+    future = client.submit(images, [sem] * G, [qual] * G)
+    image = ImageRollout(cond=cond, latents=kept, sigmas=sigmas[window.start:window.stop + 1],
+                         second_sigma=float(sigmas[1]), old_logp=logp, images=images)
+    return Group(index=index, task=task, row=row, text=text, image=image, reward_future=future,
+                 init_image=init[0] if init else None, init_reward=init[2] if init else None)
 
 
-# The toy world's priors. A real unified model arrives with priors: it follows instructions and draws what
-# explicit words say, which is why the paper's RL needs no cold start. The random toy models have none, so the
-# toy world gives them a short supervised cold start on explicit requests only; what the implicit prompts mean
-# (grass -> green bottom) is left for GRPO to find. Built once per configuration and cached (toy_world_dir).
-TOY_BUILD = dict(seed=0, reasoner_steps=450, reasoner_warmup=300, reasoner_lr=3e-3, reasoner_batch=32, guess_share=0.4,
-                 vae_steps=200, vae_lr=3e-3, renderer_steps=1000, renderer_lr=3e-3, batch=16, caption_dropout=0.1)
-# Requests that leave the colour or the region open, about things that have neither in the toy world: the
-# prior's plan guesses what is open, uniformly. So the reasoner learns to copy what a request names and to guess
-# the rest, rather than to map every unknown word to one fixed plan; its guesses are what GRPO explores.
-TOY_OPEN = ("a {thing} in the {region} half", "the {thing} is {colour}", "a {thing} somewhere")
-TOY_THINGS = ("thing", "shape", "pattern", "picture", "wall", "cloth")
+@torch.no_grad()
+def initial_candidates(policy: Policy, row: dict, args: Args, gen: torch.Generator, client):
+    """SRR step 1 (Sec. 4.1): K initial images from the current policy with the deterministic ODE
+    sampler and no reasoning, sent for scoring. Returns (images, future)."""
+    renderer = policy.renderer
+    cond = renderer.encode([row["prompt"]] * args.srr_candidates)
+    x0, _, _ = render(renderer, cond, renderer.noise(args.srr_candidates, gen), renderer.sigmas(args.eval_num_steps),
+                      range(0), 0.0)
+    images = renderer.decode(x0)
+    sem, qual = questions(row)
+    return images, client.submit(images, [sem] * len(images), [qual] * len(images))
 
 
-def toy_targets() -> list[dict]:
-    """Every colour x region of the toy world (4 x 4): the priors learn this grammar, not the table."""
-    return [{"colour": c, "region": r} for c in TOY_COLOURS for r in TOY_REGIONS]
+def pick_initial(images: list, rewards: list, how: str, gen: torch.Generator):
+    """Keep the worst candidate (official code), or draw one with P ~ softmax(1 - R)."""
+    r = torch.tensor(rewards, dtype=torch.float64)
+    i = int(r.argmin()) if how == "min" else int(torch.multinomial(torch.softmax(1 - r, 0), 1, generator=gen))
+    return images[i], rewards[i]
 
 
-def toy_image(target: dict, size: int) -> Image.Image:
-    """A synthetic toy image: the target's region in its colour, the rest in the complementary colour (green
-    bottom, magenta top): two colours symmetric about grey, which the toy VAE's near-linear decoder draws best."""
+def rollout_step(policy: Policy, step: int, rows: list, args: Args, client, sigmas, timers, rank=0, world=1):
+    """All rollouts of one step, with the current weights (never stale ones). This rank takes the groups
+    k = rank, rank + world, ...; each group's images are scored while the next group is sampled. SRR first
+    renders every prompt's initial candidates, so their scoring overlaps too."""
+    n_srr = {"rt2i": 0, "srr": args.groups_per_step, "mix": round(args.mix_ratio * args.groups_per_step)}[args.task]
+    mine = [(k, "srr" if k < n_srr else "rt2i", prompt_for(rows, step * args.groups_per_step + k, args.seed))
+            for k in range(rank, args.groups_per_step, world)]
+    cands = {k: initial_candidates(policy, row, args, seed_torch_and_group_rng(args, step, k), client)
+             for k, task, row in mine if task == "srr"}
+    groups = []
+    for k, task, row in mine:
+        gen, init = seed_torch_and_group_rng(args, step, k + 10_000), None
+        if task == "srr":
+            images, future = cands[k]
+            t0 = time.perf_counter()
+            res = future.result()
+            timers["reward_wait"] += time.perf_counter() - t0
+            image, reward = pick_initial(images, res["rewards"], args.srr_pick, gen)
+            init = (image, policy.renderer.encode_image(image), reward)
+        groups.append(rollout_group(policy, row, task, args, gen, client, sigmas, init, timers, index=k))
+    return groups
+
+
+def collect_rewards_and_fpr(g: Group, args: Args):
+    """Wait for the group's rewards; SRR groups then go through FPR (before normalization)."""
+    res = g.reward_future.result()
+    g.scores, g.rewards = res, torch.tensor(res["rewards"], dtype=torch.float32)
+    if g.task == "srr":
+        g.failed = g.rewards <= g.init_reward
+        if args.fpr:
+            g.fpr_rewards, g.failed, g.skip = false_positive_rectification(g.rewards, g.init_reward, args.fpr_value)
+
+
+def assign_advantages(groups: list, args: Args, world: int = 1) -> float:
+    """Group-relative advantages, each task normalized within its own groups. With std_mode 'batch' the std
+    is over all groups of the step, on every rank. Returns the share of zero-std groups here."""
+    zero = []
+    for task in ("rt2i", "srr"):
+        gs = [g for g in groups if g.task == task]
+        r = torch.cat([g.rewards if g.fpr_rewards is None else g.fpr_rewards for g in gs] or [torch.zeros(0)])
+        if world > 1 and args.std_mode == "batch":
+            everyone = [None] * world
+            torch.distributed.all_gather_object(everyone, r.tolist())
+            batch_std = float(torch.tensor(sum(everyone, [])).double().std(unbiased=False))
+        else:
+            batch_std = None
+        if not gs:
+            continue
+        ids = torch.cat([torch.full((len(g.rewards),), k) for k, g in enumerate(gs)])
+        A, z = group_advantages(r, ids, args.std_mode, batch_std=batch_std)
+        for k, g in enumerate(gs):
+            g.advantages = A[ids == k]
+            zero.append(bool(z[ids == k].all()))
+    return sum(zero) / max(len(zero), 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sec. 4.1: the unified objective and the update
+# --------------------------------------------------------------------------------------------------
+
+
+def group_logps(policy: Policy, g: Group, args: Args):
+    """The current policy's log-probs of a stored group, computed exactly as at rollout time (the same
+    functions): text (G, L) per token, image (G, W) per trained step, and the image KL to pi_ref (G, W)
+    when beta_img > 0, else None."""
+    renderer, im = policy.renderer, g.image
+    logp_text = policy.reasoner.token_logprobs(g.text)  # (G, L)
+    logps, kls = [], []
+    for j in range(im.latents.shape[1] - 1):  # the W trained steps
+        x, x_next = im.latents[:, j], im.latents[:, j + 1]
+        s, s_next = float(im.sigmas[j]), float(im.sigmas[j + 1])
+        v = renderer.velocity(x, s, im.cond)
+        _, lp, mean, std = sde_step(v, x, s, s_next, args.noise_level, im.second_sigma, prev_sample=x_next)
+        logps.append(lp)
+        if args.beta_image > 0:  # pi_ref = the same model with LoRA off
+            with torch.no_grad(), lora_disabled(renderer.transformer):
+                v_ref = renderer.velocity(x, s, im.cond)
+                mean_ref = sde_step(v_ref, x, s, s_next, args.noise_level, im.second_sigma, prev_sample=x_next)[2]
+            kls.append(image_kl(mean, mean_ref, std, s_next - s, args.kl_flow_grpo_form))
+    kl = torch.stack(kls, 1) if kls else None
+    return logp_text, torch.stack(logps, 1), kl
+
+
+def group_loss(policy: Policy, g: Group, args: Args):
+    """L = L_text + lambda * L_img for one group (Sec. 4.1, unified objective): the same advantage A_i
+    drives the reasoning tokens and every trained denoising step of trajectory i."""
+    A = g.advantages.to(policy.device)  # (G,)
+    logp_text, logp_img, kl = group_logps(policy, g, args)  # (G, L), (G, W), (G, W) or None
+    l_text, text_clipfrac, text_kl = text_loss(logp_text, g.text.old_logp, g.text.ref_logp, A, g.text.mask,
+                                               args.text_clip_low, args.text_clip_high, args.beta_text,
+                                               args.seq_level_ratio)
+    l_img, image_clipfrac = image_loss(logp_img, g.image.old_logp, A, args.image_clip, args.adv_clip, kl,
+                                       args.beta_image)
+    # Joint objective. The official code backpropagates text_loss_weight * K * L_text once and each of the
+    # K image steps' losses separately, i.e. a gradient of K * (w * L_text + mean_k L_img_k): lambda = 1 / w.
+    loss = l_text + args.lam * l_img
+    return loss, {"text_loss": l_text.item(), "image_loss": l_img.item(), "text_clipfrac": float(text_clipfrac),
+                  "image_clipfrac": float(image_clipfrac), "text_kl": float(text_kl) if args.beta_text > 0 else None,
+                  "image_kl": kl.mean().item() if kl is not None else None}
+
+
+def make_optimizer(policy: Policy, args: Args) -> torch.optim.Optimizer:
+    """One AdamW over the LoRA weights of the sides that train (--train-reasoner, --train-renderer): the reasoner's
+    at --reasoner-lr, the renderer's at --lr. A frozen side's LoRA needs no gradient and gets no update; its
+    loss term is still computed, for the metrics."""
+    groups = []
+    for trains, params, lr in ((args.train_reasoner, policy.reasoner.lora_params, args.reasoner_lr or args.lr),
+                               (args.train_renderer, policy.renderer.lora_params, args.lr)):
+        for p in params:
+            p.requires_grad_(trains)
+        if trains:
+            groups.append({"params": params, "lr": lr})
+    return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+
+
+def update(policy: Policy, optimizer, groups: list, args: Args, rng: random.Random, world: int = 1) -> list:
+    """`updates_per_rollout` optimizer steps, each on a disjoint share of the step's groups. The shares are
+    drawn over the group indices with the same rng on every rank, so they do not depend on the number of
+    processes. The loss is the mean over the share's groups on all ranks: each rank backpropagates its sum
+    divided by the global count, then the gradients are summed (all-reduce). A group dropped by FPR is in no
+    share, so it leaves both the loss and its denominator. Returns the per-group stats."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    order = list(range(args.groups_per_step))
+    rng.shuffle(order)
+    stats = []
+    for u in range(args.updates_per_rollout):
+        share = [g for k in order[u::args.updates_per_rollout] for g in groups if g.index == k and not g.skip]
+        n = torch.tensor(float(len(share)))
+        if world > 1:
+            torch.distributed.all_reduce(n)
+        if n == 0:
+            continue
+        for g in share:
+            loss, st = group_loss(policy, g, args)
+            (loss / n).backward()
+            stats.append(st)
+        if world > 1:
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                torch.distributed.all_reduce(p.grad)
+        torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return stats
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------
+
+
+def prompt_for(rows: list, position: int, seed: int) -> dict:
+    """The prompt at a data position: epochs over the rows, each in its own seeded order."""
+    epoch, i = divmod(position, len(rows))
+    order = list(range(len(rows)))
+    random.Random(seed * 7919 + epoch).shuffle(order)
+    return rows[order[i]]
+
+
+@torch.no_grad()
+def evaluate(policy: Policy, rows: list, args: Args, client, path: str, rank=0, world=1):
+    """Render the test prompts with reasoning and the ODE sampler at fixed seeds; the mean DVReward over
+    all of them (gathered from every rank) and a PNG grid. Returns {eval_reward, eval_plan_accuracy (toy
+    targets, else None), eval_plan_accuracy_implicit}."""
+    sigmas, tiles, futures, plans = policy.renderer.sigmas(args.eval_num_steps), [], [], []
+    for k in range(rank, len(rows), world):
+        gen = seed_torch_and_group_rng(args, -1, k)  # the same seeds at every evaluation
+        text = policy.reasoner.generate(RT2I_INSTRUCTION.format(prompt=rows[k]["prompt"]), None, 1)
+        cond = policy.renderer.encode([renderer_text(rows[k]["prompt"], text.texts[0])])
+        x0, _, _ = render(policy.renderer, cond, policy.renderer.noise(1, gen), sigmas, range(0), 0.0)
+        image = policy.renderer.decode(x0)[0]
+        sem, qual = questions(rows[k])
+        futures.append(client.submit([image], [sem], [qual]))  # scored while the next prompt is drawn
+        tiles.append((image, rows[k]["prompt"]))
+        plans.append((text.texts[0], rows[k].get("target"), rows[k].get("kind")))
+    rewards = [f.result()["rewards"][0] for f in futures]
+    tiles = [(im, f"R {r:.2f}", p) for (im, p), r in zip(tiles, rewards)]
+    if world > 1:
+        everyone = [None] * world
+        torch.distributed.all_gather_object(everyone, (rewards, plans))
+        rewards, plans = sum((e[0] for e in everyone), []), sum((e[1] for e in everyone), [])
+    if rank == 0:
+        save_grid(path, tiles[:64], cols=8)
+    implicit = [(y, t) for y, t, kind in plans if kind == "implicit"]
+    return {"eval_reward": sum(rewards) / len(rewards),
+            "eval_plan_accuracy": plan_accuracy([y for y, _, _ in plans], [t for _, t, _ in plans]),
+            "eval_plan_accuracy_implicit": plan_accuracy([y for y, _ in implicit], [t for _, t in implicit])}
+
+
+def plan_names_target(text: str, target: dict) -> bool:
+    """A reasoning text names a toy target when the only colour it names is the target's colour and the only
+    region it names is the target's region ("green bottom" for the green bottom half; not "green red bottom")."""
     from reward_server import ToyVerifier
 
-    rgb = [int(255 * c) for c in ToyVerifier.COLOURS[target["colour"]]]
-    im, h = Image.new("RGB", (size, size), tuple(255 - c for c in rgb)), size // 2
-    im.paste(tuple(rgb), {"top": (0, 0, size, h), "bottom": (0, h, size, size), "left": (0, 0, h, size),
-                          "right": (h, 0, size, size)}[target["region"]])
-    return im
+    words = set(text.lower().replace(":", " ").replace(".", " ").replace(",", " ").split())
+    return words & set(ToyVerifier.COLOURS) == {target["colour"]} and words & set(TOY_REGIONS) == {target["region"]}
 
 
-def fit(params, lr: float, steps: int, loss_fn) -> float:
-    """Supervised training of `params` (their requires_grad on only meanwhile): AdamW, no weight decay (words a
-    prior never sees keep their embeddings), the learning rate decaying linearly to 0. loss_fn(step) -> loss."""
-    params = list(params)
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    for step in range(steps):
-        opt.param_groups[0]["lr"] = lr * (1 - step / steps)
-        loss = loss_fn(step)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    for p in params:
-        p.requires_grad_(False)
-    return loss.item()
+def plan_accuracy(texts: list[str], targets: list) -> float | None:
+    """The share of reasoning texts that name their row's target (`plan_names_target`), over the texts whose
+    row has one; None when none has (prompt sets without toy targets)."""
+    pairs = [(y, t) for y, t in zip(texts, targets) if t is not None]
+    return sum(plan_names_target(y, t) for y, t in pairs) / len(pairs) if pairs else None
 
 
-def toy_reasoner_prior(reasoner: Reasoner, steps: int, warmup: int, lr: float, guess_share: float, batch: int,
-                       seed: int) -> float:
-    """Instruction prior: teacher-force the plan ("green bottom" + EOS) after an explicit request in the RT2I
-    instruction. After `warmup` steps, a `guess_share` of the batches are open requests (TOY_OPEN) whose plan
-    guesses the open part. Implicit wordings are never shown. Trains the language model's own weights (its
-    LoRA stays zero); returns the last loss."""
-    rng, targets, inputs = random.Random(seed), toy_targets(), {}
-    tok, eos = reasoner.processor.tokenizer, int(reasoner.eos_ids[0])
-
-    def loss(step):
-        template = rng.choice(TOY_OPEN if step >= warmup and rng.random() < guess_share else TOY_EXPLICIT["train"])
-        prompts, plans = [], []
-        for t, guess in zip(rng.choices(targets, k=batch), rng.choices(targets, k=batch)):
-            prompts.append(template.format(**t, thing=rng.choice(TOY_THINGS)))  # one template: one length
-            plans.append(toy_plan({k: t[k] if "{" + k + "}" in template else guess[k] for k in t}))
-        for p in prompts:
-            if p not in inputs:  # the processor once per prompt, not per step
-                inputs[p] = reasoner.chat_inputs(RT2I_INSTRUCTION.format(prompt=p), None, 1)
-        ids = torch.tensor([tok(p, add_special_tokens=False)["input_ids"] + [eos] for p in plans], device=reasoner.device)
-        batch_inputs = {k: torch.cat([inputs[p][k] for p in prompts]) for k in inputs[prompts[0]]}
-        return -reasoner.token_logprobs(TextRollout(batch_inputs, ids, torch.ones_like(ids), plans)).mean()
-
-    lm = [p for n, p in reasoner.model.named_parameters() if ".lora_" not in n and ".visual." not in n]
-    return fit(lm, lr, steps, loss)
+def summarize(g: Group) -> dict:
+    """What the metrics need from a group, as plain numbers (so ranks can gather them)."""
+    tags = {}
+    for key, skey in (("semantic_questions", "semantic_scores"), ("quality_questions", "quality_scores")):
+        for scores in g.scores[skey]:
+            for q, s in zip(g.row[key], scores):
+                tags.setdefault(q["tag"], []).append(s)
+    return {"task": g.task, "rewards": g.rewards.tolist(), "init_reward": g.init_reward, "skip": g.skip,
+            "failed": None if g.failed is None else g.failed.float().mean().item(),
+            "text_len": g.text.mask.sum(1).float().mean().item(), "tags": tags, "kind": g.row.get("kind"),
+            "plan_accuracy": plan_accuracy(g.text.texts, [g.row.get("target")] * len(g.text.texts))}
 
 
-def toy_renderer_prior(renderer: Renderer, vae_steps: int, vae_lr: float, steps: int, lr: float, batch: int,
-                       caption_dropout: float, seed: int) -> tuple[float, float]:
-    """Drawing prior, written against the Renderer interface: an autoencoder run of the VAE (the toy's random
-    encoder is no inverse of its decoder, and SRR encodes images), then flow matching of the transformer on
-    synthetic images with explicit captions, alone or with the plan, or an open request with the plan.
-    Caption dropout keeps the unconditional velocity that CFG needs. Returns the last (VAE, flow) losses."""
-    rng, gen, targets = random.Random(seed), torch.Generator().manual_seed(seed), toy_targets()
-    images = [toy_image(t, renderer.args.resolution) for t in targets]
-    pixels = torch.cat([renderer.pixels(im) for im in images]).to(renderer.vae.dtype)  # (32, 3, H, W) in [-1, 1]
-
-    def vae_loss(step):  # x -> z (the posterior's mode, as encode_image takes it) -> x, z at unit scale
-        x = pixels[rng.choices(range(len(targets)), k=batch)]
-        z = renderer.vae.encode(x).latent_dist.mode()
-        x_hat = renderer.vae.decode(z, return_dict=False)[0].clamp(-1, 1)  # an image shows clamped pixels
-        return ((x_hat - x) ** 2).mean() + (z.std() - 1) ** 2
-
-    loss_vae = fit(renderer.vae.parameters(), vae_lr, vae_steps, vae_loss)
-    x0_all = torch.cat([renderer.encode_image(im) for im in images])  # (32, ...) in the sampler's latent space
-
-    def caption(t):
-        words = rng.choice(TOY_EXPLICIT["train"]).format(**t)
-        open_words = rng.choice(TOY_OPEN).format(**t, thing=rng.choice(TOY_THINGS))
-        return "" if rng.random() < caption_dropout else rng.choice([words, renderer_text(words, toy_plan(t)),
-                                                                      renderer_text(open_words, toy_plan(t))])
-
-    pools = []  # captions are encoded once, in 16 batches reused in turn (encode() is the slow part)
-    for _ in range(16):
-        rows = [rng.randrange(len(targets)) for _ in range(batch)]
-        pools.append((rows, renderer.encode([caption(targets[i]) for i in rows])))
-    sigmas = renderer.sigmas(renderer.args.num_steps)[:-1].tolist()  # where the toy's sampler evaluates v
-
-    def flow_loss(step):  # x_t = (1 - t) x_0 + t eps; the sampler integrates v = eps - x_0
-        rows, cond = pools[step % len(pools)]
-        x0, eps, sigma = x0_all[rows], renderer.noise(len(rows), gen), rng.choice(sigmas)
-        v = renderer.velocity((1 - sigma) * x0 + sigma * eps, sigma, cond, guidance=1.0)
-        return ((v - (eps - x0)) ** 2).mean()
-
-    weights = [p for n, p in renderer.transformer.named_parameters() if ".lora_" not in n]
-    return loss_vae, fit(weights, lr, steps, flow_loss)
+def mean_or_none(xs):
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    return sum(xs) / len(xs) if xs else None
 
 
-def strip_lora(model: nn.Module):
-    """Put the base Linear layers back (LoRA B is still zero, so nothing is lost): the model saves as its class."""
-    for name, m in list(model.named_modules()):
-        if isinstance(m, LoRALinear):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, m.base)
+def metrics_row(step: int, summaries: list, stats: list, zero_std_frac: float, timers: dict, tags: list,
+                args: Args) -> dict:
+    """One JSON row per step; every row has every key (null where it does not apply, never NaN)."""
+    R = torch.tensor([r for s in summaries for r in s["rewards"]])
+    row = {"step": step, "reward_mean": R.mean().item(), "reward_std": R.std(unbiased=False).item(),
+           "zero_std_frac": zero_std_frac,
+           **{k: mean_or_none([st[k] for st in stats]) for k in
+              ("text_loss", "image_loss", "text_clipfrac", "image_clipfrac", "text_kl", "image_kl")},
+           **{f"time_{k}": timers[k] for k in ("reason", "render", "reward_wait", "train", "step")},
+           "text_len": mean_or_none([s["text_len"] for s in summaries]), "eval_reward": None,
+           # toy world: plans that name the target (null without targets), all prompts and the implicit ones
+           "plan_accuracy": mean_or_none([s["plan_accuracy"] for s in summaries]),
+           "plan_accuracy_implicit": mean_or_none([s["plan_accuracy"] for s in summaries if s["kind"] == "implicit"]),
+           "eval_plan_accuracy": None, "eval_plan_accuracy_implicit": None}
+    row.update({f"score_{t}": mean_or_none([x for s in summaries for x in s["tags"].get(t, [])]) for t in tags})
+    if args.task != "rt2i":
+        srr = [s for s in summaries if s["task"] == "srr"]
+        row.update({
+            "reward_init_mean": mean_or_none([s["init_reward"] for s in srr]),
+            "reward_refined_mean": mean_or_none([sum(s["rewards"]) / len(s["rewards"]) for s in srr]),
+            "improved_frac": mean_or_none([sum(r > s["init_reward"] for r in s["rewards"]) / len(s["rewards"])
+                                           for s in srr]),
+            "fpr_frac": mean_or_none([s["failed"] if args.fpr else 0.0 for s in srr]),
+            "skipped_frac": mean_or_none([float(s["skip"]) for s in srr])})
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
 
 
-def toy_world_dir(args: Args) -> str:
-    """The toy world's folder: <--toy-cache>/toy-<hash of everything the build reads, its code included>."""
-    import hashlib
-    import inspect
-
-    import diffusers
-    import transformers
-
-    code = [inspect.getsource(f) for f in (toy_tokenizer, make_vlm, make_klein, build_toy_vlm, build_toy_klein,
-                                           linear_decoder, Reasoner, Renderer, KleinRenderer, LoRALinear, toy_targets,
-                                           toy_image, fit, toy_reasoner_prior, toy_renderer_prior, build_toy_world)]
-    key = json.dumps([SHAPES["toy"], TOY_WORDS, TOY_COLOURS, TOY_REGIONS, TOY_EXPLICIT, TOY_OPEN, TOY_THINGS, TOY_BUILD, RT2I_INSTRUCTION, code,
-                      dataclasses.asdict(Args(**PRESETS["toy"])), torch.__version__, transformers.__version__,
-                      diffusers.__version__], default=str)
-    root = args.toy_cache or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
-                                          "alphagrpo")
-    return os.path.join(root, "toy-" + hashlib.sha256(key.encode()).hexdigest()[:16])
-
-
-def build_toy_world(folder: str) -> tuple[str, str]:
-    """The toy reasoner and renderer with their priors, built into `folder` unless it holds them already.
-    Returns (reasoner path, renderer path)."""
-    import shutil
-    import tempfile
-
-    paths = os.path.join(folder, "reasoner"), os.path.join(folder, "renderer")
-    if os.path.exists(os.path.join(folder, "build.json")):
-        return paths
-    print(f"building the toy world (once, about a minute): {folder}", flush=True)
-    t0, b = time.perf_counter(), TOY_BUILD
-    os.makedirs(os.path.dirname(folder), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".building-", dir=os.path.dirname(folder))  # renamed when complete
+def train(args: Args, policy: Policy | None = None) -> str:
+    """The training loop (one process, or one per GPU under torchrun). Returns the output folder."""
+    rank, world, device = setup_distributed()
+    if args.groups_per_step % world:
+        raise ValueError(f"--groups-per-step {args.groups_per_step} must be a multiple of the {world} processes")
+    # --resume takes a run folder or one of its checkpoints, .../checkpoints/step_N
+    resumed_run = args.resume and (os.path.dirname(os.path.dirname(os.path.abspath(args.resume)))
+                                   if os.path.exists(os.path.join(args.resume, "state.json")) else args.resume)
+    out = args.out or resumed_run or os.path.join("runs", f"{args.preset}-{args.task}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if rank == 0 and not args.resume and os.path.exists(os.path.join(out, "metrics.jsonl")):
+        raise ValueError(f"{out} already holds a run (metrics.jsonl): pass --resume {out} or another --out")
+    toy_rows = args.preset == "toy" and not args.prompts  # the data first: a bad row fails before any model loads
+    if toy_rows and args.toy_world:
+        rows = [r for r in TOY_WORLD_PROMPTS if r["split"] == "train"]
+        eval_rows = [r for r in TOY_WORLD_PROMPTS if r["split"] == "test"]
+    elif toy_rows:
+        rows = eval_rows = TOY_PROMPTS
+    else:
+        rows, eval_rows = load_prompts(args.prompts, "train"), load_prompts(args.prompts, "test")
+    tags = sorted({q["tag"] for r in rows for k in ("semantic_questions", "quality_questions")
+                   for q in r[k] if q["tag"]})
+    if not (args.dry_run or args.reward_url or args.preset == "toy"):
+        raise ValueError("--reward-url is required: start `python reward_server.py --verifier <model>` first")
+    if policy is None:
+        check_models(args, out)
+    os.makedirs(out, exist_ok=True)
+    policy = policy or load_policy(args, out, device, rank, world)
+    optimizer = make_optimizer(policy, args)
+    start = load_checkpoint(args.resume, policy, optimizer, args) if args.resume else 0
+    if rank == 0:
+        keep_metrics_before(os.path.join(out, "metrics.jsonl"), start)
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+        with open(os.path.join(out, "args.json"), "w") as f:
+            json.dump({**dataclasses.asdict(args), "git_commit": commit, "world_size": world}, f, indent=1)
+    server = None
+    if args.dry_run and not args.reward_url:
+        client = RandomRewards()
+    else:
+        if not args.reward_url:  # the toy preset starts its own toy verifier
+            server, args.reward_url = start_reward_server()
+        client = RewardClient(args.reward_url, args.reward_token or os.environ.get("ALPHAGRPO_REWARD_TOKEN", ""),
+                              args.reward_patience)
+    sigmas = policy.renderer.sigmas(args.num_steps)
+    if rank == 0:
+        print(f"training {args.preset}/{args.task}, steps {start}..{args.steps - 1}, {world} process(es) on "
+              f"{policy.device}; reward server {args.reward_url}; writing {out}")
     try:
-        args = Args(**PRESETS["toy"], device="cpu", seed=b["seed"])
-        policy = load_policy(dataclasses.replace(args, reasoner=build_toy_vlm(os.path.join(tmp, "reasoner")),
-                                                 renderer=build_toy_klein(os.path.join(tmp, "renderer"))), tmp)
-        plan_loss = toy_reasoner_prior(policy.reasoner, b["reasoner_steps"], b["reasoner_warmup"], b["reasoner_lr"],
-                                       b["guess_share"], b["reasoner_batch"], b["seed"])
-        vae_loss, flow_loss = toy_renderer_prior(policy.renderer, b["vae_steps"], b["vae_lr"], b["renderer_steps"],
-                                                 b["renderer_lr"], b["batch"], b["caption_dropout"], b["seed"])
-        for model in (policy.reasoner.model, policy.renderer.transformer):
-            strip_lora(model)
-        policy.reasoner.model.save_pretrained(os.path.join(tmp, "reasoner"))
-        policy.renderer.transformer.save_pretrained(os.path.join(tmp, "renderer", "transformer"))
-        policy.renderer.vae.save_pretrained(os.path.join(tmp, "renderer", "vae"))
-        report = {"seconds": round(time.perf_counter() - t0, 1), "plan_loss": plan_loss, "vae_loss": vae_loss,
-                  "flow_loss": flow_loss, **b}
-        with open(os.path.join(tmp, "build.json"), "w") as f:
-            json.dump(report, f, indent=1)
-        if os.path.exists(folder):  # another process finished first: keep its copy
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    print(f"toy world built in {report['seconds']:.0f} s: plan loss {plan_loss:.3f}, VAE loss {vae_loss:.4f}, "
-          f"flow loss {flow_loss:.3f}", flush=True)
-    return paths
-
-
-# --------------------------------------------------------------------------------------------------
-# Prompts with DVReward questions (Sec. 4.3), and the reward client (Sec. 4.2 runs in reward_server.py)
-# --------------------------------------------------------------------------------------------------
-
-
-def normalize_row(row, where: str) -> dict:
-    """Validate one prompt row; accept our schema and the official AlphaGRPO one (question lists of strings
-    or of {"question": ..., "tag": ...} dicts). Raises ValueError naming `where` and the reason."""
-    if not isinstance(row, dict):
-        raise ValueError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
-    if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-        raise ValueError(f"{where}: 'prompt' is missing or empty" if not row.get("prompt") else
-                         f"{where}: 'prompt' must be a string")
-    out = {"prompt": row["prompt"].strip()}
-    for key, tags in (("semantic_questions", SEMANTIC_TAGS), ("quality_questions", QUALITY_TAGS)):
-        qs = row.get(key, [] if key == "quality_questions" else None)
-        if not isinstance(qs, list):
-            raise ValueError(f"{where}: '{key}' is missing or not a list")
-        norm = []
-        for j, q in enumerate(qs):
-            q = {"question": q, "tag": None} if isinstance(q, str) else q
-            if not isinstance(q, dict) or not isinstance(q.get("question"), str) or not q["question"].strip():
-                raise ValueError(f"{where}: {key}[{j}] must be a non-empty string or a {{'question': str}} object")
-            tag = q.get("tag")
-            if tag is not None and tag not in tags:
-                raise ValueError(f"{where}: {key}[{j}] has unknown tag {tag!r} (allowed: {', '.join(tags)})")
-            norm.append({"question": q["question"].strip(), "tag": tag})
-        out[key] = norm
-    if not out["semantic_questions"]:
-        raise ValueError(f"{where}: no semantic question (DVReward needs at least one)")
-    for key in ("split", "task", "difficulty", "kind"):
-        if key in row and not isinstance(row[key], str):
-            raise ValueError(f"{where}: '{key}' must be a string")
-        out[key] = row.get(key)
-    target = row.get("target")
-    if target is not None and not (isinstance(target, dict) and all(isinstance(target.get(k), str)
-                                                                     for k in ("colour", "region"))):
-        raise ValueError(f"{where}: 'target' must be {{'colour': str, 'region': str}} (toy-world rows)")
-    out["target"] = target
+        for step in tqdm(range(start, args.steps), desc="train", dynamic_ncols=True, disable=rank != 0):
+            t_step = time.perf_counter()
+            timers = {"reason": 0.0, "render": 0.0, "reward_wait": 0.0, "train": 0.0}
+            groups = rollout_step(policy, step, rows, args, client, sigmas, timers, rank, world)
+            t0 = time.perf_counter()
+            for g in groups:
+                collect_rewards_and_fpr(g, args)
+            timers["reward_wait"] += time.perf_counter() - t0
+            zero_std_frac = assign_advantages(groups, args, world)
+            t0 = time.perf_counter()
+            stats = update(policy, optimizer, groups, args, random.Random(args.seed * 31 + step), world)
+            timers["train"] = time.perf_counter() - t0
+            timers["step"] = time.perf_counter() - t_step
+            local = {"summaries": [summarize(g) for g in groups], "stats": stats, "zero": zero_std_frac,
+                     "timers": timers}
+            everyone = [local]
+            if world > 1:
+                everyone = [None] * world
+                torch.distributed.all_gather_object(everyone, local)
+            evaluation = {}
+            last = step == args.steps - 1
+            if args.eval_every and (step % args.eval_every == 0 or last):
+                grid = os.path.join(out, "eval", f"step_{step:06d}.png")
+                evaluation = evaluate(policy, eval_rows, args, client, grid,
+                                      rank, world)
+            if rank == 0:
+                row = metrics_row(step, [s for e in everyone for s in e["summaries"]],
+                                  [s for e in everyone for s in e["stats"]],
+                                  sum(e["zero"] for e in everyone) / world, everyone[0]["timers"], tags, args)
+                row.update(evaluation)
+                with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                if args.sample_every and (step % args.sample_every == 0 or last):
+                    tiles = [t for g in groups[:4] for t in group_tiles(g)]
+                    save_grid(os.path.join(out, "samples", f"step_{step:06d}.png"), tiles,
+                              cols=max(len(group_tiles(g)) for g in groups[:4]))
+                if last or (args.sample_every and step % args.sample_every == 0):
+                    plot_curves(os.path.join(out, "metrics.jsonl"), os.path.join(out, "curves.png"))
+                if args.save_every and ((step + 1) % args.save_every == 0 or last):  # after its metrics row
+                    save_checkpoint(policy, optimizer, args, step + 1, out)
+    except RewardError as e:
+        folder = os.path.join(out, "checkpoints")
+        last = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+        raise RewardError(f"{e}. The run stopped at step {step}: metrics.jsonl holds every finished step; the last "
+                          f"checkpoint is {last[-1] if last else 'none yet'} (continue with --resume {out})") from None
+    finally:
+        client.close()
+        if server is not None:
+            server.terminate()
+        if world > 1:
+            torch.distributed.destroy_process_group()
     return out
 
 
-def load_prompts(path: str, split: str | None = "train") -> list[dict]:
-    """Read a prompts.jsonl and validate every row (line numbers in errors). split=None keeps all rows."""
-    rows = []
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such prompt file (--prompts)")
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            row = normalize_row(row, f"{path}:{n}")
-            if split is None or row["split"] in (split, None):
-                rows.append(row)
-    if not rows:
-        raise ValueError(f"{path}: no prompt rows" + (f" with split {split!r}" if split else ""))
-    return rows
+# --------------------------------------------------------------------------------------------------
+# Inference: reasoning, then rounds of self-reflective refinement (Sec. 4.1, inference-time SRR)
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def draw(policy: Policy, args: Args, prompt: str, gen: torch.Generator, reasoning: bool = True):
+    """Round 0 (RT2I): plan with RT2I_INSTRUCTION (no plan with reasoning off), then the ODE sampler from fresh
+    noise drawn from `gen`. Returns (PIL image, text)."""
+    renderer = policy.renderer
+    text = policy.reasoner.generate(RT2I_INSTRUCTION.format(prompt=prompt), None, 1).texts[0] if reasoning else ""
+    x0, _, _ = render(renderer, renderer.encode([renderer_text(prompt, text)]), renderer.noise(1, gen),
+                      renderer.sigmas(args.eval_num_steps), range(0), 0.0)
+    return renderer.decode(x0)[0], text
+
+
+@torch.no_grad()
+def refine(policy: Policy, args: Args, prompt: str, image: Image.Image, gen: torch.Generator, reasoning: bool = True,
+           instruction: str = REFLECT_INSTRUCTION):
+    """One SRR round: the reasoner looks at `image` with `instruction` (reflect mode; EDIT_INSTRUCTION makes the
+    round an edit of a source image), then the renderer redraws conditioned on the image, as training does
+    (`refinement_inputs`: in context for klein, SDEdit for SD3). Returns (PIL image, text)."""
+    renderer, sigmas = policy.renderer, policy.renderer.sigmas(args.eval_num_steps)
+    text = policy.reasoner.generate(instruction.format(prompt=prompt), image, 1).texts[0] if reasoning else ""
+    cond, start, x = refinement_inputs(renderer, args, [renderer_text(prompt, text)], renderer.encode_image(image),
+                                       renderer.noise(1, gen), sigmas)
+    x0, _, _ = render(renderer, cond, x, sigmas, range(0), 0.0, start=start)
+    return renderer.decode(x0)[0], text
+
+
+@torch.no_grad()
+def sample(args: Args, prompt: str, refine_rounds: int = 0, checkpoint: str = "", question: list = ()):
+    """Draw `prompt` with reasoning (ODE sampler), then `refine_rounds` rounds of reflect-and-refine. Writes
+    each round's image, text and reward (when questions are known: --question, or the prompt's row in the
+    prompt set) and a side-by-side PNG."""
+    out = args.out or os.path.join("runs", f"sample-{time.strftime('%Y%m%d-%H%M%S')}")
+    check_models(args, out)
+    os.makedirs(out, exist_ok=True)
+    policy = load_policy(args, out)
+    if checkpoint:
+        load_checkpoint(checkpoint, policy, None, args)
+    toy_rows = TOY_WORLD_PROMPTS + TOY_PROMPTS
+    rows = toy_rows if args.preset == "toy" and not args.prompts else load_prompts(args.prompts, None)
+    row = next((r for r in rows if r["prompt"] == prompt), None)
+    if question:
+        row = {"prompt": prompt, "semantic_questions": [{"question": q, "tag": None} for q in question],
+               "quality_questions": []}
+    server, client = None, None
+    if row is not None and (args.reward_url or args.preset == "toy"):
+        if not args.reward_url:
+            server, args.reward_url = start_reward_server()
+        client = RewardClient(args.reward_url, args.reward_token or os.environ.get("ALPHAGRPO_REWARD_TOKEN", ""),
+                              args.reward_patience)
+    gen = seed_torch_and_group_rng(args, 0, 0)
+    rounds, image = [], None
+    try:
+        for k in range(refine_rounds + 1):
+            # round 0 plans, then draws; later rounds reflect on the last image, then redraw it
+            image, text = draw(policy, args, prompt, gen) if k == 0 else refine(policy, args, prompt, image, gen)
+            reward = None
+            if client is not None:
+                sem, qual = questions(row)
+                reward = client.submit([image], [sem], [qual]).result()["rewards"][0]
+            image.save(os.path.join(out, f"round_{k}.png"))
+            rounds.append({"round": k, "text": text, "reward": reward, "image": f"round_{k}.png"})
+            print(f"round {k}: reward {reward if reward is None else round(reward, 4)} | {text}")
+    finally:
+        if server is not None:
+            server.terminate()
+    with open(os.path.join(out, "rounds.json"), "w") as f:
+        json.dump({"prompt": prompt, "rounds": rounds}, f, indent=1)
+    save_grid(os.path.join(out, "side_by_side.png"), [
+        (Image.open(os.path.join(out, r["image"])), f"round {r['round']}" + (
+            f"  R {r['reward']:.2f}" if r["reward"] is not None else ""), r["text"]) for r in rounds], cols=len(rounds))
+    print(f"wrote {out}/side_by_side.png")
+    return out
+
+
+def main(argv=None):
+    command, args, extra = parse_args(argv)
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
+    # CLIP keeps 77 tokens by design (the prompt comes first, T5 reads the rest): drop that one warning
+    diffusers_logging.get_logger("diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3").addFilter(
+        lambda record: "truncated because" not in record.getMessage())
+    transformers_logging.get_logger("transformers.tokenization_utils_base").addFilter(
+        lambda record: "sequence length is longer than" not in record.getMessage())  # the same 77-token CLIP note
+    try:
+        if command == "train" and args.dry_run:
+            dry_run(args)
+        elif command == "train":
+            out = train(args)
+            if int(os.environ.get("RANK", 0)) == 0:
+                print(f"done: {out}/metrics.jsonl")
+        elif command == "bench":
+            bench(args, **extra)
+        elif command == "eval":
+            evaluate_benchmark(args, **extra)
+        else:
+            sample(args, **extra)
+    except (RewardError, ValueError) as e:  # bad input or a verifier that is down: say what and where
+        raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt:
+        if command == "eval":
+            raise SystemExit("interrupted: the same command continues where this one stopped") from None
+        raise SystemExit("interrupted: metrics.jsonl holds every finished step; --resume OUT continues from "
+                         "the last checkpoint") from None
+
+
+# ==================================================================================================
+# APPENDIX. What a reader of the method can skip: the command line, prompt-file checking, run plumbing,
+# checkpoints, the toy models and their priors, benchmark outputs, and the memory plan / dry run / bench.
+# ==================================================================================================
+
+
+# --------------------------------------------------------------------------------------------------
+# The command line
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> tuple[str, Args, dict]:
+    """`[train|sample|eval|bench] --flag value ...` -> (command, Args, the command's extra options). Help text
+    comes from the field docstrings above; a preset's values apply first and explicit flags override them."""
+    source = ast.parse(open(__file__, encoding="utf-8").read() if "__file__" in globals() else "")
+    docs, body = {}, next((n.body for n in source.body if isinstance(n, ast.ClassDef) and n.name == "Args"), [])
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr):
+            docs[node.target.id] = nxt.value.value
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in ("train", "sample", "bench", "eval") else "train"
+    p = argparse.ArgumentParser(prog=f"alphagrpo.py {command}", argument_default=argparse.SUPPRESS)
+    for f in dataclasses.fields(Args):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=docs.get(f.name))
+        else:
+            p.add_argument(flag, type={"int": int, "float": float}.get(f.type, str), help=docs.get(f.name))
+    if command == "sample":
+        p.add_argument("--prompt", required=True, help="the request to draw")
+        p.add_argument("--refine-rounds", type=int, default=0, help="reflect-and-refine rounds after the first image")
+        p.add_argument("--checkpoint", default="", help="a checkpoint (or run) folder whose LoRA weights to load")
+        p.add_argument("--question", action="append", default=[], help="a DVReward question for the reward "
+                       "(repeatable); default: the prompt's questions in the prompt set, if it is there")
+    if command == "eval":
+        p.add_argument("--benchmark", required=True, choices=sorted(BENCHMARKS), help="the benchmark (README)")
+        p.add_argument("--data", required=True, help="its prompt file or folder, from your clone (README)")
+        p.add_argument("--refine-rounds", type=int, default=0, help="reflect-and-refine rounds, each in its own tree")
+        p.add_argument("--checkpoint", default="", help="a checkpoint (or run) folder whose LoRA weights to load")
+        p.add_argument("--reasoning", action=argparse.BooleanOptionalAction, default=True,
+                       help="plan (and reflect) with the reasoner before drawing")
+        p.add_argument("--samples-per-prompt", type=int, default=0, help="K images a prompt; 0: the benchmark's "
+                       "default (GenEval 4, DPG-Bench 4 in a 2x2 grid, WISE, TIIF-Bench and GEdit-Bench 1)")
+        p.add_argument("--limit", type=int, default=0, help="only the first N prompts (0: all)")
+    if command == "bench":
+        p.add_argument("--verifier", default="", help="the reward server's verifier, started on this device for "
+                       "the training-step figures (default: random:qwen3-vl-8b for the real presets, random:small for toy); "
+                       "--reward-url uses a running server instead")
+        p.add_argument("--repeats", type=int, default=3, help="timed runs of each sampler (after one warm-up)")
+    given = vars(p.parse_args(argv))
+    extra = {k: given.pop(k) for k in ("prompt", "refine_rounds", "checkpoint", "question", "verifier", "repeats")
+             if k in given}
+    extra |= {k: given.pop(k) for k in ("benchmark", "data", "reasoning", "samples_per_prompt", "limit") if k in given}
+    preset = given.get("preset", Args.preset)
+    if preset not in PRESETS:
+        p.error(f"--preset must be one of {sorted(PRESETS)}, not {preset!r}")
+    args = Args(**{**PRESETS[preset], **given})
+    for name, allowed in [("task", ("rt2i", "srr", "mix")), ("std_mode", ("group", "batch")),
+                          ("srr_pick", ("min", "sample")), ("srr_refine", ("auto", "edit", "sdedit")),
+                          ("fpr_value", ("init", "group-min")),
+                          ("dtype", ("float32", "bfloat16"))]:
+        if getattr(args, name) not in allowed:
+            p.error(f"--{name.replace('_', '-')} must be one of {allowed}, not {getattr(args, name)!r}")
+    if not 0 < args.sde_window or args.sde_window_start_max + args.sde_window > args.num_steps - 1:
+        p.error("the SDE window must fit in the first T-1 steps: sde_window_start_max + sde_window <= num_steps - 1")
+    if args.task != "rt2i" and args.srr_refine != "edit" and round(args.srr_strength * args.num_steps) < 2:
+        p.error("--srr-strength too low: the refinement needs at least 2 of the --num-steps steps")
+    if args.groups_per_step < args.updates_per_rollout:
+        p.error("--groups-per-step must be at least --updates-per-rollout (each update needs a group)")
+    if not (args.train_reasoner or args.train_renderer):
+        p.error("--no-train-reasoner and --no-train-renderer together leave nothing to train")
+    return command, args, extra
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading the models: the renderer's kind first (cheap checks before any download), then from_pretrained
+# --------------------------------------------------------------------------------------------------
+
+
+def renderer_kind(path: str) -> str:
+    """'klein' or 'sd3', from the class its model_index.json names (a small file, read before any model loads)."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        name = DiffusionPipeline.load_config(path)["_class_name"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"cannot read the renderer {path!r} (--renderer): no pipeline's model_index.json there "
+                         f"({type(e).__name__}: {e})") from None
+    kinds = {"Flux2KleinPipeline": "klein", "StableDiffusion3Pipeline": "sd3"}
+    if name not in kinds:
+        raise ValueError(f"{path}: unknown renderer kind {name!r}; AlphaGRPO drives {' or '.join(kinds)}")
+    return kinds[name]
+
+
+def model_paths(args: Args, out: str) -> tuple[str, str, bool]:
+    """(reasoner path, renderer path, whether toy models must be built there): the default toy's random models
+    under OUT/toy_models, or the toy world's, built once and cached in toy_world_dir."""
+    toy = args.preset == "toy" and not (args.reasoner and args.renderer)
+    folder = toy_world_dir(args) if toy and args.toy_world else os.path.join(out, "toy_models")
+    return args.reasoner or os.path.join(folder, "reasoner"), args.renderer or os.path.join(folder, "renderer"), toy
+
+
+def check_models(args: Args, out: str):
+    """The cheap checks, before any model loads (or downloads): the renderer's kind, and that it can refine
+    SRR as asked."""
+    _, renderer, toy = model_paths(args, out)
+    kind = ("klein" if args.toy_world else "sd3") if toy and not args.renderer else renderer_kind(renderer)
+    if args.srr_refine == "edit" and kind != "klein":
+        raise ValueError("--srr-refine edit needs a renderer that takes a reference image (FLUX.2 klein); "
+                         "Stable Diffusion 3 can only refine by --srr-refine sdedit")
+
+
+def load_policy(args: Args, out: str, device=None, rank: int = 0, world: int = 1) -> Policy:
+    """Build (toy, on rank 0) or load the reasoner and the renderer, with LoRA, on the device and dtype."""
+    device = device or torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                                    "cpu" if args.device == "auto" else args.device)
+    dtype = getattr(torch, args.dtype)
+    reasoner_path, renderer_path, toy = model_paths(args, out)
+    # The toy models are fixed artifacts, like real checkpoints: the same weights whatever --seed says.
+    if toy and rank == 0 and args.toy_world:
+        build_toy_world(toy_world_dir(args))
+    elif toy and rank == 0:
+        if not args.reasoner:
+            build_toy_vlm(reasoner_path)
+        if not args.renderer:
+            build_toy_sd3(renderer_path)
+    if world > 1:
+        torch.distributed.barrier()  # the other ranks load what rank 0 wrote
+    from diffusers import Flux2KleinPipeline, StableDiffusion3Pipeline
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(reasoner_path)
+        model = AutoModelForImageTextToText.from_pretrained(reasoner_path, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load the reasoner {reasoner_path!r} (--reasoner): {e}") from None
+    kind = renderer_kind(renderer_path)
+    try:
+        pipeline = Flux2KleinPipeline if kind == "klein" else StableDiffusion3Pipeline
+        pipe = pipeline.from_pretrained(renderer_path, dtype=dtype, low_cpu_mem_usage=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load the renderer {renderer_path!r} (--renderer; SD3.5 is gated: accept its "
+                         f"licence and `hf auth login`): {e}") from None
+    torch.manual_seed(args.seed)  # the LoRA init
+    renderer = KleinRenderer(pipe, device, args) if kind == "klein" else SD3Renderer(pipe, device, args)
+    return Policy(Reasoner(processor, model, device, args), renderer, device)
+
+
+# --------------------------------------------------------------------------------------------------
+# The reward client: DVReward over HTTP, scored in background threads (Sec. 4.3), retries and fail-over
+# --------------------------------------------------------------------------------------------------
 
 
 class RewardError(RuntimeError):
@@ -1320,25 +1603,6 @@ class RewardClient:
             delay = min(delay * 2, 30.0)
 
 
-class RandomRewards:
-    """--dry-run without --reward-url: seeded random scores in place of a verifier. A dry run measures
-    memory and time, not learning."""
-
-    def __init__(self):
-        self.rng = random.Random(0)
-
-    def submit(self, images: list, semantic: list, quality: list) -> Future:
-        sem = [[self.rng.random() for _ in qs] for qs in semantic]
-        qual = [[self.rng.random() for _ in qs] for qs in quality]
-        f = Future()
-        f.set_result({"rewards": [math.sqrt((sum(s) / len(s) if s else 1.0) * (sum(q) / len(q) if q else 1.0))
-                                  for s, q in zip(sem, qual)], "semantic_scores": sem, "quality_scores": qual})
-        return f
-
-    def close(self):
-        pass
-
-
 def start_reward_server(verifier: str = "toy", device: str = "auto") -> tuple[subprocess.Popen, str]:
     """Start `reward_server.py --verifier <verifier>` on a free localhost port; returns (process, url)."""
     server = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reward_server.py")
@@ -1352,311 +1616,160 @@ def start_reward_server(verifier: str = "toy", device: str = "auto") -> tuple[su
 
 
 # --------------------------------------------------------------------------------------------------
-# Rollouts: one group = one prompt, G trajectories o_i = (y_i, x_i) (Sec. 4.1)
+# Prompts with DVReward questions: reading and checking prompts.jsonl (Sec. 4.3)
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Policy:
-    """pi = pi_text x pi_img: the two models of the unified trajectory, with their LoRA weights."""
-    reasoner: Reasoner
-    renderer: Renderer
-    device: torch.device
-
-    def lora_state(self) -> dict:
-        return {f"{part}.{n}": p.detach().clone() for part, m in (("reasoner", self.reasoner.model),
-                                                                   ("renderer", self.renderer.transformer))
-                for n, p in m.named_parameters() if ".lora_" in n}
-
-    def load_lora_state(self, state: dict):
-        own = {f"{part}.{n}": p for part, m in (("reasoner", self.reasoner.model), ("renderer", self.renderer.transformer))
-               for n, p in m.named_parameters() if ".lora_" in n}
-        if own.keys() != state.keys() or any(own[k].shape != state[k].shape for k in own):
-            missing, extra = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
-            raise ValueError(f"the LoRA weights do not fit these models (missing {missing[:3]}, unexpected "
-                             f"{extra[:3]}, or other shapes): were they made with other --lora-rank/targets?")
-        with torch.no_grad():
-            for k, p in own.items():
-                p.copy_(state[k])
-
-
-def sdedit_start(x_init: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor, strength: float):
-    """The SRR refinement is conditioned on the initial image SDEdit-style: the sampler starts from its
-    latents noised to the sigma where the last `strength` share of the schedule begins. Flow matching
-    noises by interpolation, x_t = (1 - t) x_0 + t eps. Returns (start step index, x_t). Strength 0 gives
-    back x_init exactly (no step runs); strength 1 is a fresh sample."""
-    start = len(sigmas) - 1 - round(strength * (len(sigmas) - 1))
-    t = float(sigmas[start])
-    return start, (1 - t) * x_init + t * noise
-
-
-def refines_in_context(renderer: Renderer, args: Args) -> bool:
-    """SRR's refinement sees the initial image in context (--srr-refine edit, or auto on a renderer that can)."""
-    return args.srr_refine == "edit" or (args.srr_refine == "auto" and renderer.can_edit)
+def normalize_row(row, where: str) -> dict:
+    """Validate one prompt row; accept our schema and the official AlphaGRPO one (question lists of strings
+    or of {"question": ..., "tag": ...} dicts). Raises ValueError naming `where` and the reason."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
+    if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+        raise ValueError(f"{where}: 'prompt' is missing or empty" if not row.get("prompt") else
+                         f"{where}: 'prompt' must be a string")
+    out = {"prompt": row["prompt"].strip()}
+    for key, tags in (("semantic_questions", SEMANTIC_TAGS), ("quality_questions", QUALITY_TAGS)):
+        qs = row.get(key, [] if key == "quality_questions" else None)
+        if not isinstance(qs, list):
+            raise ValueError(f"{where}: '{key}' is missing or not a list")
+        norm = []
+        for j, q in enumerate(qs):
+            q = {"question": q, "tag": None} if isinstance(q, str) else q
+            if not isinstance(q, dict) or not isinstance(q.get("question"), str) or not q["question"].strip():
+                raise ValueError(f"{where}: {key}[{j}] must be a non-empty string or a {{'question': str}} object")
+            tag = q.get("tag")
+            if tag is not None and tag not in tags:
+                raise ValueError(f"{where}: {key}[{j}] has unknown tag {tag!r} (allowed: {', '.join(tags)})")
+            norm.append({"question": q["question"].strip(), "tag": tag})
+        out[key] = norm
+    if not out["semantic_questions"]:
+        raise ValueError(f"{where}: no semantic question (DVReward needs at least one)")
+    for key in ("split", "task", "difficulty", "kind"):
+        if key in row and not isinstance(row[key], str):
+            raise ValueError(f"{where}: '{key}' must be a string")
+        out[key] = row.get(key)
+    target = row.get("target")
+    if target is not None and not (isinstance(target, dict) and all(isinstance(target.get(k), str)
+                                                                     for k in ("colour", "region"))):
+        raise ValueError(f"{where}: 'target' must be {{'colour': str, 'region': str}} (toy-world rows)")
+    out["target"] = target
+    return out
 
 
-def refinement_inputs(renderer: Renderer, args: Args, texts: list, x_init: torch.Tensor, noise: torch.Tensor,
-                      sigmas: torch.Tensor):
-    """How an SRR refinement is conditioned on the initial image's latents x_init (1, C, h, w); the one place
-    that knows, for training and inference. In context (klein): fresh noise, x_init's tokens join the sequence,
-    and the model redraws what is wrong (it can remove, move, recount). SDEdit (SD3): the sampler starts from
-    x_init noised to --srr-strength. Returns (cond, start step, x at the start)."""
-    if refines_in_context(renderer, args):
-        return renderer.encode(texts, reference=x_init), 0, noise
-    start, x = sdedit_start(x_init.expand(len(noise), -1, -1, -1), noise, sigmas, args.srr_strength)
-    return renderer.encode(texts), start, x
-
-
-def sde_window(start: int, n_sigmas: int, args: Args, gen: torch.Generator) -> range:
-    """The W consecutive steps sampled by the SDE and trained: from a start drawn in [start, start +
-    sde_window_start_max], never reaching the last step (sigma_next = 0: its log-prob overflows, Flow-GRPO).
-    SDEdit starts late: the draw is capped so the window still fits (it shortens only if W steps cannot)."""
-    last = n_sigmas - 3  # the last step that may be trained: step indices run 0..T-1 = n_sigmas - 2
-    room = max(0, min(args.sde_window_start_max, last + 1 - args.sde_window - start))
-    w0 = start + int(torch.randint(0, room + 1, (1,), generator=gen))
-    return range(w0, min(w0 + args.sde_window, last + 1))
-
-
-@dataclass
-class Group:
-    index: int  # k, the group's position in the step (all ranks agree on it)
-    task: str  # 'rt2i' or 'srr'
-    row: dict  # the prompt row with its questions
-    text: TextRollout
-    image: ImageRollout
-    reward_future: Future
-    init_image: Image.Image | None = None  # SRR: the shared initial image (no gradient)
-    init_reward: float | None = None
-    rewards: torch.Tensor | None = None  # (G,) raw rewards
-    scores: dict | None = None  # per-question scores from the server
-    advantages: torch.Tensor | None = None  # (G,)
-    skip: bool = False  # SRR: no refinement improved; dropped from the loss
-    failed: torch.Tensor | None = None  # (G,) SRR: refinements that did not beat the initial image
-    fpr_rewards: torch.Tensor | None = None  # (G,) SRR: rewards after FPR, which the advantages use
-
-
-def questions(row: dict) -> tuple[list[str], list[str]]:
-    return [q["question"] for q in row["semantic_questions"]], [q["question"] for q in row["quality_questions"]]
-
-
-def renderer_text(prompt: str, reasoning: str) -> str:
-    # The prompt goes first: the CLIP encoders keep only 77 tokens, T5 carries the reasoning.
-    return f"{prompt}. {reasoning}" if reasoning else prompt
-
-
-def seeded(args: Args, step: int, k: int) -> torch.Generator:
-    """All randomness of group k at a step comes from (seed, step, k): a resumed run, or one on another
-    number of GPUs, draws exactly the same samples. Seeds the reasoner's sampling too."""
-    seed = (args.seed * 1_000_003 + step) * 1009 + k
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
-
-
-def rollout_group(policy: Policy, row: dict, task: str, args: Args, gen: torch.Generator, client,
-                  sigmas: torch.Tensor, init=None, timers=None, index: int = 0) -> Group:
-    """Sample one group (Sec. 4.1): G reasoning texts, then G images conditioned on them, and send the
-    images to the reward server without waiting. SRR: `init` = (initial image, its latents, its reward)."""
-    reasoner, renderer, G = policy.reasoner, policy.renderer, args.group_size
-    t0 = time.perf_counter()
-    if task == "rt2i":  # y is a plan
-        text = reasoner.generate(RT2I_INSTRUCTION.format(prompt=row["prompt"]), None, G)
-    else:  # y is a diagnosis and a fix of the initial image (reflect mode)
-        text = reasoner.generate(REFLECT_INSTRUCTION.format(prompt=row["prompt"]), init[0], G)
-    with torch.no_grad():
-        text.old_logp = reasoner.token_logprobs(text)
-        if args.beta_text > 0:
-            with lora_disabled(reasoner.model):
-                text.ref_logp = reasoner.token_logprobs(text)
-    t1 = time.perf_counter()
-    texts = [renderer_text(row["prompt"], y) for y in text.texts]
-    noise = renderer.noise(1 if args.same_init_noise else G, gen).expand(G, -1, -1, -1)
-    if task == "rt2i":
-        cond, start, x = renderer.encode(texts), 0, noise
-    else:
-        cond, start, x = refinement_inputs(renderer, args, texts, init[1], noise, sigmas)
-    window = sde_window(start, len(sigmas), args, gen)
-    x0, kept, logp = render(renderer, cond, x, sigmas, window, args.noise_level, gen, start=start)
-    images = renderer.decode(x0)
-    if timers is not None:
-        timers["reason"] += t1 - t0
-        timers["render"] += time.perf_counter() - t1
-    sem, qual = questions(row)
-    future = client.submit(images, [sem] * G, [qual] * G)
-    image = ImageRollout(cond=cond, latents=kept, sigmas=sigmas[window.start:window.stop + 1],
-                         sigma_1=float(sigmas[1]), old_logp=logp, images=images)
-    return Group(index=index, task=task, row=row, text=text, image=image, reward_future=future,
-                 init_image=init[0] if init else None, init_reward=init[2] if init else None)
-
-
-@torch.no_grad()
-def initial_candidates(policy: Policy, row: dict, args: Args, gen: torch.Generator, client):
-    """SRR step 1 (Sec. 4.1): K initial images from the current policy with the deterministic ODE
-    sampler and no reasoning, sent for scoring. Returns (images, future)."""
-    renderer = policy.renderer
-    cond = renderer.encode([row["prompt"]] * args.srr_candidates)
-    x0, _, _ = render(renderer, cond, renderer.noise(args.srr_candidates, gen), renderer.sigmas(args.eval_num_steps),
-                      range(0), 0.0)
-    images = renderer.decode(x0)
-    sem, qual = questions(row)
-    return images, client.submit(images, [sem] * len(images), [qual] * len(images))
-
-
-def pick_initial(images: list, rewards: list, how: str, gen: torch.Generator):
-    """Keep the worst candidate (official code), or draw one with P ~ softmax(1 - R)."""
-    r = torch.tensor(rewards, dtype=torch.float64)
-    i = int(r.argmin()) if how == "min" else int(torch.multinomial(torch.softmax(1 - r, 0), 1, generator=gen))
-    return images[i], rewards[i]
-
-
-def rollout_step(policy: Policy, step: int, rows: list, args: Args, client, sigmas, timers, rank=0, world=1):
-    """All rollouts of one step, with the current weights (never stale ones). This rank takes the groups
-    k = rank, rank + world, ...; each group's images are scored while the next group is sampled. SRR first
-    renders every prompt's initial candidates, so their scoring overlaps too."""
-    n_srr = {"rt2i": 0, "srr": args.groups_per_step, "mix": round(args.mix_ratio * args.groups_per_step)}[args.task]
-    mine = [(k, "srr" if k < n_srr else "rt2i", prompt_for(rows, step * args.groups_per_step + k, args.seed))
-            for k in range(rank, args.groups_per_step, world)]
-    cands = {k: initial_candidates(policy, row, args, seeded(args, step, k), client)
-             for k, task, row in mine if task == "srr"}
-    groups = []
-    for k, task, row in mine:
-        gen, init = seeded(args, step, k + 10_000), None
-        if task == "srr":
-            images, future = cands[k]
-            t0 = time.perf_counter()
-            res = future.result()
-            timers["reward_wait"] += time.perf_counter() - t0
-            image, reward = pick_initial(images, res["rewards"], args.srr_pick, gen)
-            init = (image, policy.renderer.encode_image(image), reward)
-        groups.append(rollout_group(policy, row, task, args, gen, client, sigmas, init, timers, index=k))
-    return groups
-
-
-def finish_group(g: Group, args: Args):
-    """Wait for the group's rewards; SRR groups then go through FPR (before normalization)."""
-    res = g.reward_future.result()
-    g.scores, g.rewards = res, torch.tensor(res["rewards"], dtype=torch.float32)
-    if g.task == "srr":
-        g.failed = g.rewards <= g.init_reward
-        if args.fpr:
-            g.fpr_rewards, g.failed, g.skip = false_positive_rectification(g.rewards, g.init_reward, args.fpr_value)
-
-
-def assign_advantages(groups: list, args: Args, world: int = 1) -> float:
-    """Group-relative advantages, each task normalized within its own groups. With std_mode 'batch' the std
-    is over all groups of the step, on every rank. Returns the share of zero-std groups here."""
-    zero = []
-    for task in ("rt2i", "srr"):
-        gs = [g for g in groups if g.task == task]
-        r = torch.cat([g.rewards if g.fpr_rewards is None else g.fpr_rewards for g in gs] or [torch.zeros(0)])
-        if world > 1 and args.std_mode == "batch":
-            everyone = [None] * world
-            torch.distributed.all_gather_object(everyone, r.tolist())
-            batch_std = float(torch.tensor(sum(everyone, [])).double().std(unbiased=False))
-        else:
-            batch_std = None
-        if not gs:
-            continue
-        ids = torch.cat([torch.full((len(g.rewards),), k) for k, g in enumerate(gs)])
-        A, z = group_advantages(r, ids, args.std_mode, batch_std=batch_std)
-        for k, g in enumerate(gs):
-            g.advantages = A[ids == k]
-            zero.append(bool(z[ids == k].all()))
-    return sum(zero) / max(len(zero), 1)
+def load_prompts(path: str, split: str | None = "train") -> list[dict]:
+    """Read a prompts.jsonl and validate every row (line numbers in errors). split=None keeps all rows."""
+    rows = []
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such prompt file (--prompts)")
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            row = normalize_row(row, f"{path}:{n}")
+            if split is None or row["split"] in (split, None):
+                rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no prompt rows" + (f" with split {split!r}" if split else ""))
+    return rows
 
 
 # --------------------------------------------------------------------------------------------------
-# Sec. 4.1: the unified objective and the update
+# Run plumbing: resume, several processes, pictures
 # --------------------------------------------------------------------------------------------------
 
 
-def group_loss(policy: Policy, g: Group, args: Args):
-    """L = L_text + lambda * L_img for one group (Sec. 4.1, unified objective): the same advantage A_i
-    drives the reasoning tokens and every trained denoising step of trajectory i."""
-    reasoner, renderer = policy.reasoner, policy.renderer
-    A = g.advantages.to(policy.device)  # (G,)
-    logp = reasoner.token_logprobs(g.text)  # (G, L)
-    l_text, text_clipfrac, text_kl = text_loss(logp, g.text.old_logp, g.text.ref_logp, A, g.text.mask,
-                                               args.text_clip_low, args.text_clip_high, args.beta_text,
-                                               args.seq_level_ratio)
-    im = g.image
-    logps, kls = [], []
-    for j in range(im.latents.shape[1] - 1):  # the W trained steps
-        x, x_next, s, s_next = im.latents[:, j], im.latents[:, j + 1], float(im.sigmas[j]), float(im.sigmas[j + 1])
-        v = renderer.velocity(x, s, im.cond)
-        _, lp, mean, std = sde_step(v, x, s, s_next, args.noise_level, im.sigma_1, prev_sample=x_next)
-        logps.append(lp)
-        if args.beta_image > 0:
-            with torch.no_grad(), lora_disabled(renderer.transformer):
-                v_ref = renderer.velocity(x, s, im.cond)
-                _, _, mean_ref, _ = sde_step(v_ref, x, s, s_next, args.noise_level, im.sigma_1, prev_sample=x_next)
-            kls.append(image_kl(mean, mean_ref, std, s_next - s, args.kl_flow_grpo_form))
-    kl, logps = torch.stack(kls, 1) if kls else None, torch.stack(logps, 1)  # (G, W)
-    l_img, image_clipfrac = image_loss(logps, im.old_logp, A, args.image_clip, args.adv_clip, kl, args.beta_image)
-    # Joint objective. The official code backpropagates text_loss_weight * K * L_text once and each of the
-    # K image steps' losses separately, i.e. a gradient of K * (w * L_text + mean_k L_img_k): lambda = 1 / w.
-    loss = l_text + args.lam * l_img
-    return loss, {"text_loss": l_text.item(), "image_loss": l_img.item(), "text_clipfrac": float(text_clipfrac),
-                  "image_clipfrac": float(image_clipfrac), "text_kl": float(text_kl) if args.beta_text > 0 else None,
-                  "image_kl": kl.mean().item() if kl is not None else None,
-                  # on-policy check (bench): max |r - 1| over the group's tokens and trained steps
-                  "text_ratio_dev": (logp.detach() - g.text.old_logp).exp().sub(1).abs()[g.text.mask > 0].max().item(),
-                  "image_ratio_dev": (logps.detach() - im.old_logp).exp().sub(1).abs().max().item()}
+def keep_metrics_before(path: str, step: int):
+    """On resume, drop metric rows at or after the checkpoint's step (a killed run may have written some)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip() and json.loads(line)["step"] < step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(rows)
+    os.replace(path + ".tmp", path)
 
 
-def make_optimizer(policy: Policy, args: Args) -> torch.optim.Optimizer:
-    """One AdamW over the LoRA weights of the sides that train (--train-reasoner, --train-renderer): the reasoner's
-    at --reasoner-lr, the renderer's at --lr. A frozen side's LoRA needs no gradient and gets no update; its
-    loss term is still computed, for the metrics."""
-    groups = []
-    for trains, params, lr in ((args.train_reasoner, policy.reasoner.lora_params, args.reasoner_lr or args.lr),
-                               (args.train_renderer, policy.renderer.lora_params, args.lr)):
-        for p in params:
-            p.requires_grad_(trains)
-        if trains:
-            groups.append({"params": params, "lr": lr})
-    return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+def setup_distributed():
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: one process per GPU (gloo on CPU). Returns (rank, world, device)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1, None
+    cuda = torch.cuda.is_available()
+    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local)
+    return torch.distributed.get_rank(), world, torch.device(f"cuda:{local}" if cuda else "cpu")
 
 
-def update(policy: Policy, optimizer, groups: list, args: Args, rng: random.Random, world: int = 1) -> list:
-    """`updates_per_rollout` optimizer steps, each on a disjoint share of the step's groups. The shares are
-    drawn over the group indices with the same rng on every rank, so they do not depend on the number of
-    processes. The loss is the mean over the share's groups on all ranks: each rank backpropagates its sum
-    divided by the global count, then the gradients are summed (all-reduce). A group dropped by FPR is in no
-    share, so it leaves both the loss and its denominator. Returns the per-group stats."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    order = list(range(args.groups_per_step))
-    rng.shuffle(order)
-    stats = []
-    for u in range(args.updates_per_rollout):
-        share = [g for k in order[u::args.updates_per_rollout] for g in groups if g.index == k and not g.skip]
-        n = torch.tensor(float(len(share)))
-        if world > 1:
-            torch.distributed.all_reduce(n)
-        if n == 0:
-            continue
-        for g in share:
-            loss, st = group_loss(policy, g, args)
-            (loss / n).backward()
-            stats.append(st)
-        if world > 1:
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                torch.distributed.all_reduce(p.grad)
-        torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return stats
+def save_grid(path: str, tiles: list, cols: int):
+    """A PNG grid of (image, label, text) tiles: rewards and the reasoning (SRR: the reflection) under each."""
+    cell, rows = 128, math.ceil(len(tiles) / cols)
+    grid = Image.new("RGB", (cols * cell, rows * (cell + 36)), "white")
+    draw = ImageDraw.Draw(grid)
+    for n, (im, label, text) in enumerate(tiles):
+        x0, y0 = (n % cols) * cell, (n // cols) * (cell + 36)
+        grid.paste(im.resize((cell, cell), Image.NEAREST), (x0, y0))
+        for line, (s, color) in enumerate([(label, "black"), (text[:24], "gray"), (text[24:48], "gray")]):
+            draw.text((x0 + 2, y0 + cell + 1 + 11 * line), s, fill=color)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    grid.save(path)
 
 
-def mean_or_none(xs):
-    xs = [x for x in xs if x is not None and math.isfinite(x)]
-    return sum(xs) / len(xs) if xs else None
+def group_tiles(g: Group, n: int = 6) -> list:
+    """One grid row: SRR shows the initial image first, then the refinements beside it."""
+    init = [(g.init_image, f"initial {g.init_reward:.2f}", "")] if g.init_image is not None else []
+    return init + [(im, f"R {float(r):.2f}", y) for im, r, y in zip(g.image.images[:n], g.rewards, g.text.texts)]
+
+
+def plot_curves(metrics: str, path: str):
+    """OUT/curves.png from metrics.jsonl, drawn with PIL: the rewards and plan accuracies (0 to 1) over the
+    steps, and under them the clip fractions (on their own scale). Series that are all null are left out."""
+    with open(metrics) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    panels = [("reward and plan accuracy", ("reward_mean", "eval_reward", "plan_accuracy", "plan_accuracy_implicit",
+                                            "eval_plan_accuracy_implicit"), 1.0),
+              ("clip fractions", ("text_clipfrac", "image_clipfrac"), None)]
+    palette = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
+    W, H = 720, 240  # one panel
+    image = Image.new("RGB", (W, H * len(panels)), "white")
+    d = ImageDraw.Draw(image)
+    s0 = min(r["step"] for r in rows)
+    s1 = max(max(r["step"] for r in rows), s0 + 1)
+    for p, (title, keys, top) in enumerate(panels):
+        series = {k: [(r["step"], r[k]) for r in rows if r.get(k) is not None] for k in keys}
+        series = {k: v for k, v in series.items() if v}
+        top = top or 1.1 * max([y for v in series.values() for _, y in v] + [1e-3])
+        x0, y0, x1, y1 = 56, p * H + 24, W - 190, (p + 1) * H - 28  # the plot's box
+        d.rectangle((x0, y0, x1, y1), outline="black")
+        d.text((x0, y0 - 16), title, fill="black")
+        for frac in (0.0, 0.5, 1.0):
+            y = y1 - frac * (y1 - y0)
+            d.line((x0 - 4, y, x0, y), fill="black")
+            d.text((4, y - 6), f"{frac * top:.3g}", fill="black")
+        d.text((x0, y1 + 6), f"step {s0}", fill="black")
+        d.text((x1 - 60, y1 + 6), f"step {s1}", fill="black")
+        for i, (k, pts) in enumerate(series.items()):
+            colour = palette[keys.index(k)]
+            xy = [(x0 + (s - s0) / (s1 - s0) * (x1 - x0), y1 - min(max(v / top, 0), 1) * (y1 - y0)) for s, v in pts]
+            if len(xy) > 1:
+                d.line(xy, fill=colour, width=2)
+            for x, y in xy[:: max(1, len(xy) // 40)]:  # dots: sparse series (evaluation) stay visible
+                d.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
+            d.text((x1 + 10, y0 + 16 * i), k, fill=colour)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    image.save(path)
 
 
 # --------------------------------------------------------------------------------------------------
 # Checkpoints and LoRA export
 # --------------------------------------------------------------------------------------------------
+
 
 # Arguments that may change between a checkpoint and its resumption; any other difference is refused.
 RESUMABLE = {"steps", "out", "resume", "reward_url", "reward_token", "reward_patience", "device", "sample_every",
@@ -1759,424 +1872,432 @@ def export_lora(policy: Policy, args: Args, folder: str):
 
 
 # --------------------------------------------------------------------------------------------------
-# The loop
+# The toy world: targets, explicit and implicit prompts (README, "The toy world")
 # --------------------------------------------------------------------------------------------------
 
 
-def renderer_kind(path: str) -> str:
-    """'klein' or 'sd3', from the class its model_index.json names (a small file, read before any model loads)."""
-    from diffusers import DiffusionPipeline
-
-    try:
-        name = DiffusionPipeline.load_config(path)["_class_name"]
-    except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"cannot read the renderer {path!r} (--renderer): no pipeline's model_index.json there "
-                         f"({type(e).__name__}: {e})") from None
-    kinds = {"Flux2KleinPipeline": "klein", "StableDiffusion3Pipeline": "sd3"}
-    if name not in kinds:
-        raise ValueError(f"{path}: unknown renderer kind {name!r}; AlphaGRPO drives {' or '.join(kinds)}")
-    return kinds[name]
+# The toy world (README, "The toy world"): a target is a colour and a region, in the toy verifier's grammar
+# ("Is the bottom half of the image green?"). Explicit prompts name the target. Implicit ones name a thing;
+# which colour it has and where it sits is the toy world knowledge below, which the reasoner must learn by
+# GRPO: its prior (`toy_reasoner_prior`) only restates explicit requests and never sees these wordings, and
+# the renderer's prior (`toy_renderer_prior`) draws explicit captions only. Train and test use other words.
+# Four colours, none the complement of another: a toy image shows the rest in the complementary colour.
+TOY_COLOURS, TOY_REGIONS = ("red", "green", "blue", "white"), ("top", "bottom", "left", "right")
 
 
-def model_paths(args: Args, out: str) -> tuple[str, str, bool]:
-    """(reasoner path, renderer path, whether the toy world is needed: built once, cached in toy_world_dir)."""
-    toy = args.preset == "toy" and not (args.reasoner and args.renderer)
-    folder = toy_world_dir(args) if toy else ""
-    return args.reasoner or os.path.join(folder, "reasoner"), args.renderer or os.path.join(folder, "renderer"), toy
+TOY_EXPLICIT = {"train": ("the {region} half is {colour}", "{colour} in the {region} half",
+                          "make the {region} half {colour}"),
+                "test": ("paint the {region} half {colour}", "a {colour} {region} half")}
 
 
-def check_models(args: Args, out: str):
-    """The cheap checks, before any model loads (or downloads): the renderer's kind, and that it can refine
-    SRR as asked."""
-    _, renderer, toy = model_paths(args, out)
-    kind = "klein" if toy and not args.renderer else renderer_kind(renderer)
-    if args.srr_refine == "edit" and kind != "klein":
-        raise ValueError("--srr-refine edit needs a renderer that takes a reference image (FLUX.2 klein); "
-                         "Stable Diffusion 3 can only refine by --srr-refine sdedit")
+TOY_WORLD = [  # (colour, region, train wording, test wording)
+    ("green", "bottom", "grass fills the lower half", "a lawn of grass below"),
+    ("blue", "top", "the sky is above", "clear sky overhead"),
+    ("red", "bottom", "fire burns in the lower half", "a fire below"),
+    ("blue", "bottom", "the sea fills the lower half", "a calm sea below"),
+    ("white", "bottom", "snow covers the lower half", "fresh snow below"),
+    ("white", "top", "clouds hang above", "thick clouds overhead"),
+    ("red", "left", "a ripe tomato on the left", "a tomato at the left"),
+    ("green", "right", "a leaf on the right", "a leaf at the right"),
+]
 
 
-def load_policy(args: Args, out: str, device=None, rank: int = 0, world: int = 1) -> Policy:
-    """Build (toy, on rank 0) or load the reasoner and the renderer, with LoRA, on the device and dtype."""
-    device = device or torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                                    "cpu" if args.device == "auto" else args.device)
-    dtype = getattr(torch, args.dtype)
-    reasoner_path, renderer_path, toy = model_paths(args, out)
-    # The toy models are fixed artifacts, like real checkpoints: the same weights whatever --seed says.
-    if toy and rank == 0:
-        build_toy_world(toy_world_dir(args))
-    if world > 1:
-        torch.distributed.barrier()  # the other ranks load what rank 0 wrote
-    from diffusers import Flux2KleinPipeline, StableDiffusion3Pipeline
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    try:
-        processor = AutoProcessor.from_pretrained(reasoner_path)
-        model = AutoModelForImageTextToText.from_pretrained(reasoner_path, dtype=dtype)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot load the reasoner {reasoner_path!r} (--reasoner): {e}") from None
-    kind = renderer_kind(renderer_path)
-    try:
-        pipeline = Flux2KleinPipeline if kind == "klein" else StableDiffusion3Pipeline
-        pipe = pipeline.from_pretrained(renderer_path, dtype=dtype, low_cpu_mem_usage=False)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot load the renderer {renderer_path!r} (--renderer; SD3.5 is gated: accept its "
-                         f"licence and `hf auth login`): {e}") from None
-    torch.manual_seed(args.seed)  # the LoRA init
-    renderer = KleinRenderer(pipe, device, args) if kind == "klein" else SD3Renderer(pipe, device, args)
-    return Policy(Reasoner(processor, model, device, args), renderer, device)
+# The default toy prompts: one target, "the bottom half is green" (headroom 0.2: best of 64 samples minus the
+# mean, untrained toy), in several wordings: the tiny random models learn one target in 20 CPU steps, while
+# targets that differ per prompt split the signal and need several times more steps (README, "The toy task").
+TOY_PROMPTS = [
+    {"prompt": p, "semantic_questions": [{"question": "Is the bottom half of the image green?", "tag": "Spatial"}],
+     "quality_questions": []}
+    for p in ("the bottom half is green", "green grass fills the lower half", "a green meadow at the bottom",
+              "a field below the horizon, green")
+]
 
 
-def prompt_for(rows: list, position: int, seed: int) -> dict:
-    """The prompt at a data position: epochs over the rows, each in its own seeded order."""
-    epoch, i = divmod(position, len(rows))
-    order = list(range(len(rows)))
-    random.Random(seed * 7919 + epoch).shuffle(order)
-    return rows[order[i]]
+def toy_plan(target: dict) -> str:
+    """The plan that names a target: "green bottom"."""
+    return f"{target['colour']} {target['region']}"
 
 
-def save_grid(path: str, tiles: list, cols: int):
-    """A PNG grid of (image, label, text) tiles: rewards and the reasoning (SRR: the reflection) under each."""
-    cell, rows = 128, math.ceil(len(tiles) / cols)
-    grid = Image.new("RGB", (cols * cell, rows * (cell + 36)), "white")
-    draw = ImageDraw.Draw(grid)
-    for n, (im, label, text) in enumerate(tiles):
-        x0, y0 = (n % cols) * cell, (n // cols) * (cell + 36)
-        grid.paste(im.resize((cell, cell), Image.NEAREST), (x0, y0))
-        for line, (s, color) in enumerate([(label, "black"), (text[:24], "gray"), (text[24:48], "gray")]):
-            draw.text((x0 + 2, y0 + cell + 1 + 11 * line), s, fill=color)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    grid.save(path)
+def toy_row(prompt: str, colour: str, region: str, kind: str, split: str) -> dict:
+    return {"prompt": prompt, "semantic_questions": [{"question": f"Is the {region} half of the image {colour}?",
+                                                      "tag": "Spatial"}], "quality_questions": [],
+            "target": {"colour": colour, "region": region}, "kind": kind, "split": split}
 
 
-def plot_curves(metrics: str, path: str):
-    """OUT/curves.png from metrics.jsonl, drawn with PIL: the rewards and plan accuracies (0 to 1) over the
-    steps, and under them the clip fractions (on their own scale). Series that are all null are left out."""
-    with open(metrics) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    panels = [("reward and plan accuracy", ("reward_mean", "eval_reward", "plan_accuracy", "plan_accuracy_implicit",
-                                            "eval_plan_accuracy_implicit"), 1.0),
-              ("clip fractions", ("text_clipfrac", "image_clipfrac"), None)]
-    palette = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
-    W, H = 720, 240  # one panel
-    image = Image.new("RGB", (W, H * len(panels)), "white")
-    d = ImageDraw.Draw(image)
-    s0 = min(r["step"] for r in rows)
-    s1 = max(max(r["step"] for r in rows), s0 + 1)
-    for p, (title, keys, top) in enumerate(panels):
-        series = {k: [(r["step"], r[k]) for r in rows if r.get(k) is not None] for k in keys}
-        series = {k: v for k, v in series.items() if v}
-        top = top or 1.1 * max([y for v in series.values() for _, y in v] + [1e-3])
-        x0, y0, x1, y1 = 56, p * H + 24, W - 190, (p + 1) * H - 28  # the plot's box
-        d.rectangle((x0, y0, x1, y1), outline="black")
-        d.text((x0, y0 - 16), title, fill="black")
-        for frac in (0.0, 0.5, 1.0):
-            y = y1 - frac * (y1 - y0)
-            d.line((x0 - 4, y, x0, y), fill="black")
-            d.text((4, y - 6), f"{frac * top:.3g}", fill="black")
-        d.text((x0, y1 + 6), f"step {s0}", fill="black")
-        d.text((x1 - 60, y1 + 6), f"step {s1}", fill="black")
-        for i, (k, pts) in enumerate(series.items()):
-            colour = palette[keys.index(k)]
-            xy = [(x0 + (s - s0) / (s1 - s0) * (x1 - x0), y1 - min(max(v / top, 0), 1) * (y1 - y0)) for s, v in pts]
-            if len(xy) > 1:
-                d.line(xy, fill=colour, width=2)
-            for x, y in xy[:: max(1, len(xy) // 40)]:  # dots: sparse series (evaluation) stay visible
-                d.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
-            d.text((x1 + 10, y0 + 16 * i), k, fill=colour)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    image.save(path)
+# Each target once explicitly (wordings in turn) and once implicitly, per split.
+TOY_WORLD_PROMPTS = [toy_row(TOY_EXPLICIT[split][k % len(TOY_EXPLICIT[split])].format(colour=c, region=r), c, r,
+                       "explicit", split) for split in ("train", "test") for k, (c, r, _, _) in enumerate(TOY_WORLD)] + [
+    toy_row(words, c, r, "implicit", split) for c, r, train, test in TOY_WORLD
+    for split, words in (("train", train), ("test", test))]
 
 
-def group_tiles(g: Group, n: int = 6) -> list:
-    """One grid row: SRR shows the initial image first, then the refinements beside it."""
-    init = [(g.init_image, f"initial {g.init_reward:.2f}", "")] if g.init_image is not None else []
-    return init + [(im, f"R {float(r):.2f}", y) for im, r, y in zip(g.image.images[:n], g.rewards, g.text.texts)]
+# --------------------------------------------------------------------------------------------------
+# Toy models: the real classes at tiny sizes, saved with save_pretrained and loaded with from_pretrained
+# --------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def evaluate(policy: Policy, rows: list, args: Args, client, path: str, rank=0, world=1):
-    """Render the test prompts with reasoning and the ODE sampler at fixed seeds; the mean DVReward over
-    all of them (gathered from every rank) and a PNG grid. Returns {eval_reward, eval_plan_accuracy (toy
-    targets, else None), eval_plan_accuracy_implicit}."""
-    sigmas, tiles, futures, plans = policy.renderer.sigmas(args.eval_num_steps), [], [], []
-    for k in range(rank, len(rows), world):
-        gen = seeded(args, -1, k)  # the same seeds at every evaluation
-        text = policy.reasoner.generate(RT2I_INSTRUCTION.format(prompt=rows[k]["prompt"]), None, 1)
-        cond = policy.renderer.encode([renderer_text(rows[k]["prompt"], text.texts[0])])
-        x0, _, _ = render(policy.renderer, cond, policy.renderer.noise(1, gen), sigmas, range(0), 0.0)
-        image = policy.renderer.decode(x0)[0]
-        sem, qual = questions(rows[k])
-        futures.append(client.submit([image], [sem], [qual]))  # scored while the next prompt is drawn
-        tiles.append((image, rows[k]["prompt"]))
-        plans.append((text.texts[0], rows[k].get("target"), rows[k].get("kind")))
-    rewards = [f.result()["rewards"][0] for f in futures]
-    tiles = [(im, f"R {r:.2f}", p) for (im, p), r in zip(tiles, rewards)]
-    if world > 1:
-        everyone = [None] * world
-        torch.distributed.all_gather_object(everyone, (rewards, plans))
-        rewards, plans = sum((e[0] for e in everyone), []), sum((e[1] for e in everyone), [])
-    if rank == 0:
-        save_grid(path, tiles[:64], cols=8)
-    implicit = [(y, t) for y, t, kind in plans if kind == "implicit"]
-    return {"eval_reward": sum(rewards) / len(rewards),
-            "eval_plan_accuracy": plan_accuracy([y for y, _, _ in plans], [t for _, t, _ in plans]),
-            "eval_plan_accuracy_implicit": plan_accuracy([y for y, _ in implicit], [t for _, t in implicit])}
+# Model sizes. The toy preset and the real one build the same classes; only these numbers differ. The real
+# ones are the published configs of Qwen3-VL-4B-Instruct and Stable Diffusion 3.5 medium (used by --dry-run;
+# a test checks the parameter counts they give against the published ones).
+SHAPES = {
+    "toy": {
+        "text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=8, max_position_embeddings=4096),
+        "vision": dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32,
+                       num_position_embeddings=64, deepstack_visual_indexes=[0]),
+        "transformer": dict(sample_size=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+                            joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=32,
+                            pos_embed_max_size=8, dual_attention_layers=(0,)),
+        # 4 blocks: the real 8x downsampling, so a 32 px image has 4x4 latents whose colours vary between samples
+        "vae": dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4, sample_size=32),
+        "clip_l": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, projection_dim=16),
+        "clip_g": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, projection_dim=16),
+        "t5": dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8),
+        # FLUX.2 klein at toy size: 1 double-stream + 2 single-stream blocks; a 4-layer Qwen3 read at layers 1-3
+        "flux2_transformer": dict(num_layers=1, num_single_layers=2, attention_head_dim=8, num_attention_heads=4,
+                                  timestep_guidance_channels=16, mlp_ratio=2.0, axes_dims_rope=(2, 2, 2, 2)),
+        # 4 latent channels (patchified to 16); 4 blocks: the real 8x downsampling, so 32 px is 2x2 tokens
+        "flux2_vae": dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                          sample_size=32),
+        "qwen3": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=4, num_attention_heads=2,
+                      num_key_value_heads=1, head_dim=8, max_position_embeddings=1024),
+    },
+    "sd35": {
+        "text": dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
+                     tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 5e6,
+                                                                "mrope_section": [24, 20, 20], "mrope_interleaved": True}),
+        "vision": dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2560,
+                       num_position_embeddings=2304, deepstack_visual_indexes=[5, 11, 17]),
+        "transformer": dict(sample_size=128, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+                            joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+                            pos_embed_max_size=384, dual_attention_layers=tuple(range(13))),
+        "vae": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, sample_size=1024),
+        "clip_l": dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                       num_attention_heads=12, projection_dim=768, hidden_act="quick_gelu"),
+        "clip_g": dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                       num_attention_heads=20, projection_dim=1280, hidden_act="gelu"),
+        "t5": dict(vocab_size=32128, d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24,
+                   feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, relative_attention_max_distance=128),
+    },
+    # FLUX.2-klein-base-4B: the transformer's published config.json, Qwen3-4B as its text encoder, the FLUX.2 VAE
+    "klein": {
+        "flux2_transformer": dict(num_layers=5, num_single_layers=20, attention_head_dim=128, num_attention_heads=24,
+                                  timestep_guidance_channels=256, mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32)),
+        "flux2_vae": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=32,
+                          norm_num_groups=32, sample_size=1024),
+        "qwen3": dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                      tie_word_embeddings=True, rope_theta=1e6),
+    },
+}
 
 
-def plan_names_target(text: str, target: dict) -> bool:
-    """A reasoning text names a toy target when the only colour it names is the target's colour and the only
-    region it names is the target's region ("green bottom" for the green bottom half; not "green red bottom")."""
+SHAPES["klein"].update(text=SHAPES["sd35"]["text"], vision=SHAPES["sd35"]["vision"])  # the same reasoner
+
+
+def make_sd3(shapes: dict, seed: int = 0):
+    """A random StableDiffusion3Pipeline of the given sizes, with SD3.5-medium's fixed fields (16 latent
+    channels, VAE scaling/shift factors, no quant convs, qk RMS-norm, dual-attention layers, flow shift 3)
+    and tokenizers built offline (character-level CLIP BPE, T5 unigram)."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel,
+                              T5Tokenizer)
+
+    torch.manual_seed(seed)
+    chars = sorted(ByteLevel.alphabet())
+    clip_vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, **{c: i + 2 for i, c in enumerate(chars)},
+                  **{c + "</w>": i + 2 + len(chars) for i, c in enumerate(chars)}}
+    clip_tok = CLIPTokenizer(vocab=clip_vocab, merges=[], model_max_length=77)
+    letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;?!'\"-"
+    t5_vocab = ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)] + [(c, -5.0) for c in letters]
+                + [("\u2581" + c, -4.0) for c in letters])
+    t5_tok = T5Tokenizer(vocab=t5_vocab, extra_ids=0, model_max_length=512)
+
+    def clip(sizes, seed_offset):
+        torch.manual_seed(seed + seed_offset)
+        return CLIPTextModelWithProjection(CLIPTextConfig(**{
+            "vocab_size": len(clip_vocab), "max_position_embeddings": 77, "bos_token_id": 0, "eos_token_id": 1,
+            "pad_token_id": 1, **sizes}))
+
+    te1, te2 = clip(shapes["clip_l"], 1), clip(shapes["clip_g"], 2)
+    te3 = T5EncoderModel(T5Config(**{"vocab_size": len(t5_vocab), **shapes["t5"]}))
+    transformer = SD3Transformer2DModel(patch_size=2, in_channels=16, out_channels=16, qk_norm="rms_norm",
+                                        **shapes["transformer"])
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        use_quant_conv=False, use_post_quant_conv=False, **shapes["vae"])
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=te1, tokenizer=clip_tok, text_encoder_2=te2, tokenizer_2=clip_tok,
+        text_encoder_3=te3, tokenizer_3=t5_tok)
+
+
+def make_klein(shapes: dict, seed: int = 0):
+    """A random Flux2KleinPipeline of the given sizes (base, not distilled: it uses CFG), with klein's fixed
+    fields (patch size 1 over 2x2-patchified latents, no guidance embedding, rope theta 2000, the dynamic-shift
+    scheduler); the toy gets the word-level tokenizer, the real shapes Qwen3's vocabulary size."""
+    from diffusers import (AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline,
+                           Flux2Transformer2DModel)
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tok = toy_tokenizer()
+    torch.manual_seed(seed)
+    te = Qwen3ForCausalLM(Qwen3Config(**{"vocab_size": len(tok), "tie_word_embeddings": True, **shapes["qwen3"]}))
+    vae = AutoencoderKLFlux2(**shapes["flux2_vae"])
+    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=4 * shapes["flux2_vae"]["latent_channels"],
+                                          joint_attention_dim=3 * shapes["qwen3"]["hidden_size"], guidance_embeds=False,
+                                          **shapes["flux2_transformer"])
+    scheduler = FlowMatchEulerDiscreteScheduler(  # the pipeline passes its own mu: the shift bounds do not act
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096, time_shift_type="exponential")
+    return Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=te, tokenizer=tok, transformer=transformer,
+                              is_distilled=False)
+
+
+def build_toy_vlm(path: str, seed: int = 0, hidden: int = 32, layers: int = 2, image_px: int = 64) -> str:
+    """The toy reasoner / verifier, saved with save_pretrained (so from_pretrained, the real loading code,
+    reads it back). hidden/layers/image_px give bigger random models for benchmarks. Returns path."""
+    text = {**SHAPES["toy"]["text"], "hidden_size": hidden, "intermediate_size": 2 * hidden,
+            "num_hidden_layers": layers, "head_dim": hidden // 4}
+    processor, model = make_vlm(text, {**SHAPES["toy"]["vision"], "out_hidden_size": hidden}, image_px, seed)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def build_toy_sd3(path: str, seed: int = 0) -> str:
+    """The toy renderer, saved with save_pretrained. Returns path."""
+    pipe = make_sd3(SHAPES["toy"], seed)
+    linear_decoder(pipe.vae)
+    pipe.save_pretrained(path)
+    return path
+
+
+def build_toy_klein(path: str, seed: int = 0) -> str:
+    """The toy renderer: a tiny FLUX.2 klein, saved with save_pretrained. Returns path."""
+    pipe = make_klein(SHAPES["toy"], seed)
+    linear_decoder(pipe.vae)
+    with torch.no_grad():  # a trained Qwen3's hidden states are O(1); a random one's are its 0.02-scale embeddings,
+        pipe.text_encoder.get_input_embeddings().weight.normal_(0, 1)  # too faint for the renderer to learn to read
+    pipe.save_pretrained(path)
+    return path
+
+
+def linear_decoder(vae):
+    """Hand-set weights, so that the toy task can be learnt in 20 CPU steps (README): zero the VAE decoder's
+    residual branches (ResNet conv2, attention output): it becomes a near-linear map from latents to pixels,
+    so "greener" is one direction in latent space, not a maze; and raise the contrast (random init decodes
+    to near-grey)."""
+    with torch.no_grad():
+        for name, m in vae.decoder.named_modules():
+            if name.endswith(("conv2", "to_out.0")):
+                m.weight.zero_()
+                m.bias.zero_()
+        vae.decoder.conv_out.weight.mul_(3.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# The toy world's priors, built once and cached
+# --------------------------------------------------------------------------------------------------
+
+
+# The toy world's priors. A real unified model arrives with priors: it follows instructions and draws what
+# explicit words say, which is why the paper's RL needs no cold start. The random toy models have none, so the
+# toy world gives them a short supervised cold start on explicit requests only; what the implicit prompts mean
+# (grass -> green bottom) is left for GRPO to find. Built once per configuration and cached (toy_world_dir).
+TOY_BUILD = dict(seed=0, reasoner_steps=450, reasoner_warmup=300, reasoner_lr=3e-3, reasoner_batch=32, guess_share=0.4,
+                 vae_steps=200, vae_lr=3e-3, renderer_steps=1000, renderer_lr=3e-3, batch=16, caption_dropout=0.1)
+
+
+# Requests that leave the colour or the region open, about things that have neither in the toy world: the
+# prior's plan guesses what is open, uniformly. So the reasoner learns to copy what a request names and to guess
+# the rest, rather than to map every unknown word to one fixed plan; its guesses are what GRPO explores.
+TOY_OPEN = ("a {thing} in the {region} half", "the {thing} is {colour}", "a {thing} somewhere")
+
+
+TOY_THINGS = ("thing", "shape", "pattern", "picture", "wall", "cloth")
+
+
+def toy_targets() -> list[dict]:
+    """Every colour x region of the toy world (4 x 4): the priors learn this grammar, not the table."""
+    return [{"colour": c, "region": r} for c in TOY_COLOURS for r in TOY_REGIONS]
+
+
+def toy_image(target: dict, size: int) -> Image.Image:
+    """A synthetic toy image: the target's region in its colour, the rest in the complementary colour (green
+    bottom, magenta top): two colours symmetric about grey, which the toy VAE's near-linear decoder draws best."""
     from reward_server import ToyVerifier
 
-    words = set(text.lower().replace(":", " ").replace(".", " ").replace(",", " ").split())
-    return words & set(ToyVerifier.COLOURS) == {target["colour"]} and words & set(TOY_REGIONS) == {target["region"]}
+    rgb = [int(255 * c) for c in ToyVerifier.COLOURS[target["colour"]]]
+    im, h = Image.new("RGB", (size, size), tuple(255 - c for c in rgb)), size // 2
+    im.paste(tuple(rgb), {"top": (0, 0, size, h), "bottom": (0, h, size, size), "left": (0, 0, h, size),
+                          "right": (h, 0, size, size)}[target["region"]])
+    return im
 
 
-def plan_accuracy(texts: list[str], targets: list) -> float | None:
-    """The share of reasoning texts that name their row's target (`plan_names_target`), over the texts whose
-    row has one; None when none has (prompt sets without toy targets)."""
-    pairs = [(y, t) for y, t in zip(texts, targets) if t is not None]
-    return sum(plan_names_target(y, t) for y, t in pairs) / len(pairs) if pairs else None
+def fit(params, lr: float, steps: int, loss_fn) -> float:
+    """Supervised training of `params` (their requires_grad on only meanwhile): AdamW, no weight decay (words a
+    prior never sees keep their embeddings), the learning rate decaying linearly to 0. loss_fn(step) -> loss."""
+    params = list(params)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    for step in range(steps):
+        opt.param_groups[0]["lr"] = lr * (1 - step / steps)
+        loss = loss_fn(step)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for p in params:
+        p.requires_grad_(False)
+    return loss.item()
 
 
-def summarize(g: Group) -> dict:
-    """What the metrics need from a group, as plain numbers (so ranks can gather them)."""
-    tags = {}
-    for key, skey in (("semantic_questions", "semantic_scores"), ("quality_questions", "quality_scores")):
-        for scores in g.scores[skey]:
-            for q, s in zip(g.row[key], scores):
-                tags.setdefault(q["tag"], []).append(s)
-    return {"task": g.task, "rewards": g.rewards.tolist(), "init_reward": g.init_reward, "skip": g.skip,
-            "failed": None if g.failed is None else g.failed.float().mean().item(),
-            "text_len": g.text.mask.sum(1).float().mean().item(), "tags": tags, "kind": g.row.get("kind"),
-            "plan_accuracy": plan_accuracy(g.text.texts, [g.row.get("target")] * len(g.text.texts))}
+def toy_reasoner_prior(reasoner: Reasoner, steps: int, warmup: int, lr: float, guess_share: float, batch: int,
+                       seed: int) -> float:
+    """Instruction prior: teacher-force the plan ("green bottom" + EOS) after an explicit request in the RT2I
+    instruction. After `warmup` steps, a `guess_share` of the batches are open requests (TOY_OPEN) whose plan
+    guesses the open part. Implicit wordings are never shown. Trains the language model's own weights (its
+    LoRA stays zero); returns the last loss."""
+    rng, targets, inputs = random.Random(seed), toy_targets(), {}
+    tok, eos = reasoner.processor.tokenizer, int(reasoner.eos_ids[0])
+
+    def loss(step):
+        template = rng.choice(TOY_OPEN if step >= warmup and rng.random() < guess_share else TOY_EXPLICIT["train"])
+        prompts, plans = [], []
+        for t, guess in zip(rng.choices(targets, k=batch), rng.choices(targets, k=batch)):
+            prompts.append(template.format(**t, thing=rng.choice(TOY_THINGS)))  # one template: one length
+            plans.append(toy_plan({k: t[k] if "{" + k + "}" in template else guess[k] for k in t}))
+        for p in prompts:
+            if p not in inputs:  # the processor once per prompt, not per step
+                inputs[p] = reasoner.chat_inputs(RT2I_INSTRUCTION.format(prompt=p), None, 1)
+        ids = [tok(p, add_special_tokens=False)["input_ids"] + [eos] for p in plans]
+        ids = torch.tensor(ids, device=reasoner.device)  # (B, L): one template, so one length
+        batch_inputs = {k: torch.cat([inputs[p][k] for p in prompts]) for k in inputs[prompts[0]]}
+        return -reasoner.token_logprobs(TextRollout(batch_inputs, ids, torch.ones_like(ids), plans)).mean()
+
+    lm = [p for n, p in reasoner.model.named_parameters() if ".lora_" not in n and ".visual." not in n]
+    return fit(lm, lr, steps, loss)
 
 
-def metrics_row(step: int, summaries: list, stats: list, zero_std_frac: float, timers: dict, tags: list,
-                args: Args) -> dict:
-    """One JSON row per step; every row has every key (null where it does not apply, never NaN)."""
-    R = torch.tensor([r for s in summaries for r in s["rewards"]])
-    row = {"step": step, "reward_mean": R.mean().item(), "reward_std": R.std(unbiased=False).item(),
-           "zero_std_frac": zero_std_frac,
-           **{k: mean_or_none([st[k] for st in stats]) for k in
-              ("text_loss", "image_loss", "text_clipfrac", "image_clipfrac", "text_kl", "image_kl")},
-           **{f"time_{k}": timers[k] for k in ("reason", "render", "reward_wait", "train", "step")},
-           "text_len": mean_or_none([s["text_len"] for s in summaries]), "eval_reward": None,
-           # toy world: plans that name the target (null without targets), all prompts and the implicit ones
-           "plan_accuracy": mean_or_none([s["plan_accuracy"] for s in summaries]),
-           "plan_accuracy_implicit": mean_or_none([s["plan_accuracy"] for s in summaries if s["kind"] == "implicit"]),
-           "eval_plan_accuracy": None, "eval_plan_accuracy_implicit": None}
-    row.update({f"score_{t}": mean_or_none([x for s in summaries for x in s["tags"].get(t, [])]) for t in tags})
-    if args.task != "rt2i":
-        srr = [s for s in summaries if s["task"] == "srr"]
-        row.update({
-            "reward_init_mean": mean_or_none([s["init_reward"] for s in srr]),
-            "reward_refined_mean": mean_or_none([sum(s["rewards"]) / len(s["rewards"]) for s in srr]),
-            "improved_frac": mean_or_none([sum(r > s["init_reward"] for r in s["rewards"]) / len(s["rewards"])
-                                           for s in srr]),
-            "fpr_frac": mean_or_none([s["failed"] if args.fpr else 0.0 for s in srr]),
-            "skipped_frac": mean_or_none([float(s["skip"]) for s in srr])})
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+def toy_renderer_prior(renderer: Renderer, vae_steps: int, vae_lr: float, steps: int, lr: float, batch: int,
+                       caption_dropout: float, seed: int) -> tuple[float, float]:
+    """Drawing prior, written against the Renderer interface: an autoencoder run of the VAE (the toy's random
+    encoder is no inverse of its decoder, and SRR encodes images), then flow matching of the transformer on
+    synthetic images with explicit captions, alone or with the plan, or an open request with the plan.
+    Caption dropout keeps the unconditional velocity that CFG needs. Returns the last (VAE, flow) losses."""
+    rng, gen, targets = random.Random(seed), torch.Generator().manual_seed(seed), toy_targets()
+    images = [toy_image(t, renderer.args.resolution) for t in targets]
+    pixels = torch.cat([renderer.pixels(im) for im in images]).to(renderer.vae.dtype)  # (32, 3, H, W) in [-1, 1]
+
+    def vae_loss(step):  # x -> z (the posterior's mode, as encode_image takes it) -> x, z at unit scale
+        x = pixels[rng.choices(range(len(targets)), k=batch)]
+        z = renderer.vae.encode(x).latent_dist.mode()
+        x_hat = renderer.vae.decode(z, return_dict=False)[0].clamp(-1, 1)  # an image shows clamped pixels
+        return ((x_hat - x) ** 2).mean() + (z.std() - 1) ** 2
+
+    loss_vae = fit(renderer.vae.parameters(), vae_lr, vae_steps, vae_loss)
+    x0_all = torch.cat([renderer.encode_image(im) for im in images])  # (32, ...) in the sampler's latent space
+
+    def caption(t):
+        words = rng.choice(TOY_EXPLICIT["train"]).format(**t)
+        open_words = rng.choice(TOY_OPEN).format(**t, thing=rng.choice(TOY_THINGS))
+        return "" if rng.random() < caption_dropout else rng.choice([words, renderer_text(words, toy_plan(t)),
+                                                                      renderer_text(open_words, toy_plan(t))])
+
+    pools = []  # captions are encoded once, in 16 batches reused in turn (encode() is the slow part)
+    for _ in range(16):
+        rows = [rng.randrange(len(targets)) for _ in range(batch)]
+        pools.append((rows, renderer.encode([caption(targets[i]) for i in rows])))
+    sigmas = renderer.sigmas(renderer.args.num_steps)[:-1].tolist()  # where the toy's sampler evaluates v
+
+    def flow_loss(step):  # x_t = (1 - t) x_0 + t eps; the sampler integrates v = eps - x_0
+        rows, cond = pools[step % len(pools)]
+        x0, eps, sigma = x0_all[rows], renderer.noise(len(rows), gen), rng.choice(sigmas)
+        v = renderer.velocity((1 - sigma) * x0 + sigma * eps, sigma, cond, guidance=1.0)
+        return ((v - (eps - x0)) ** 2).mean()
+
+    weights = [p for n, p in renderer.transformer.named_parameters() if ".lora_" not in n]
+    return loss_vae, fit(weights, lr, steps, flow_loss)
 
 
-def setup_distributed():
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: one process per GPU (gloo on CPU). Returns (rank, world, device)."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world == 1:
-        return 0, 1, None
-    cuda = torch.cuda.is_available()
-    torch.distributed.init_process_group("nccl" if cuda else "gloo")
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    if cuda:
-        torch.cuda.set_device(local)
-    return torch.distributed.get_rank(), world, torch.device(f"cuda:{local}" if cuda else "cpu")
+def strip_lora(model: nn.Module):
+    """Put the base Linear layers back (LoRA B is still zero, so nothing is lost): the model saves as its class."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, LoRALinear):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, m.base)
 
 
-def train(args: Args, policy: Policy | None = None) -> str:
-    """The training loop (one process, or one per GPU under torchrun). Returns the output folder."""
-    rank, world, device = setup_distributed()
-    if args.groups_per_step % world:
-        raise ValueError(f"--groups-per-step {args.groups_per_step} must be a multiple of the {world} processes")
-    resumed_run = args.resume and (os.path.dirname(os.path.dirname(os.path.abspath(args.resume)))  # .../checkpoints/step_N
-                                   if os.path.exists(os.path.join(args.resume, "state.json")) else args.resume)
-    out = args.out or resumed_run or os.path.join("runs", f"{args.preset}-{args.task}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if rank == 0 and not args.resume and os.path.exists(os.path.join(out, "metrics.jsonl")):
-        raise ValueError(f"{out} already holds a run (metrics.jsonl): pass --resume {out} or another --out")
-    toy_rows = args.preset == "toy" and not args.prompts  # the data first: a bad row fails before any model loads
-    rows = [r for r in TOY_PROMPTS if r["split"] == "train"] if toy_rows else load_prompts(args.prompts, "train")
-    eval_rows = [r for r in TOY_PROMPTS if r["split"] == "test"] if toy_rows else load_prompts(args.prompts, "test")
-    tags = sorted({q["tag"] for r in rows for k in ("semantic_questions", "quality_questions")
-                   for q in r[k] if q["tag"]})
-    if not (args.dry_run or args.reward_url or args.preset == "toy"):
-        raise ValueError("--reward-url is required: start `python reward_server.py --verifier <model>` first")
-    if policy is None:
-        check_models(args, out)
-    os.makedirs(out, exist_ok=True)
-    policy = policy or load_policy(args, out, device, rank, world)
-    optimizer = make_optimizer(policy, args)
-    start = load_checkpoint(args.resume, policy, optimizer, args) if args.resume else 0
-    if rank == 0:
-        keep_metrics_before(os.path.join(out, "metrics.jsonl"), start)
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-        with open(os.path.join(out, "args.json"), "w") as f:
-            json.dump({**dataclasses.asdict(args), "git_commit": commit, "world_size": world}, f, indent=1)
-    server = None
-    if args.dry_run and not args.reward_url:
-        client = RandomRewards()
-    else:
-        if not args.reward_url:  # the toy preset starts its own toy verifier
-            server, args.reward_url = start_reward_server()
-        client = RewardClient(args.reward_url, args.reward_token or os.environ.get("ALPHAGRPO_REWARD_TOKEN", ""),
-                              args.reward_patience)
-    sigmas = policy.renderer.sigmas(args.num_steps)
-    if rank == 0:
-        print(f"training {args.preset}/{args.task}, steps {start}..{args.steps - 1}, {world} process(es) on "
-              f"{policy.device}; reward server {args.reward_url}; writing {out}")
+def toy_world_dir(args: Args) -> str:
+    """The toy world's folder: <--toy-cache>/toy-<hash of everything the build reads, its code included>."""
+    import hashlib
+    import inspect
+
+    import diffusers
+    import transformers
+
+    code = [inspect.getsource(f) for f in (toy_tokenizer, make_vlm, make_klein, build_toy_vlm, build_toy_klein,
+                                           linear_decoder, Reasoner, Renderer, KleinRenderer, LoRALinear, toy_targets,
+                                           toy_image, fit, toy_reasoner_prior, toy_renderer_prior, build_toy_world)]
+    data = [SHAPES["toy"], TOY_WORDS, TOY_COLOURS, TOY_REGIONS, TOY_EXPLICIT, TOY_OPEN, TOY_THINGS, TOY_BUILD]
+    key = json.dumps(data + [RT2I_INSTRUCTION, code,
+                      dataclasses.asdict(Args(**PRESETS["toy"])), torch.__version__, transformers.__version__,
+                      diffusers.__version__], default=str)
+    root = args.toy_cache or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                                          "alphagrpo")
+    return os.path.join(root, "toy-" + hashlib.sha256(key.encode()).hexdigest()[:16])
+
+
+def build_toy_world(folder: str) -> tuple[str, str]:
+    """The toy reasoner and renderer with their priors, built into `folder` unless it holds them already.
+    Returns (reasoner path, renderer path)."""
+    import shutil
+    import tempfile
+
+    paths = os.path.join(folder, "reasoner"), os.path.join(folder, "renderer")
+    if os.path.exists(os.path.join(folder, "build.json")):
+        return paths
+    print(f"building the toy world (once, about a minute): {folder}", flush=True)
+    t0, b = time.perf_counter(), TOY_BUILD
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".building-", dir=os.path.dirname(folder))  # renamed when complete
     try:
-        for step in tqdm(range(start, args.steps), desc="train", dynamic_ncols=True, disable=rank != 0):
-            t_step = time.perf_counter()
-            timers = {"reason": 0.0, "render": 0.0, "reward_wait": 0.0, "train": 0.0}
-            groups = rollout_step(policy, step, rows, args, client, sigmas, timers, rank, world)
-            t0 = time.perf_counter()
-            for g in groups:
-                finish_group(g, args)
-            timers["reward_wait"] += time.perf_counter() - t0
-            zero_std_frac = assign_advantages(groups, args, world)
-            t0 = time.perf_counter()
-            stats = update(policy, optimizer, groups, args, random.Random(args.seed * 31 + step), world)
-            timers["train"] = time.perf_counter() - t0
-            timers["step"] = time.perf_counter() - t_step
-            local = {"summaries": [summarize(g) for g in groups], "stats": stats, "zero": zero_std_frac,
-                     "timers": timers}
-            everyone = [local]
-            if world > 1:
-                everyone = [None] * world
-                torch.distributed.all_gather_object(everyone, local)
-            evaluation = {}
-            last = step == args.steps - 1
-            if args.eval_every and (step % args.eval_every == 0 or last):
-                evaluation = evaluate(policy, eval_rows, args, client, os.path.join(out, "eval", f"step_{step:06d}.png"),
-                                      rank, world)
-            if rank == 0:
-                row = metrics_row(step, [s for e in everyone for s in e["summaries"]],
-                                  [s for e in everyone for s in e["stats"]],
-                                  sum(e["zero"] for e in everyone) / world, everyone[0]["timers"], tags, args)
-                row.update(evaluation)
-                with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                if args.sample_every and (step % args.sample_every == 0 or last):
-                    tiles = [t for g in groups[:4] for t in group_tiles(g)]
-                    save_grid(os.path.join(out, "samples", f"step_{step:06d}.png"), tiles,
-                              cols=max(len(group_tiles(g)) for g in groups[:4]))
-                if last or (args.sample_every and step % args.sample_every == 0):
-                    plot_curves(os.path.join(out, "metrics.jsonl"), os.path.join(out, "curves.png"))
-                if args.save_every and ((step + 1) % args.save_every == 0 or last):  # after its metrics row
-                    save_checkpoint(policy, optimizer, args, step + 1, out)
-    except RewardError as e:
-        last = sorted(os.listdir(os.path.join(out, "checkpoints"))) if os.path.isdir(os.path.join(out, "checkpoints")) else []
-        raise RewardError(f"{e}. The run stopped at step {step}: metrics.jsonl holds every finished step; the last "
-                          f"checkpoint is {last[-1] if last else 'none yet'} (continue with --resume {out})") from None
-    finally:
-        client.close()
-        if server is not None:
-            server.terminate()
-        if world > 1:
-            torch.distributed.destroy_process_group()
-    return out
-
-
-def keep_metrics_before(path: str, step: int):
-    """On resume, drop metric rows at or after the checkpoint's step (a killed run may have written some)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line)["step"] < step]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(rows)
-    os.replace(path + ".tmp", path)
-
-
-# --------------------------------------------------------------------------------------------------
-# Inference: reasoning, then rounds of self-reflective refinement (Sec. 4.1, "inference-time" SRR)
-# --------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def draw(policy: Policy, args: Args, prompt: str, gen: torch.Generator, reasoning: bool = True):
-    """Round 0 (RT2I): plan with RT2I_INSTRUCTION (no plan with reasoning off), then the ODE sampler from fresh
-    noise drawn from `gen`. Returns (PIL image, text)."""
-    renderer = policy.renderer
-    text = policy.reasoner.generate(RT2I_INSTRUCTION.format(prompt=prompt), None, 1).texts[0] if reasoning else ""
-    x0, _, _ = render(renderer, renderer.encode([renderer_text(prompt, text)]), renderer.noise(1, gen),
-                      renderer.sigmas(args.eval_num_steps), range(0), 0.0)
-    return renderer.decode(x0)[0], text
-
-
-@torch.no_grad()
-def refine(policy: Policy, args: Args, prompt: str, image: Image.Image, gen: torch.Generator, reasoning: bool = True,
-           instruction: str = REFLECT_INSTRUCTION):
-    """One SRR round: the reasoner looks at `image` with `instruction` (reflect mode; EDIT_INSTRUCTION makes the
-    round an edit of a source image), then the renderer redraws conditioned on the image, as training does
-    (`refinement_inputs`: in context for klein, SDEdit for SD3). Returns (PIL image, text)."""
-    renderer, sigmas = policy.renderer, policy.renderer.sigmas(args.eval_num_steps)
-    text = policy.reasoner.generate(instruction.format(prompt=prompt), image, 1).texts[0] if reasoning else ""
-    cond, start, x = refinement_inputs(renderer, args, [renderer_text(prompt, text)], renderer.encode_image(image),
-                                       renderer.noise(1, gen), sigmas)
-    x0, _, _ = render(renderer, cond, x, sigmas, range(0), 0.0, start=start)
-    return renderer.decode(x0)[0], text
-
-
-@torch.no_grad()
-def sample(args: Args, prompt: str, refine_rounds: int = 0, checkpoint: str = "", question: list = ()):
-    """Draw `prompt` with reasoning (ODE sampler), then `refine_rounds` rounds of reflect-and-refine. Writes
-    each round's image, text and reward (when questions are known: --question, or the prompt's row in the
-    prompt set) and a side-by-side PNG."""
-    out = args.out or os.path.join("runs", f"sample-{time.strftime('%Y%m%d-%H%M%S')}")
-    check_models(args, out)
-    os.makedirs(out, exist_ok=True)
-    policy = load_policy(args, out)
-    if checkpoint:
-        load_checkpoint(checkpoint, policy, None, args)
-    rows = TOY_PROMPTS if args.preset == "toy" and not args.prompts else load_prompts(args.prompts, None)
-    row = next((r for r in rows if r["prompt"] == prompt), None)
-    if question:
-        row = {"prompt": prompt, "semantic_questions": [{"question": q, "tag": None} for q in question],
-               "quality_questions": []}
-    server, client = None, None
-    if row is not None and (args.reward_url or args.preset == "toy"):
-        if not args.reward_url:
-            server, args.reward_url = start_reward_server()
-        client = RewardClient(args.reward_url, args.reward_token or os.environ.get("ALPHAGRPO_REWARD_TOKEN", ""),
-                              args.reward_patience)
-    gen = seeded(args, 0, 0)
-    rounds, image = [], None
-    try:
-        for k in range(refine_rounds + 1):
-            # round 0 plans, then draws; later rounds reflect on the last image, then redraw it
-            image, text = draw(policy, args, prompt, gen) if k == 0 else refine(policy, args, prompt, image, gen)
-            reward = None
-            if client is not None:
-                sem, qual = questions(row)
-                reward = client.submit([image], [sem], [qual]).result()["rewards"][0]
-            image.save(os.path.join(out, f"round_{k}.png"))
-            rounds.append({"round": k, "text": text, "reward": reward, "image": f"round_{k}.png"})
-            print(f"round {k}: reward {reward if reward is None else round(reward, 4)} | {text}")
-    finally:
-        if server is not None:
-            server.terminate()
-    with open(os.path.join(out, "rounds.json"), "w") as f:
-        json.dump({"prompt": prompt, "rounds": rounds}, f, indent=1)
-    save_grid(os.path.join(out, "side_by_side.png"), [
-        (Image.open(os.path.join(out, r["image"])), f"round {r['round']}" + (
-            f"  R {r['reward']:.2f}" if r["reward"] is not None else ""), r["text"]) for r in rounds], cols=len(rounds))
-    print(f"wrote {out}/side_by_side.png")
-    return out
+        args = Args(**PRESETS["toy"], device="cpu", seed=b["seed"])
+        policy = load_policy(dataclasses.replace(args, reasoner=build_toy_vlm(os.path.join(tmp, "reasoner")),
+                                                 renderer=build_toy_klein(os.path.join(tmp, "renderer"))), tmp)
+        plan_loss = toy_reasoner_prior(policy.reasoner, b["reasoner_steps"], b["reasoner_warmup"], b["reasoner_lr"],
+                                       b["guess_share"], b["reasoner_batch"], b["seed"])
+        vae_loss, flow_loss = toy_renderer_prior(policy.renderer, b["vae_steps"], b["vae_lr"], b["renderer_steps"],
+                                                 b["renderer_lr"], b["batch"], b["caption_dropout"], b["seed"])
+        for model in (policy.reasoner.model, policy.renderer.transformer):
+            strip_lora(model)
+        policy.reasoner.model.save_pretrained(os.path.join(tmp, "reasoner"))
+        policy.renderer.transformer.save_pretrained(os.path.join(tmp, "renderer", "transformer"))
+        policy.renderer.vae.save_pretrained(os.path.join(tmp, "renderer", "vae"))
+        report = {"seconds": round(time.perf_counter() - t0, 1), "plan_loss": plan_loss, "vae_loss": vae_loss,
+                  "flow_loss": flow_loss, **b}
+        with open(os.path.join(tmp, "build.json"), "w") as f:
+            json.dump(report, f, indent=1)
+        if os.path.exists(folder):  # another process finished first: keep its copy
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"toy world built in {report['seconds']:.0f} s: plan loss {plan_loss:.3f}, VAE loss {vae_loss:.4f}, "
+          f"flow loss {flow_loss:.3f}", flush=True)
+    return paths
 
 
 # --------------------------------------------------------------------------------------------------
 # Evaluation on the paper's benchmarks: GenEval, DPG-Bench, WISE, TIIF-Bench (generation), GEdit-Bench (editing)
 # --------------------------------------------------------------------------------------------------
+
 
 # A reader turns a benchmark's own files into items {"id", "prompt", "source" (GEdit-Bench's source image path,
 # else None), "images" (paths in a round's tree: one per sample, or one grid of all samples for DPG-Bench),
@@ -2184,6 +2305,8 @@ def sample(args: Args, prompt: str, refine_rounds: int = 0, checkpoint: str = ""
 # (README, "Evaluating on the paper's benchmarks"); the scorers themselves are not re-implemented.
 
 MODEL_NAME = "alphagrpo"  # the model's folder in TIIF-Bench's and GEdit-Bench's trees
+
+
 # GEdit-Bench's round 0 is an edit of the source image: `refine` with this instead of REFLECT_INSTRUCTION
 EDIT_INSTRUCTION = (
     "This image must be edited as follows: \"{prompt}\". Describe the edited image as short visual facts: what "
@@ -2439,7 +2562,8 @@ def evaluate_benchmark(args: Args, benchmark: str, data: str, refine_rounds: int
                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
     manifest = {
         "benchmark": benchmark, "checkpoint": arguments["checkpoint"] or None, "commit": commit, "arguments": arguments,
-        "seeds": {"rule": "sample j of an item: seeded(seed, j, item seed), one generator through all its rounds",
+        "seeds": {"rule": "sample j of an item: seed_torch_and_group_rng(seed, j, item seed), one generator "
+                          "through all its rounds",
                   "items": seeds},
         "counts": {"prompts": len(items), "samples_per_prompt": K, "rounds": len(trees),
                    "images_per_round": sum(len(it["images"]) for it in items), "already_done": len(items) - len(todo),
@@ -2466,7 +2590,7 @@ def evaluate_benchmark(args: Args, benchmark: str, data: str, refine_rounds: int
                 raise ValueError(f"{it['source']}: not a readable image ({e})") from None
         rounds, texts = [[] for _ in trees], []  # rounds[k][j]: sample j after round k
         for j in range(K):
-            gen, image = seeded(args, j, seeds[it["id"]]), source
+            gen, image = seed_torch_and_group_rng(args, j, seeds[it["id"]]), source
             for k in range(len(trees)):
                 if k == 0 and source is None:  # text-to-image: plan, then draw
                     image, text = draw(policy, args, it["prompt"], gen, reasoning)
@@ -2494,8 +2618,27 @@ def evaluate_benchmark(args: Args, benchmark: str, data: str, refine_rounds: int
 
 
 # --------------------------------------------------------------------------------------------------
-# The memory plan, the dry run, the GPU bench and main
+# The memory plan, the dry run and the GPU bench (random weights at real shapes)
 # --------------------------------------------------------------------------------------------------
+
+
+class RandomRewards:
+    """--dry-run without --reward-url: seeded random scores in place of a verifier. A dry run measures
+    memory and time, not learning."""
+
+    def __init__(self):
+        self.rng = random.Random(0)
+
+    def submit(self, images: list, semantic: list, quality: list) -> Future:
+        sem = [[self.rng.random() for _ in qs] for qs in semantic]
+        qual = [[self.rng.random() for _ in qs] for qs in quality]
+        f = Future()
+        f.set_result({"rewards": [math.sqrt((sum(s) / len(s) if s else 1.0) * (sum(q) / len(q) if q else 1.0))
+                                  for s, q in zip(sem, qual)], "semantic_scores": sem, "quality_scores": qual})
+        return f
+
+    def close(self):
+        pass
 
 
 def memory_plan(policy_parts: dict, args: Args) -> list:
@@ -2561,7 +2704,8 @@ def dry_run(args: Args):
                       "renderer.text_encoder_2 (CLIP-G)": pipe.text_encoder_2,
                       "renderer.text_encoder_3 (T5)": pipe.text_encoder_3})
     rows = memory_plan(parts, args)
-    print(f"--dry-run of the {args.preset} preset ({'random weights on ' + torch.cuda.get_device_name() if cuda else 'meta device'}"
+    where = "random weights on " + torch.cuda.get_device_name() if cuda else "meta device"
+    print(f"--dry-run of the {args.preset} preset ({where}"
           f"), G={args.group_size}, {args.resolution}px, W={args.sde_window}, {args.dtype}")
     for name, n, gb in rows:
         print(f"  {name:<48} {'' if n is None else f'{n / 1e9:7.3f} B params':>16} {gb:8.2f} GB")
@@ -2589,11 +2733,12 @@ def stock_pipeline(renderer: Renderer, cond: tuple, x_T: torch.Tensor, steps: in
     """The diffusers pipeline itself (StableDiffusion3Pipeline or Flux2KleinPipeline) from our x_T and text
     embeddings, at our steps and CFG; its final latents in our sampler's space. Text-to-image only."""
     G, res, pipe = len(x_T), renderer.args.resolution, renderer.pipe
-    common = dict(latents=x_T.to(renderer.dtype), num_inference_steps=steps, guidance_scale=renderer.args.guidance_scale,
-                  height=res, width=res, output_type="latent", prompt_embeds=cond[0][G:],
+    common = dict(latents=x_T.to(renderer.dtype), num_inference_steps=steps, height=res, width=res,
+                  guidance_scale=renderer.args.guidance_scale, output_type="latent", prompt_embeds=cond[0][G:],
                   negative_prompt_embeds=cond[0][:G])
     if isinstance(renderer, SD3Renderer):
-        return pipe(pooled_prompt_embeds=cond[1][G:], negative_pooled_prompt_embeds=cond[1][:G], **common).images.float()
+        pooled = dict(pooled_prompt_embeds=cond[1][G:], negative_pooled_prompt_embeds=cond[1][:G])
+        return pipe(**pooled, **common).images.float()
     z = pipe(max_sequence_length=renderer.args.max_text_tokens, text_encoder_out_layers=renderer.text_layers,
              **common).images.float()  # un-normalized, unpatchified: back to the sampler's space
     return (pipe._patchify_latents(z) - renderer.bn_mean) / renderer.bn_std
@@ -2624,7 +2769,7 @@ def bench(args: Args, verifier: str = "", repeats: int = 3) -> dict:
             if isinstance(m, LoRALinear):
                 m.lora_B.weight.normal_(0, 1e-2)
     rows = load_prompts(args.prompts, "train") if args.prompts else TOY_PROMPTS
-    gen, sigmas = seeded(args, 0, 0), renderer.sigmas(args.num_steps)
+    gen, sigmas = seed_torch_and_group_rng(args, 0, 0), renderer.sigmas(args.num_steps)
     name = torch.cuda.get_device_name() if cuda else "cpu"
     print(f"bench: {args.preset} preset, random weights on {name}, {args.dtype}, G={G}, {args.resolution}px, "
           f"T={args.num_steps}, W={args.sde_window}, {args.max_new_tokens} new tokens at most", flush=True)
@@ -2641,12 +2786,15 @@ def bench(args: Args, verifier: str = "", repeats: int = 3) -> dict:
     # 1. On-policy exactness of the first update (Sec. 3: the ratio must start at exactly 1)
     g = rollout_group(policy, rows[0], "rt2i", args, gen, RandomRewards(), sigmas)
     g.advantages = torch.ones(G)
-    st = group_loss(policy, g, args)[1]  # the loss and its graph are dropped at once
-    fig = {k: st[k] for k in ("text_ratio_dev", "image_ratio_dev", "image_clipfrac")}
+    logp_text, logp_img, _ = group_logps(policy, g, args)  # grad on, as the first update computes them
+    r_text = (logp_text.detach() - g.text.old_logp).exp()[g.text.mask > 0]  # the generated tokens' ratios
+    r_img = (logp_img.detach() - g.image.old_logp).exp()  # (G, W)
+    fig = {"text_ratio_dev": (r_text - 1).abs().max().item(), "image_ratio_dev": (r_img - 1).abs().max().item(),
+           "image_clipfrac": float(image_loss(logp_img.detach(), g.image.old_logp, g.advantages, args.image_clip)[1])}
     print(f"1. on-policy, first update of a fresh rollout: text max |r - 1| {fig['text_ratio_dev']:.2e} (goal < 1e-3), "
           f"image max |r - 1| {fig['image_ratio_dev']:.2e} (goal < {args.image_clip / 10:.0e}, a tenth of "
           f"--image-clip), image_clipfrac {fig['image_clipfrac']:.3f} (goal 0)", flush=True)
-    del g, st
+    del g, logp_text, logp_img
 
     # 2. Our rollout sampler against the stock pipeline, same inputs
     cond, x_T = renderer.encode([rows[0]["prompt"]] * G), renderer.noise(G, gen)
@@ -2693,40 +2841,6 @@ def bench(args: Args, verifier: str = "", repeats: int = 3) -> dict:
               f"{fig['peak_reserved_gb']:.1f} GB reserved (goal: fits 80 GB); the device holds "
               f"{fig['device_used_gb']:.1f} GB now, reward server included")
     return fig
-
-
-def main(argv=None):
-    command, args, extra = parse_args(argv)
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()
-    diffusers_logging.disable_progress_bar()
-    # CLIP keeps 77 tokens by design (the prompt comes first, T5 reads the rest): drop that one warning
-    diffusers_logging.get_logger("diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3").addFilter(
-        lambda record: "truncated because" not in record.getMessage())
-    transformers_logging.get_logger("transformers.tokenization_utils_base").addFilter(
-        lambda record: "sequence length is longer than" not in record.getMessage())  # the same 77-token CLIP note
-    try:
-        if command == "train" and args.dry_run:
-            dry_run(args)
-        elif command == "train":
-            out = train(args)
-            if int(os.environ.get("RANK", 0)) == 0:
-                print(f"done: {out}/metrics.jsonl")
-        elif command == "bench":
-            bench(args, **extra)
-        elif command == "eval":
-            evaluate_benchmark(args, **extra)
-        else:
-            sample(args, **extra)
-    except (RewardError, ValueError) as e:  # bad input or a verifier that is down: say what and where
-        raise SystemExit(f"error: {e}") from None
-    except KeyboardInterrupt:
-        if command == "eval":
-            raise SystemExit("interrupted: the same command continues where this one stopped") from None
-        raise SystemExit("interrupted: metrics.jsonl holds every finished step; --resume OUT continues from "
-                         "the last checkpoint") from None
 
 
 if __name__ == "__main__":
