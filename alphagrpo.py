@@ -1368,8 +1368,9 @@ def main(argv=None):
 
 
 # ==================================================================================================
-# APPENDIX. What a reader of the method can skip: the command line, prompt-file checking, run plumbing,
-# checkpoints, the toy models and their priors, benchmark outputs, and the memory plan / dry run / bench.
+# APPENDIX. What a reader of the method can skip: the command line, model loading, the reward client's HTTP
+# and retries, prompt-file checking, run plumbing, checkpoints, the toy models and their priors, benchmark
+# outputs, and the memory plan / dry run / bench.
 # ==================================================================================================
 
 
