@@ -2154,6 +2154,7 @@ def test_a_frozen_side_does_not_move(toy_dirs, frozen):
                                **{f"train_{frozen}": False})
     randomize_lora(policy)
     g = rollout(policy, args, seed=3)
+    g.index = 0  # the step's only group: update draws its shares over group indices 0..groups_per_step-1
     assert g.advantages.abs().sum() > 0
     sides = {"reasoner": policy.reasoner.lora_params, "renderer": policy.renderer.lora_params}
     before = {k: [p.detach().clone() for p in v] for k, v in sides.items()}
