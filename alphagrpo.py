@@ -1847,8 +1847,8 @@ def load_checkpoint(path: str, policy: Policy, optimizer, args: Args) -> int:
 def export_lora(policy: Policy, args: Args, folder: str):
     """The LoRA weights in the ecosystem's formats:
     - renderer/pytorch_lora_weights.safetensors, keys `transformer.<module>.lora_A.weight` / `lora_B.weight`,
-      alpha / r folded into lora_B (without adapter metadata diffusers assumes alpha = r), for
-      StableDiffusion3Pipeline.load_lora_weights;
+      alpha / r folded into lora_B (without adapter metadata diffusers assumes alpha = r), for the renderer's
+      pipeline: Flux2KleinPipeline.load_lora_weights or StableDiffusion3Pipeline.load_lora_weights;
     - reasoner/: a PEFT adapter (adapter_config.json + adapter_model.safetensors) for PeftModel.from_pretrained."""
     from safetensors.torch import save_file
 
