@@ -65,7 +65,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from reward_server import QUALITY_TAGS, SEMANTIC_TAGS, make_vlm, toy_tokenizer
-from reward_server import TOY_CHAT_TEMPLATE, TOY_WORDS  # noqa: F401 - the toy vocabulary, defined there
+from reward_server import TOY_CHAT_TEMPLATE, TOY_WORDS, ToyVerifier  # noqa: F401 - the toy's vocabulary and judge
 
 
 # --------------------------------------------------------------------------------------------------
@@ -215,7 +215,7 @@ class Args:
     (Qwen3-VL + Stable Diffusion 3.5 medium, comparable with Flow-GRPO)."""
     task: str = "rt2i"
     """'rt2i' reasoning text-to-image, 'srr' self-reflective refinement, 'mix' both (Sec. 4.1)."""
-    steps: int = 20
+    steps: int = 80
     """Training steps; each = rollouts of `groups_per_step` groups, then `updates_per_rollout` updates."""
     out: str = ""
     """Output folder for metrics.jsonl, args.json and sample grids; default runs/<preset>-<task>-<time>."""
@@ -236,15 +236,11 @@ class Args:
     renderer: str = ""
     """Renderer path or hub id: a Flux2KleinPipeline or StableDiffusion3Pipeline folder (its model_index.json
     names the class). Toy: the toy world's tiny FLUX.2 klein (--toy-cache)."""
-    toy_world: bool = False
-    """Toy preset: the toy world (README, "The toy world": several targets, implicit prompts, tiny FLUX.2 klein
-    and Qwen3-VL with a supervised prior, built once and cached) instead of the default single-target task on
-    tiny random models. Work in progress: its text policy does not learn the implicit targets yet."""
     toy_cache: str = ""
     """Where the toy world (the toy models with their priors) is built once and reused, in toy-<hash of its
     configuration>; default $XDG_CACHE_HOME/alphagrpo or ~/.cache/alphagrpo."""
     prompts: str = ""
-    """prompts.jsonl with DVReward questions (see README). Toy: the embedded TOY_PROMPTS."""
+    """prompts.jsonl with DVReward questions (see README). Toy: the toy world's (TOY_WORLD_PROMPTS)."""
     group_size: int = 16
     """G, trajectories per prompt; one group is one rollout batch (same prompt, so no padding)."""
     groups_per_step: int = 4
@@ -264,10 +260,12 @@ class Args:
     """The window starts at a uniformly drawn step in [0, this]; the last step is never trained."""
     noise_level: float = 0.7
     """a in std_t = a * sqrt(t / (1 - t)) (Flow-GRPO); 0 gives the deterministic Euler ODE."""
-    guidance_scale: float = 4.5
-    """Classifier-free guidance scale, identical at rollout and train time."""
-    max_new_tokens: int = 8
-    """Longest reasoning text, in tokens."""
+    guidance_scale: float = 1.0
+    """Classifier-free guidance scale, identical at rollout and train time. Toy: 1, no guidance (its prior draws
+    what a plan says at 0.94 at scale 1, 0.77 at 2, 0.47 at 3: CFG extrapolates from a tiny model's rough
+    unconditional velocity)."""
+    max_new_tokens: int = 3
+    """Longest reasoning text, in tokens (toy: a plan is 2 words and EOS)."""
     max_text_tokens: int = 32
     """Text-encoder tokens for prompt + reasoning (klein: Qwen3; SD3: T5, while CLIP keeps its first 77)."""
     temperature: float = 1.0
@@ -291,12 +289,13 @@ class Args:
     """lambda in L = L_text + lambda * L_img (official code: lambda = 1 / text_loss_weight)."""
     seq_level_ratio: bool = False
     """Sequence-level (GSPO) text ratio instead of per-token."""
-    std_mode: str = "group"
+    std_mode: str = "batch"
     """Advantage std: 'group' (per group) or 'batch' (all groups of the step: the official code's and
     Flow-GRPO's configs, global_std=True). Either way the mean is the group's."""
-    lr: float = 1e-2
-    """AdamW learning rate (official: 5e-5 at rank 32)."""
-    reasoner_lr: float = 0.0
+    lr: float = 1e-5
+    """AdamW learning rate of the renderer's LoRA (official: 5e-5 at rank 32). Toy: at 1e-4 the renderer's
+    images drift off the prior's within 80 steps (measured), at 1e-5 they hold."""
+    reasoner_lr: float = 1e-3
     """Learning rate of the reasoner's LoRA; 0 means --lr (official code: und_learning_rate)."""
     train_reasoner: bool = True
     """Update the reasoner's LoRA. --no-train-reasoner freezes it: the renderer alone learns from the shared
@@ -321,11 +320,11 @@ class Args:
     same_init_noise: bool = False
     """Start all G trajectories of a group from the same x_T (official code's init_same_noise): the group's
     reward differences then come only from the policy's own choices (text and SDE noise), not from x_T."""
-    sample_every: int = 5
+    sample_every: int = 20
     """Write a PNG grid of the step's samples every this many steps (0: never)."""
-    eval_every: int = 10
+    eval_every: int = 20
     """Evaluate on the test prompts (ODE sampler, fixed seeds) every this many steps (0: never)."""
-    save_every: int = 10
+    save_every: int = 40
     """Write a checkpoint (LoRA, optimizer, step; LoRA exported for diffusers and PEFT) every this many steps."""
     resume: str = ""
     """Continue a run from a checkpoint folder, or from the newest checkpoint of a run folder."""
@@ -366,14 +365,15 @@ PRESETS = {
         sde_window=2, sde_window_start_max=2, guidance_scale=4.0, max_new_tokens=256, max_text_tokens=512,
         image_clip=1e-4, lr=3e-4, reasoner_lr=5e-5, lora_rank=64, lora_alpha=128.0, gradient_checkpointing=True,
         lam=2.0,  # = W trained steps: the official text_loss_weight = 1 / K
-        group_size=16, groups_per_step=4, srr_candidates=4,
+        group_size=16, groups_per_step=4, srr_candidates=4, std_mode="group",
     ),
     # Real checkpoints on one 80 GB GPU (settings of Flow-GRPO's SD3.5 config and the official code): the
     # preset to compare with Flow-GRPO. SD3.5 cannot edit: its SRR refines by SDEdit.
     "sd35": dict(
         reasoner="Qwen/Qwen3-VL-4B-Instruct", renderer="stabilityai/stable-diffusion-3.5-medium",
         prompts="prompts.jsonl", dtype="bfloat16", steps=1000, resolution=512, num_steps=10,
-        eval_num_steps=40, sde_window=4, sde_window_start_max=3, max_new_tokens=256, max_text_tokens=256,
+        eval_num_steps=40, sde_window=4, sde_window_start_max=3, guidance_scale=4.5, max_new_tokens=256,
+        max_text_tokens=256, reasoner_lr=5e-5,
         image_clip=1e-4, lr=5e-5, lora_rank=32, lora_alpha=64.0, gradient_checkpointing=True,
         lam=4.0,  # = W trained steps: the official text_loss_weight = 1 / K
         group_size=8, groups_per_step=4, srr_candidates=4, srr_strength=0.7,
@@ -1165,11 +1165,11 @@ def train(args: Args, policy: Policy | None = None) -> str:
     if rank == 0 and not args.resume and os.path.exists(os.path.join(out, "metrics.jsonl")):
         raise ValueError(f"{out} already holds a run (metrics.jsonl): pass --resume {out} or another --out")
     toy_rows = args.preset == "toy" and not args.prompts  # the data first: a bad row fails before any model loads
-    if toy_rows and args.toy_world:
-        rows = [r for r in TOY_WORLD_PROMPTS if r["split"] == "train"]
+    if toy_rows:
+        # GRPO on the implicit prompts only: the priors already draw what explicit ones say (their groups' rewards
+        # are all ~1, no signal); the evaluation holds both kinds, in other words
+        rows = [r for r in TOY_WORLD_PROMPTS if r["split"] == "train" and r["kind"] == "implicit"]
         eval_rows = [r for r in TOY_WORLD_PROMPTS if r["split"] == "test"]
-    elif toy_rows:
-        rows = eval_rows = TOY_PROMPTS
     else:
         rows, eval_rows = load_prompts(args.prompts, "train"), load_prompts(args.prompts, "test")
     tags = sorted({q["tag"] for r in rows for k in ("semantic_questions", "quality_questions")
@@ -1296,8 +1296,7 @@ def sample(args: Args, prompt: str, refine_rounds: int = 0, checkpoint: str = ""
     policy = load_policy(args, out)
     if checkpoint:
         load_checkpoint(checkpoint, policy, None, args)
-    toy_rows = TOY_WORLD_PROMPTS + TOY_PROMPTS
-    rows = toy_rows if args.preset == "toy" and not args.prompts else load_prompts(args.prompts, None)
+    rows = TOY_WORLD_PROMPTS if args.preset == "toy" and not args.prompts else load_prompts(args.prompts, None)
     row = next((r for r in rows if r["prompt"] == prompt), None)
     if question:
         row = {"prompt": prompt, "semantic_questions": [{"question": q, "tag": None} for q in question],
@@ -1462,19 +1461,19 @@ def renderer_kind(path: str) -> str:
     return kinds[name]
 
 
-def model_paths(args: Args, out: str) -> tuple[str, str, bool]:
-    """(reasoner path, renderer path, whether toy models must be built there): the default toy's random models
-    under OUT/toy_models, or the toy world's, built once and cached in toy_world_dir."""
+def model_paths(args: Args) -> tuple[str, str, bool]:
+    """(reasoner path, renderer path, whether the toy world is needed): the toy preset's models are the toy
+    world's, built once and cached in toy_world_dir."""
     toy = args.preset == "toy" and not (args.reasoner and args.renderer)
-    folder = toy_world_dir(args) if toy and args.toy_world else os.path.join(out, "toy_models")
+    folder = toy_world_dir(args) if toy else ""
     return args.reasoner or os.path.join(folder, "reasoner"), args.renderer or os.path.join(folder, "renderer"), toy
 
 
 def check_models(args: Args, out: str):
     """The cheap checks, before any model loads (or downloads): the renderer's kind, and that it can refine
     SRR as asked."""
-    _, renderer, toy = model_paths(args, out)
-    kind = ("klein" if args.toy_world else "sd3") if toy and not args.renderer else renderer_kind(renderer)
+    _, renderer, toy = model_paths(args)
+    kind = "klein" if toy and not args.renderer else renderer_kind(renderer)
     if args.srr_refine == "edit" and kind != "klein":
         raise ValueError("--srr-refine edit needs a renderer that takes a reference image (FLUX.2 klein); "
                          "Stable Diffusion 3 can only refine by --srr-refine sdedit")
@@ -1485,15 +1484,10 @@ def load_policy(args: Args, out: str, device=None, rank: int = 0, world: int = 1
     device = device or torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                                     "cpu" if args.device == "auto" else args.device)
     dtype = getattr(torch, args.dtype)
-    reasoner_path, renderer_path, toy = model_paths(args, out)
+    reasoner_path, renderer_path, toy = model_paths(args)
     # The toy models are fixed artifacts, like real checkpoints: the same weights whatever --seed says.
-    if toy and rank == 0 and args.toy_world:
+    if toy and rank == 0:
         build_toy_world(toy_world_dir(args))
-    elif toy and rank == 0:
-        if not args.reasoner:
-            build_toy_vlm(reasoner_path)
-        if not args.renderer:
-            build_toy_sd3(renderer_path)
     if world > 1:
         torch.distributed.barrier()  # the other ranks load what rank 0 wrote
     from diffusers import Flux2KleinPipeline, StableDiffusion3Pipeline
@@ -1878,12 +1872,13 @@ def export_lora(policy: Policy, args: Args, folder: str):
 
 
 # The toy world (README, "The toy world"): a target is a colour and a region, in the toy verifier's grammar
-# ("Is the bottom half of the image green?"). Explicit prompts name the target. Implicit ones name a thing;
-# which colour it has and where it sits is the toy world knowledge below, which the reasoner must learn by
-# GRPO: its prior (`toy_reasoner_prior`) only restates explicit requests and never sees these wordings, and
-# the renderer's prior (`toy_renderer_prior`) draws explicit captions only. Train and test use other words.
+# ("Is the bottom half of the image green?"). Explicit prompts name the target. Implicit ones name a thing and
+# where it is in other words ("grass fills the lower half"): that grass is green and that "lower" means bottom is
+# the toy world knowledge below, which the reasoner must find by GRPO. Neither prior is shown it: the reasoner's
+# (`toy_reasoner_prior`) restates explicit requests and guesses what a request leaves open, the renderer's
+# (`toy_renderer_prior`) draws explicit captions and plans. Train and test prompts use other words.
 # Four colours, none the complement of another: a toy image shows the rest in the complementary colour.
-TOY_COLOURS, TOY_REGIONS = ("red", "green", "blue", "white"), ("top", "bottom", "left", "right")
+TOY_COLOURS, TOY_REGIONS = ("red", "green", "blue", "white"), ("top", "bottom")
 
 
 TOY_EXPLICIT = {"train": ("the {region} half is {colour}", "{colour} in the {region} half",
@@ -1891,27 +1886,19 @@ TOY_EXPLICIT = {"train": ("the {region} half is {colour}", "{colour} in the {reg
                 "test": ("paint the {region} half {colour}", "a {colour} {region} half")}
 
 
-TOY_WORLD = [  # (colour, region, train wording, test wording)
-    ("green", "bottom", "grass fills the lower half", "a lawn of grass below"),
-    ("blue", "top", "the sky is above", "clear sky overhead"),
-    ("red", "bottom", "fire burns in the lower half", "a fire below"),
-    ("blue", "bottom", "the sea fills the lower half", "a calm sea below"),
-    ("white", "bottom", "snow covers the lower half", "fresh snow below"),
-    ("white", "top", "clouds hang above", "thick clouds overhead"),
-    ("red", "left", "a ripe tomato on the left", "a tomato at the left"),
-    ("green", "right", "a leaf on the right", "a leaf at the right"),
-]
+TOY_WORLD = {"grass": "green", "leaf": "green", "sky": "blue", "sea": "blue", "fire": "red", "tomato": "red",
+             "snow": "white", "clouds": "white"}  # what colour a thing is
 
 
-# The default toy prompts: one target, "the bottom half is green" (headroom 0.2: best of 64 samples minus the
-# mean, untrained toy), in several wordings: the tiny random models learn one target in 20 CPU steps, while
-# targets that differ per prompt split the signal and need several times more steps (README, "The toy task").
-TOY_PROMPTS = [
-    {"prompt": p, "semantic_questions": [{"question": "Is the bottom half of the image green?", "tag": "Spatial"}],
-     "quality_questions": []}
-    for p in ("the bottom half is green", "green grass fills the lower half", "a green meadow at the bottom",
-              "a field below the horizon, green")
-]
+TOY_IMPLICIT = {  # where a thing is, in words that are not region names; the test recombines the same words
+    "train": {"bottom": ("the {thing} fills the lower half", "{thing} below"),
+              "top": ("the {thing} is above", "{thing} overhead")},
+    "test": {"bottom": ("a {thing} in the lower half",), "top": ("a {thing} above",)}}
+
+
+def toy_targets() -> list[dict]:
+    """Every colour x region of the toy world (4 x 2): the priors learn this grammar, not the table."""
+    return [{"colour": c, "region": r} for c in TOY_COLOURS for r in TOY_REGIONS]
 
 
 def toy_plan(target: dict) -> str:
@@ -1925,11 +1912,11 @@ def toy_row(prompt: str, colour: str, region: str, kind: str, split: str) -> dic
             "target": {"colour": colour, "region": region}, "kind": kind, "split": split}
 
 
-# Each target once explicitly (wordings in turn) and once implicitly, per split.
-TOY_WORLD_PROMPTS = [toy_row(TOY_EXPLICIT[split][k % len(TOY_EXPLICIT[split])].format(colour=c, region=r), c, r,
-                       "explicit", split) for split in ("train", "test") for k, (c, r, _, _) in enumerate(TOY_WORLD)] + [
-    toy_row(words, c, r, "implicit", split) for c, r, train, test in TOY_WORLD
-    for split, words in (("train", train), ("test", test))]
+# Each target once explicitly per split (wordings in turn); every thing in every region in every implicit wording.
+TOY_WORLD_PROMPTS = [toy_row(TOY_EXPLICIT[split][k % len(TOY_EXPLICIT[split])].format(**t), t["colour"], t["region"],
+                             "explicit", split) for split in ("train", "test") for k, t in enumerate(toy_targets())] + [
+    toy_row(words.format(thing=thing), colour, region, "implicit", split) for split in ("train", "test")
+    for thing, colour in TOY_WORLD.items() for region in TOY_REGIONS for words in TOY_IMPLICIT[split][region]]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -2109,33 +2096,33 @@ def linear_decoder(vae):
 # explicit words say, which is why the paper's RL needs no cold start. The random toy models have none, so the
 # toy world gives them a short supervised cold start on explicit requests only; what the implicit prompts mean
 # (grass -> green bottom) is left for GRPO to find. Built once per configuration and cached (toy_world_dir).
-TOY_BUILD = dict(seed=0, reasoner_steps=450, reasoner_warmup=300, reasoner_lr=3e-3, reasoner_batch=32, guess_share=0.4,
-                 vae_steps=200, vae_lr=3e-3, renderer_steps=1000, renderer_lr=3e-3, batch=16, caption_dropout=0.1)
+TOY_BUILD = dict(seed=0, reasoner_steps=450, reasoner_warmup=300, reasoner_lr=3e-3, reasoner_batch=32, guess_share=0.5,
+                 vae_steps=400, vae_lr=3e-3, renderer_steps=2000, renderer_lr=1e-3, batch=32, caption_dropout=0.1)
 
 
-# Requests that leave the colour or the region open, about things that have neither in the toy world: the
-# prior's plan guesses what is open, uniformly. So the reasoner learns to copy what a request names and to guess
-# the rest, rather than to map every unknown word to one fixed plan; its guesses are what GRPO explores.
-TOY_OPEN = ("a {thing} in the {region} half", "the {thing} is {colour}", "a {thing} somewhere")
+# Open requests: a few filler words that carry no target, sometimes with a colour or a region name among them; the
+# prior's plan copies what is named and guesses the rest uniformly, so every plan is explored. The words of the
+# toy world knowledge (things, "lower", "above" ...) are not fillers: the priors never see them at all.
+TOY_FILLER = tuple(w for w in TOY_WORDS if w.isalpha() and w.islower() and w not in ToyVerifier.COLOURS
+                   and w not in (*TOY_REGIONS, *TOY_WORLD, "lower", "below", "above", "overhead", "yes", "no"))
 
 
-TOY_THINGS = ("thing", "shape", "pattern", "picture", "wall", "cloth")
-
-
-def toy_targets() -> list[dict]:
-    """Every colour x region of the toy world (4 x 4): the priors learn this grammar, not the table."""
-    return [{"colour": c, "region": r} for c in TOY_COLOURS for r in TOY_REGIONS]
+def toy_open_request(rng: random.Random, target: dict, n_words: int, named: tuple) -> tuple[str, str]:
+    """An open request of n_words filler words plus the target's fields in `named` (a subset of ("colour",
+    "region")), each at a random place; returns (request, plan), the plan guessing the fields not named."""
+    words = rng.choices(TOY_FILLER, k=n_words)
+    for key in named:
+        words.insert(rng.randrange(len(words) + 1), target[key])
+    guess = {"colour": rng.choice(TOY_COLOURS), "region": rng.choice(TOY_REGIONS)}
+    return " ".join(words), toy_plan({k: target[k] if k in named else guess[k] for k in target})
 
 
 def toy_image(target: dict, size: int) -> Image.Image:
     """A synthetic toy image: the target's region in its colour, the rest in the complementary colour (green
     bottom, magenta top): two colours symmetric about grey, which the toy VAE's near-linear decoder draws best."""
-    from reward_server import ToyVerifier
-
     rgb = [int(255 * c) for c in ToyVerifier.COLOURS[target["colour"]]]
     im, h = Image.new("RGB", (size, size), tuple(255 - c for c in rgb)), size // 2
-    im.paste(tuple(rgb), {"top": (0, 0, size, h), "bottom": (0, h, size, size), "left": (0, 0, h, size),
-                          "right": (h, 0, size, size)}[target["region"]])
+    im.paste(tuple(rgb), (0, 0, size, h) if target["region"] == "top" else (0, h, size, size))
     return im
 
 
@@ -2159,25 +2146,32 @@ def fit(params, lr: float, steps: int, loss_fn) -> float:
 
 def toy_reasoner_prior(reasoner: Reasoner, steps: int, warmup: int, lr: float, guess_share: float, batch: int,
                        seed: int) -> float:
-    """Instruction prior: teacher-force the plan ("green bottom" + EOS) after an explicit request in the RT2I
-    instruction. After `warmup` steps, a `guess_share` of the batches are open requests (TOY_OPEN) whose plan
-    guesses the open part. Implicit wordings are never shown. Trains the language model's own weights (its
-    LoRA stays zero); returns the last loss."""
+    """Instruction prior: teacher-force the plan ("green bottom" + EOS) after an explicit request, in the RT2I
+    instruction or, for half of the batches, in the SRR reflection's instruction with a toy image of another
+    target (the toy's reflection is the fix alone: "green bottom"). After `warmup` steps, a `guess_share` of the
+    batches are open requests (toy_open_request) whose plan guesses what they leave open. Implicit meanings are
+    never shown. Trains the language model's own weights (its LoRA stays zero); returns the last loss."""
     rng, targets, inputs = random.Random(seed), toy_targets(), {}
     tok, eos = reasoner.processor.tokenizer, int(reasoner.eos_ids[0])
+    images = [toy_image(t, Args().resolution) for t in targets]  # as the toy renderer draws them
 
     def loss(step):
-        template = rng.choice(TOY_OPEN if step >= warmup and rng.random() < guess_share else TOY_EXPLICIT["train"])
-        prompts, plans = [], []
-        for t, guess in zip(rng.choices(targets, k=batch), rng.choices(targets, k=batch)):
-            prompts.append(template.format(**t, thing=rng.choice(TOY_THINGS)))  # one template: one length
-            plans.append(toy_plan({k: t[k] if "{" + k + "}" in template else guess[k] for k in t}))
-        for p in prompts:
-            if p not in inputs:  # the processor once per prompt, not per step
-                inputs[p] = reasoner.chat_inputs(RT2I_INSTRUCTION.format(prompt=p), None, 1)
+        rows, reflect = rng.choices(targets, k=batch), rng.random() < 0.5
+        if step >= warmup and rng.random() < guess_share:  # one word count per batch: one length, no padding
+            n, named = rng.randint(2, 5), rng.choice([(), ("colour",), ("region",)])
+            prompts, plans = zip(*(toy_open_request(rng, t, n, named) for t in rows))
+        else:
+            template = rng.choice(TOY_EXPLICIT["train"])
+            prompts, plans = [template.format(**t) for t in rows], [toy_plan(t) for t in rows]
+        keys = [(p, rng.choice([k for k in range(len(targets)) if toy_plan(targets[k]) != y]) if reflect else None)
+                for p, y in zip(prompts, plans)]  # (prompt, index of the wrong image to reflect on, or None)
+        for p, k in keys:
+            if (p, k) not in inputs:  # the processor once per prompt and image, not per step
+                inputs[p, k] = reasoner.chat_inputs((REFLECT_INSTRUCTION if reflect else RT2I_INSTRUCTION).format(
+                    prompt=p), None if k is None else images[k], 1)
         ids = [tok(p, add_special_tokens=False)["input_ids"] + [eos] for p in plans]
-        ids = torch.tensor(ids, device=reasoner.device)  # (B, L): one template, so one length
-        batch_inputs = {k: torch.cat([inputs[p][k] for p in prompts]) for k in inputs[prompts[0]]}
+        ids = torch.tensor(ids, device=reasoner.device)  # (B, L)
+        batch_inputs = {k: torch.cat([inputs[key][k] for key in keys]) for k in inputs[keys[0]]}
         return -reasoner.token_logprobs(TextRollout(batch_inputs, ids, torch.ones_like(ids), plans)).mean()
 
     lm = [p for n, p in reasoner.model.named_parameters() if ".lora_" not in n and ".visual." not in n]
@@ -2186,33 +2180,35 @@ def toy_reasoner_prior(reasoner: Reasoner, steps: int, warmup: int, lr: float, g
 
 def toy_renderer_prior(renderer: Renderer, vae_steps: int, vae_lr: float, steps: int, lr: float, batch: int,
                        caption_dropout: float, seed: int) -> tuple[float, float]:
-    """Drawing prior, written against the Renderer interface: an autoencoder run of the VAE (the toy's random
-    encoder is no inverse of its decoder, and SRR encodes images), then flow matching of the transformer on
-    synthetic images with explicit captions, alone or with the plan, or an open request with the plan.
-    Caption dropout keeps the unconditional velocity that CFG needs. Returns the last (VAE, flow) losses."""
+    """Drawing prior: an autoencoder run of the VAE (the toy's random encoder is no inverse of its decoder, and
+    SRR encodes images), then flow matching of the transformer on synthetic images with explicit captions, alone
+    or with the plan, or an open request with the plan; a quarter of the batches with another target's image
+    in context, as SRR's in-context refinement sees the initial image (klein's editing). Caption dropout keeps the
+    unconditional velocity that CFG needs. Returns the last (VAE, flow) losses."""
     rng, gen, targets = random.Random(seed), torch.Generator().manual_seed(seed), toy_targets()
     images = [toy_image(t, renderer.args.resolution) for t in targets]
-    pixels = torch.cat([renderer.pixels(im) for im in images]).to(renderer.vae.dtype)  # (32, 3, H, W) in [-1, 1]
+    pixels = torch.cat([renderer.pixels(im) for im in images]).to(renderer.vae.dtype)  # (8, 3, H, W) in [-1, 1]
 
-    def vae_loss(step):  # x -> z (the posterior's mode, as encode_image takes it) -> x, z at unit scale
+    def vae_loss(step):  # x -> z (the posterior's mode, as encode_image takes it) -> x, z near unit scale
         x = pixels[rng.choices(range(len(targets)), k=batch)]
-        z = renderer.vae.encode(x).latent_dist.mode()
-        x_hat = renderer.vae.decode(z, return_dict=False)[0].clamp(-1, 1)  # an image shows clamped pixels
-        return ((x_hat - x) ** 2).mean() + (z.std() - 1) ** 2
+        z = renderer.vae.encode(x).latent_dist.mode()  # (no clamp on x_hat: saturated pixels would get no gradient)
+        return ((renderer.vae.decode(z, return_dict=False)[0] - x) ** 2).mean() + 0.1 * (z.std() - 1) ** 2
 
     loss_vae = fit(renderer.vae.parameters(), vae_lr, vae_steps, vae_loss)
-    x0_all = torch.cat([renderer.encode_image(im) for im in images])  # (32, ...) in the sampler's latent space
+    x0_all = torch.cat([renderer.encode_image(im) for im in images])  # (8, ...) in the sampler's latent space
 
     def caption(t):
+        if rng.random() < caption_dropout:
+            return ""
         words = rng.choice(TOY_EXPLICIT["train"]).format(**t)
-        open_words = rng.choice(TOY_OPEN).format(**t, thing=rng.choice(TOY_THINGS))
-        return "" if rng.random() < caption_dropout else rng.choice([words, renderer_text(words, toy_plan(t)),
-                                                                      renderer_text(open_words, toy_plan(t))])
+        filler = toy_open_request(rng, t, rng.randint(2, 5), ())[0]  # words that say nothing, then the plan
+        return rng.choice([words, renderer_text(words, toy_plan(t)), renderer_text(filler, toy_plan(t))])
 
-    pools = []  # captions are encoded once, in 16 batches reused in turn (encode() is the slow part)
-    for _ in range(16):
-        rows = [rng.randrange(len(targets)) for _ in range(batch)]
-        pools.append((rows, renderer.encode([caption(targets[i]) for i in rows])))
+    pools = []  # captions are encoded once, in 64 batches reused in turn (encode() is the slow part)
+    for k in range(64):
+        rows, reference = [rng.randrange(len(targets)) for _ in range(batch)], rng.randrange(len(targets))
+        pools.append((rows, renderer.encode([caption(targets[i]) for i in rows],
+                                            reference=x0_all[reference:reference + 1] if k % 4 == 3 else None)))
     sigmas = renderer.sigmas(renderer.args.num_steps)[:-1].tolist()  # where the toy's sampler evaluates v
 
     def flow_loss(step):  # x_t = (1 - t) x_0 + t eps; the sampler integrates v = eps - x_0
@@ -2243,11 +2239,12 @@ def toy_world_dir(args: Args) -> str:
 
     code = [inspect.getsource(f) for f in (toy_tokenizer, make_vlm, make_klein, build_toy_vlm, build_toy_klein,
                                            linear_decoder, Reasoner, Renderer, KleinRenderer, LoRALinear, toy_targets,
-                                           toy_image, fit, toy_reasoner_prior, toy_renderer_prior, build_toy_world)]
-    data = [SHAPES["toy"], TOY_WORDS, TOY_COLOURS, TOY_REGIONS, TOY_EXPLICIT, TOY_OPEN, TOY_THINGS, TOY_BUILD]
-    key = json.dumps(data + [RT2I_INSTRUCTION, code,
-                      dataclasses.asdict(Args(**PRESETS["toy"])), torch.__version__, transformers.__version__,
-                      diffusers.__version__], default=str)
+                                           toy_open_request, toy_image, fit, toy_reasoner_prior, toy_renderer_prior,
+                                           build_toy_world)]
+    read = {k: getattr(Args(), k) for k in ("resolution", "num_steps", "max_text_tokens", "dtype")}
+    data = [SHAPES["toy"], TOY_WORDS, TOY_COLOURS, TOY_REGIONS, TOY_EXPLICIT, TOY_FILLER, TOY_BUILD, read]
+    versions = [torch.__version__, transformers.__version__, diffusers.__version__]
+    key = json.dumps(data + [RT2I_INSTRUCTION, code, versions], default=str)
     root = args.toy_cache or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
                                           "alphagrpo")
     return os.path.join(root, "toy-" + hashlib.sha256(key.encode()).hexdigest()[:16])
@@ -2769,7 +2766,7 @@ def bench(args: Args, verifier: str = "", repeats: int = 3) -> dict:
         for m in [*policy.reasoner.model.modules(), *renderer.transformer.modules()]:
             if isinstance(m, LoRALinear):
                 m.lora_B.weight.normal_(0, 1e-2)
-    rows = load_prompts(args.prompts, "train") if args.prompts else TOY_PROMPTS
+    rows = load_prompts(args.prompts, "train") if args.prompts else TOY_WORLD_PROMPTS
     gen, sigmas = seed_torch_and_group_rng(args, 0, 0), renderer.sigmas(args.num_steps)
     name = torch.cuda.get_device_name() if cuda else "cpu"
     print(f"bench: {args.preset} preset, random weights on {name}, {args.dtype}, G={G}, {args.resolution}px, "

@@ -244,11 +244,13 @@ class ToyVerifier:
     """A rule-based judge for the toy preset. It answers a closed grammar of questions about colours,
     `Is the image [mostly] <colour>?` and `Is the (top|bottom|left|right) half of the image <colour>?`,
     with Yes/No logits proportional to a colour margin, so rewards are graded and the DVReward arithmetic
-    is the same as with an MLLM. Any other question is a 400, never a guess."""
+    is the same as with an MLLM. Grey is a colour of its own: without it a grey region sat halfway to every
+    colour and earned ~0.5 on every question, and the toy's text policy learnt to hedge into grey images
+    (README, "The toy world"). Any other question is a 400, never a guess."""
 
     name = "toy"
     COLOURS = {"red": (1, 0, 0), "green": (0, 1, 0), "blue": (0, 0, 1), "yellow": (1, 1, 0), "cyan": (0, 1, 1),
-               "magenta": (1, 0, 1), "white": (1, 1, 1), "black": (0, 0, 0)}
+               "magenta": (1, 0, 1), "white": (1, 1, 1), "black": (0, 0, 0), "grey": (0.5, 0.5, 0.5)}
     PATTERN = re.compile(r"is the (?:image(?: mostly)?|(top|bottom|left|right) half of the image) (\w+)\s*\?",
                          re.IGNORECASE)
     GAIN = 8.0  # logit per unit of colour margin

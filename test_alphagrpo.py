@@ -49,6 +49,15 @@ class LocalClient:
         return f
 
 
+# The tiny random SD3 renderer's task in the tests: one target, "the bottom half is green", in several wordings.
+TOY_PROMPTS = [
+    {"prompt": p, "semantic_questions": [{"question": "Is the bottom half of the image green?", "tag": "Spatial"}],
+     "quality_questions": []}
+    for p in ("the bottom half is green", "green grass fills the lower half", "a green meadow at the bottom",
+              "a field below the horizon, green")
+]
+
+
 @pytest.fixture(scope="session")
 def toy_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy_models")
@@ -300,7 +309,7 @@ def test_toy_models_round_trip(toy_dirs, tmp_path):
 def rollout(policy, args, task="rt2i", seed=0, row=None):
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    row = row or ag.TOY_PROMPTS[0]
+    row = row or TOY_PROMPTS[0]
     sigmas = policy.renderer.sigmas(args.num_steps)
     init = None
     if task == "srr":
@@ -436,12 +445,14 @@ def test_toy_verifier_is_graded_and_strict():
     v = rs.ToyVerifier()
     q = "Is the bottom half of the image green?"
     green_bottom = solid((128, 128, 128), bottom=(0, 255, 0))
-    greenish = solid((128, 128, 128), bottom=(100, 160, 100))
+    greenish = solid((128, 128, 128), bottom=(60, 200, 60))
     red_bottom = solid((0, 255, 0), bottom=(255, 0, 0))
     s_full, s_half, s_red = (v.score(im, [q])[0] for im in (green_bottom, greenish, red_bottom))
     assert s_full > s_half > 0.5 > s_red  # graded by the colour margin, not a constant
-    # by hand: bottom mean (0,1,0): distance to green 0, nearest other colour at distance 1 -> margin 1
-    assert math.isclose(s_full, 1 / (1 + math.exp(-rs.ToyVerifier.GAIN * 1.0)), rel_tol=1e-9)
+    # by hand: bottom mean (0,1,0): distance to green 0, nearest other colour grey (0.5,0.5,0.5) at sqrt(3)/2
+    assert math.isclose(s_full, 1 / (1 + math.exp(-rs.ToyVerifier.GAIN * math.sqrt(3) / 2)), rel_tol=1e-9)
+    # grey is a colour of its own, not "maybe green": a policy drawing grey-ish hedges earns nothing
+    assert max(v.score(solid((128, 128, 128)), [f"Is the image {c}?" for c in ("green", "white", "red")])) < 0.01
     assert v.score(solid((0, 0, 255)), ["is the image MOSTLY blue?"])[0] > 0.99  # case-insensitive
     for bad in ("Is the cat green?", "Is the bottom half of the image mauve?", "green?"):
         with pytest.raises(rs.BadRequest):
@@ -561,25 +572,25 @@ def test_metrics_rows_have_every_key_and_no_nan(toy_dirs, tmp_path):
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["step_000002", "step_000003"]
 
 
-def test_toy_task_headroom(toy_dirs):
-    """The toy's question must leave room to learn: best of 64 samples minus the mean >= 0.15."""
-    policy, args = make_policy(toy_dirs, group_size=64)
-    g = rollout(policy, args, seed=0)
-    assert float(g.rewards.max() - g.rewards.mean()) >= 0.15
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_default_run_learns(seed, tmp_path):
-    """`python alphagrpo.py` as a subprocess: the toy models, the toy reward server on a free port, and the
-    reward visibly rises: mean of the last 5 steps >= mean of the first 5 + 0.05."""
+def test_default_run_learns(tmp_path):
+    """`python alphagrpo.py` as a subprocess (the toy world, its reward server on a free port): the reward rises
+    (mean of the last 5 steps >= first 5 + 0.05) and the reasoner learns the implicit prompts' targets
+    (plan_accuracy_implicit, last 10 steps >= first 10 + 0.2). Measured on 2 cores, seeds 0, 1, 2 (README):
+    reward 0.12 -> 0.71, 0.13 -> 0.52, 0.13 -> 0.70; plan accuracy 0.10 -> 0.65, 0.10 -> 0.51, 0.11 -> 0.52."""
     out = tmp_path / "run"
-    res = subprocess.run([sys.executable, os.path.join(HERE, "alphagrpo.py"), "--seed", str(seed), "--out", str(out)],
-                         capture_output=True, text=True, timeout=600)
+    res = subprocess.run([sys.executable, os.path.join(HERE, "alphagrpo.py"), "--out", str(out)],
+                         capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) >= 10
-    first, last = (sum(r["reward_mean"] for r in rows[s]) / 5 for s in (slice(0, 5), slice(-5, None)))
-    assert last >= first + 0.05, [round(r["reward_mean"], 3) for r in rows]
+    assert len(rows) == ag.Args().steps
+
+    def mean(key, part):
+        return sum(r[key] for r in rows[part]) / len(rows[part])
+
+    reward = [round(r["reward_mean"], 2) for r in rows]
+    assert mean("reward_mean", slice(-5, None)) >= mean("reward_mean", slice(0, 5)) + 0.05, reward
+    plans = [round(r["plan_accuracy_implicit"], 2) for r in rows]
+    assert mean("plan_accuracy_implicit", slice(-10, None)) >= mean("plan_accuracy_implicit", slice(0, 10)) + 0.2, plans
     assert Image.open(out / "curves.png").size == (720, 480)
 
 
@@ -602,7 +613,7 @@ def test_sdedit_strength_zero_returns_the_initial_latents_exactly():
 def test_srr_initial_image_gets_no_gradient(toy_dirs):
     policy, args = make_policy(toy_dirs, group_size=4, srr_strength=0.75)
     randomize_lora(policy)
-    row = ag.TOY_PROMPTS[0]
+    row = TOY_PROMPTS[0]
     gen = torch.Generator().manual_seed(0)
     images, fut = ag.initial_candidates(policy, row, args, gen, LocalClient())
     image, reward = ag.pick_initial(images, fut.result()["rewards"], "min", gen)
@@ -887,7 +898,8 @@ def test_resume_is_exact(toy_dirs, tmp_path):
     read = lambda p: [json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     straight, split = read(tmp_path / "straight"), read(tmp_path / "split")
     assert [r["step"] for r in split] == [0, 1, 2, 3]
-    assert split[1].pop("eval_reward") is not None and straight[1].pop("eval_reward") is None  # the 2-step run's end
+    evaluated = [k for k in split[1] if k.startswith("eval_")]  # the 2-step run's end evaluates
+    assert all(split[1].pop(k) is not None and straight[1].pop(k) is None for k in evaluated), evaluated
     assert strip_times(straight) == strip_times(split)
 
 
@@ -900,7 +912,7 @@ def test_checkpoints_are_refused_when_corrupt_partial_or_foreign(toy_dirs, tmp_p
     ckpt = tmp_path / "run" / "checkpoints" / "step_000001"
     policy, args = make_policy(toy_dirs, group_size=4, groups_per_step=2)
     optimizer = torch.optim.AdamW(policy.reasoner.lora_params + policy.renderer.lora_params)
-    with pytest.raises(ValueError, match="lr=0.01 there, 0.5 here"):
+    with pytest.raises(ValueError, match="lr=1e-05 there, 0.5 here"):
         ag.load_checkpoint(str(ckpt), policy, optimizer, ag.Args(**{**common, "lr": 0.5}))
     # inference (no optimizer) needs only the model's arguments to match
     assert ag.load_checkpoint(str(tmp_path / "run"), policy, None, ag.Args(**{**common, "lr": 0.5})) == 1
@@ -2025,7 +2037,7 @@ def test_the_trained_window_never_holds_the_last_step(klein_dirs, task, refine):
 def test_klein_srr_initial_image_gets_no_gradient(klein_dirs):
     policy, args = make_policy(klein_dirs, group_size=4)
     randomize_lora(policy)
-    row = ag.TOY_PROMPTS[0]
+    row = TOY_PROMPTS[0]
     gen = torch.Generator().manual_seed(0)
     images, fut = ag.initial_candidates(policy, row, args, gen, LocalClient())
     image, reward = ag.pick_initial(images, fut.result()["rewards"], "min", gen)
@@ -2108,32 +2120,38 @@ def test_klein_dry_run_has_the_published_parameter_counts(capsys):
 @pytest.fixture(scope="session")
 def toy_world():
     """The default toy world (built once and cached, as `python alphagrpo.py` does; CI's first command builds it)."""
-    args = ag.Args(toy_world=True)
-    reasoner, renderer, _ = ag.model_paths(args, "")
+    args = ag.Args()
+    reasoner, renderer, _ = ag.model_paths(args)
     ag.build_toy_world(ag.toy_world_dir(args))
     return reasoner, renderer
 
 
 def test_toy_world_priors_follow_explicit_requests(toy_world):
-    """The renderer's prior draws an explicit caption's target far above chance, and the reasoner's prior restates
-    an explicit request's colour, on the test wordings (never seen by the priors)."""
+    """The renderer's prior draws what an explicit caption or a plan says far above chance, also after an implicit
+    prompt it never saw; the reasoner's prior restates explicit requests (test wordings, never seen by the priors)
+    and spreads its guesses over the targets on implicit prompts: GRPO's exploration starts from there."""
     policy, args = make_policy(toy_world)
     verifier, targets = rs.ToyVerifier(), ag.toy_targets()
     renderer, sigmas = policy.renderer, policy.renderer.sigmas(args.eval_num_steps)
-    captions = [ag.TOY_EXPLICIT["test"][k % 2].format(**t) for k, t in enumerate(targets)]
-    with torch.no_grad():
-        x0 = ag.render(renderer, renderer.encode(captions), renderer.noise(len(targets), torch.Generator().manual_seed(0)),
-                       sigmas, range(0), 0.0)[0]
-    images = renderer.decode(x0)
-    asked = {(t["colour"], t["region"]) for t in targets}
-    score = {(c, r): [verifier.score(im, [f"Is the {r} half of the image {c}?"])[0] for im in images] for c, r in asked}
-    own = sum(score[t["colour"], t["region"]][i] for i, t in enumerate(targets)) / len(targets)
-    chance = sum(sum(v) for v in score.values()) / (len(targets) * len(asked))  # every image against every question
-    assert own >= chance + 0.15 and own >= 1.5 * chance, (own, chance)  # measured: 0.51 against 0.26
+    questions = [f"Is the {t['region']} half of the image {t['colour']}?" for t in targets]
+    explicit = [ag.TOY_EXPLICIT["test"][k % 2].format(**t) for k, t in enumerate(targets)]
+    for captions in (explicit, [ag.renderer_text("a calm sea below", ag.toy_plan(t)) for t in targets]):
+        with torch.no_grad():
+            x0 = ag.render(renderer, renderer.encode(captions),
+                           renderer.noise(len(targets), torch.Generator().manual_seed(0)), sigmas, range(0), 0.0)[0]
+        scores = [verifier.score(im, questions) for im in renderer.decode(x0)]  # (8 images, 8 questions)
+        own = sum(s[k] for k, s in enumerate(scores)) / len(targets)
+        chance = sum(map(sum, scores)) / len(targets) ** 2
+        assert own >= 0.8 and chance <= 0.3, (own, chance)  # measured: 0.97 / 0.96 against 0.13 / 0.13
     torch.manual_seed(0)
-    plans = [policy.reasoner.generate(ag.RT2I_INSTRUCTION.format(prompt=c), None, 1).texts[0] for c in captions]
-    named = [t["colour"] in y.lower().split() for y, t in zip(plans, targets)]
-    assert sum(named) / len(named) >= 0.6, plans  # chance: 1 in 4 colours
+    plans = [policy.reasoner.generate(ag.RT2I_INSTRUCTION.format(prompt=c), None, 1).texts[0] for c in explicit]
+    assert sum(map(ag.plan_names_target, plans, targets)) >= 6, plans  # chance: 1 in 8
+    implicit = [r for r in ag.TOY_WORLD_PROMPTS if r["kind"] == "implicit" and r["split"] == "train"]
+    guesses = [policy.reasoner.generate(ag.RT2I_INSTRUCTION.format(prompt=r["prompt"]), None, 16) for r in implicit]
+    right = [ag.plan_accuracy(g.texts, [r["target"]] * 16) for g, r in zip(guesses, implicit)]
+    named = [next((t for t in targets if ag.plan_names_target(y, t)), None) for g in guesses for y in g.texts]
+    assert 0.03 <= sum(right) / len(right) <= 0.3, right  # measured: 0.12 (chance 1/8)
+    assert all(named.count(t) >= len(named) / 40 for t in targets), named  # every target guessed somewhere
 
 
 def test_plan_accuracy_by_hand():
