@@ -28,11 +28,11 @@ Left out: full fine-tuning, FSDP/DeepSpeed, BAGEL itself, the benchmarks' scorer
 input trees), re-implementing the official code's top-p sampling (off-policy: see README).
 
 Launch
-    python alphagrpo.py                                   # toy models, CPU, starts its toy reward server
+    python alphagrpo.py                                   # the toy world on the CPU, with its toy reward server
     python alphagrpo.py --task srr                        # Self-Reflective Refinement with FPR, in context
     python reward_server.py --verifier Qwen/Qwen3-VL-8B-Instruct --port 8000          # on a GPU
     python alphagrpo.py --preset klein --reward-url http://127.0.0.1:8000             # on an 80 GB GPU
-    python alphagrpo.py sample --prompt "grass fills the lower half" --refine-rounds 2
+    python alphagrpo.py sample --prompt "a calm sea below" --refine-rounds 2 --checkpoint runs/toy-rt2i-TIME
     python alphagrpo.py eval --benchmark geneval --data geneval/prompts/evaluation_metadata.jsonl --out DIR
     python alphagrpo.py bench --preset klein      # GPU figures at real shapes, random weights (README, Performance)
 
@@ -211,7 +211,7 @@ def false_positive_rectification(refined: torch.Tensor, init_reward: float, valu
 @dataclass
 class Args:
     preset: str = "toy"
-    """'toy' (tiny models built on the fly, CPU), 'klein' (Qwen3-VL + FLUX.2 klein, recommended) or 'sd35'
+    """'toy' (the toy world: tiny models with a cached prior, CPU), 'klein' (Qwen3-VL + FLUX.2 klein, recommended) or 'sd35'
     (Qwen3-VL + Stable Diffusion 3.5 medium, comparable with Flow-GRPO)."""
     task: str = "rt2i"
     """'rt2i' reasoning text-to-image, 'srr' self-reflective refinement, 'mix' both (Sec. 4.1)."""
@@ -352,7 +352,7 @@ class Args:
 
 
 PRESETS = {
-    # Tiny random models; measured to learn the toy colour task in ~20 steps on 2 CPU cores.
+    # The toy world on the CPU: Args' defaults (README, "The toy world").
     "toy": dict(),
     # The recommended real preset, on one 80 GB GPU. FLUX.2 klein base 4B (Apache-2.0, not gated) can edit, so
     # SRR refines in context. Settings of Flow-Factory's flux2_klein_base GRPO config: 8 training steps, 28 at
