@@ -2256,13 +2256,17 @@ def build_toy_world(folder: str) -> tuple[str, str]:
     import shutil
     import tempfile
 
-    paths = os.path.join(folder, "reasoner"), os.path.join(folder, "renderer")
+    paths, root = (os.path.join(folder, "reasoner"), os.path.join(folder, "renderer")), os.path.dirname(folder)
+    os.makedirs(root, exist_ok=True)
+    for name in os.listdir(root):  # what a killed build left (a kill skips the cleanup below): its process is gone
+        pid = name.split("-")[1] if name.startswith(".building-") else ""
+        if sys.platform == "linux" and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     if os.path.exists(os.path.join(folder, "build.json")):
         return paths
-    print(f"building the toy world (once, about a minute): {folder}", flush=True)
+    print(f"building the toy world (once, about 2 minutes): {folder}", flush=True)
     t0, b = time.perf_counter(), TOY_BUILD
-    os.makedirs(os.path.dirname(folder), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".building-", dir=os.path.dirname(folder))  # renamed when complete
+    tmp = tempfile.mkdtemp(prefix=f".building-{os.getpid()}-", dir=root)  # renamed when complete
     try:
         args = Args(**PRESETS["toy"], device="cpu", seed=b["seed"])
         policy = load_policy(dataclasses.replace(args, reasoner=build_toy_vlm(os.path.join(tmp, "reasoner")),

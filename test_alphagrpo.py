@@ -2154,6 +2154,21 @@ def test_toy_world_priors_follow_explicit_requests(toy_world):
     assert all(named.count(t) >= len(named) / 40 for t in targets), named  # every target guessed somewhere
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc to see whether a build's process is alive")
+def test_a_killed_toy_world_build_is_swept(tmp_path):
+    """A killed build leaves its .building-<pid>-* folder (a kill skips the cleanup); the next call removes those
+    whose process is gone and keeps a live one's (another process may be building)."""
+    folder = tmp_path / "toy-0123"
+    folder.mkdir()
+    (folder / "build.json").write_text("{}")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale, live = tmp_path / f".building-{dead.stdout.strip()}-x", tmp_path / f".building-{os.getpid()}-y"
+    stale.mkdir()
+    live.mkdir()
+    assert ag.build_toy_world(str(folder)) == (str(folder / "reasoner"), str(folder / "renderer"))
+    assert not stale.exists() and live.exists()
+
+
 def test_plan_accuracy_by_hand():
     green_bottom, red_top = {"colour": "green", "region": "bottom"}, {"colour": "red", "region": "top"}
     assert ag.plan_names_target("green bottom", green_bottom)
