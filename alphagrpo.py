@@ -1233,6 +1233,9 @@ def train(args: Args, policy: Policy | None = None) -> str:
                 row.update(evaluation)
                 with open(os.path.join(out, "metrics.jsonl"), "a") as f:
                     f.write(json.dumps(row) + "\n")
+                if evaluation:  # a line per evaluation, so the console shows the run learning
+                    shown = ("reward_mean", "eval_reward", "plan_accuracy_implicit", "eval_plan_accuracy_implicit")
+                    tqdm.write(f"step {step}: " + ", ".join(f"{k} {row[k]:.3f}" for k in shown if row[k] is not None))
                 if args.sample_every and (step % args.sample_every == 0 or last):
                     tiles = [t for g in groups[:4] for t in group_tiles(g)]
                     save_grid(os.path.join(out, "samples", f"step_{step:06d}.png"), tiles,
