@@ -1095,8 +1095,6 @@ def evaluate(policy: Policy, rows: list, args: Args, client, path: str, rank=0, 
 def plan_names_target(text: str, target: dict) -> bool:
     """A reasoning text names a toy target when the only colour it names is the target's colour and the only
     region it names is the target's region ("green bottom" for the green bottom half; not "green red bottom")."""
-    from reward_server import ToyVerifier
-
     words = set(text.lower().replace(":", " ").replace(".", " ").replace(",", " ").split())
     return words & set(ToyVerifier.COLOURS) == {target["colour"]} and words & set(TOY_REGIONS) == {target["region"]}
 
@@ -1166,9 +1164,7 @@ def train(args: Args, policy: Policy | None = None) -> str:
         raise ValueError(f"{out} already holds a run (metrics.jsonl): pass --resume {out} or another --out")
     toy_rows = args.preset == "toy" and not args.prompts  # the data first: a bad row fails before any model loads
     if toy_rows:
-        # GRPO on the implicit prompts only: the priors already draw what explicit ones say (their groups' rewards
-        # are all ~1, no signal); the evaluation holds both kinds, in other words
-        rows = [r for r in TOY_WORLD_PROMPTS if r["split"] == "train" and r["kind"] == "implicit"]
+        rows = [r for r in TOY_WORLD_PROMPTS if r["split"] == "train"]
         eval_rows = [r for r in TOY_WORLD_PROMPTS if r["split"] == "test"]
     else:
         rows, eval_rows = load_prompts(args.prompts, "train"), load_prompts(args.prompts, "test")
@@ -1915,9 +1911,11 @@ def toy_row(prompt: str, colour: str, region: str, kind: str, split: str) -> dic
             "target": {"colour": colour, "region": region}, "kind": kind, "split": split}
 
 
-# Each target once explicitly per split (wordings in turn); every thing in every region in every implicit wording.
-TOY_WORLD_PROMPTS = [toy_row(TOY_EXPLICIT[split][k % len(TOY_EXPLICIT[split])].format(**t), t["colour"], t["region"],
-                             "explicit", split) for split in ("train", "test") for k, t in enumerate(toy_targets())] + [
+# GRPO trains on the implicit prompts, where the reasoning carries the answer: every thing in every region in every
+# train wording. The explicit requests, whose grammar the priors learnt (TOY_EXPLICIT["train"]), are test rows only:
+# each target once, in the test wordings in turn.
+TOY_WORLD_PROMPTS = [toy_row(TOY_EXPLICIT["test"][k % len(TOY_EXPLICIT["test"])].format(**t), t["colour"],
+                             t["region"], "explicit", "test") for k, t in enumerate(toy_targets())] + [
     toy_row(words.format(thing=thing), colour, region, "implicit", split) for split in ("train", "test")
     for thing, colour in TOY_WORLD.items() for region in TOY_REGIONS for words in TOY_IMPLICIT[split][region]]
 
@@ -2259,7 +2257,8 @@ def build_toy_world(folder: str) -> tuple[str, str]:
     import shutil
     import tempfile
 
-    paths, root = (os.path.join(folder, "reasoner"), os.path.join(folder, "renderer")), os.path.dirname(folder)
+    paths = os.path.join(folder, "reasoner"), os.path.join(folder, "renderer")
+    root = os.path.dirname(folder)
     os.makedirs(root, exist_ok=True)
     for name in os.listdir(root):  # what a killed build left (a kill skips the cleanup below): its process is gone
         pid = name.split("-")[1] if name.startswith(".building-") else ""
@@ -2773,7 +2772,8 @@ def bench(args: Args, verifier: str = "", repeats: int = 3) -> dict:
         for m in [*policy.reasoner.model.modules(), *renderer.transformer.modules()]:
             if isinstance(m, LoRALinear):
                 m.lora_B.weight.normal_(0, 1e-2)
-    rows = load_prompts(args.prompts, "train") if args.prompts else TOY_WORLD_PROMPTS
+    toy_rows = [r for r in TOY_WORLD_PROMPTS if r["split"] == "train"]
+    rows = load_prompts(args.prompts, "train") if args.prompts else toy_rows
     gen, sigmas = seed_torch_and_group_rng(args, 0, 0), renderer.sigmas(args.num_steps)
     name = torch.cuda.get_device_name() if cuda else "cpu"
     print(f"bench: {args.preset} preset, random weights on {name}, {args.dtype}, G={G}, {args.resolution}px, "

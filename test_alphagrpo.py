@@ -576,7 +576,7 @@ def test_default_run_learns(tmp_path):
     """`python alphagrpo.py` as a subprocess (the toy world, its reward server on a free port): the reward rises
     (mean of the last 5 steps >= first 5 + 0.05) and the reasoner learns the implicit prompts' targets
     (plan_accuracy_implicit, last 10 steps >= first 10 + 0.2). Measured on 2 cores, seeds 0, 1, 2 (README):
-    reward 0.12 -> 0.71, 0.13 -> 0.52, 0.13 -> 0.70; plan accuracy 0.10 -> 0.65, 0.10 -> 0.51, 0.11 -> 0.52."""
+    reward 0.168 -> 0.600, 0.143 -> 0.534, 0.213 -> 0.588; plan accuracy 0.13 -> 0.58, 0.16 -> 0.58, 0.14 -> 0.54."""
     out = tmp_path / "run"
     res = subprocess.run([sys.executable, os.path.join(HERE, "alphagrpo.py"), "--out", str(out)],
                          capture_output=True, text=True, timeout=900)
@@ -666,7 +666,7 @@ def test_srr_and_mix_rows_carry_the_refinement_metrics(toy_dirs, tmp_path):
 def test_sample_command_refines(tmp_path):
     out = tmp_path / "sample"
     res = subprocess.run([sys.executable, os.path.join(HERE, "alphagrpo.py"), "sample", "--prompt",
-                          "the bottom half is green", "--refine-rounds", "2", "--out", str(out)],
+                          "a green bottom half", "--refine-rounds", "2", "--out", str(out)],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     rounds = json.loads((out / "rounds.json").read_text())["rounds"]
@@ -2142,16 +2142,16 @@ def test_toy_world_priors_follow_explicit_requests(toy_world):
         scores = [verifier.score(im, questions) for im in renderer.decode(x0)]  # (8 images, 8 questions)
         own = sum(s[k] for k, s in enumerate(scores)) / len(targets)
         chance = sum(map(sum, scores)) / len(targets) ** 2
-        assert own >= 0.8 and chance <= 0.3, (own, chance)  # measured: 0.97 / 0.96 against 0.13 / 0.13
+        assert own >= 0.8 and chance <= 0.3, (own, chance)  # measured: 1.00 / 1.00 against 0.12 / 0.13
     torch.manual_seed(0)
     plans = [policy.reasoner.generate(ag.RT2I_INSTRUCTION.format(prompt=c), None, 1).texts[0] for c in explicit]
-    assert sum(map(ag.plan_names_target, plans, targets)) >= 6, plans  # chance: 1 in 8
+    assert sum(map(ag.plan_names_target, plans, targets)) >= 6, plans  # measured: 7; chance: 1 in 8
     implicit = [r for r in ag.TOY_WORLD_PROMPTS if r["kind"] == "implicit" and r["split"] == "train"]
     guesses = [policy.reasoner.generate(ag.RT2I_INSTRUCTION.format(prompt=r["prompt"]), None, 16) for r in implicit]
     right = [ag.plan_accuracy(g.texts, [r["target"]] * 16) for g, r in zip(guesses, implicit)]
     named = [next((t for t in targets if ag.plan_names_target(y, t)), None) for g in guesses for y in g.texts]
-    assert 0.03 <= sum(right) / len(right) <= 0.3, right  # measured: 0.12 (chance 1/8)
-    assert all(named.count(t) >= len(named) / 40 for t in targets), named  # every target guessed somewhere
+    assert 0.03 <= sum(right) / len(right) <= 0.3, right  # measured: 0.17 (chance 1/8)
+    assert all(named.count(t) >= len(named) / 40 for t in targets), named  # measured: each >= 28 of 512
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc to see whether a build's process is alive")
