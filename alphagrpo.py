@@ -5,8 +5,8 @@ Decompositional Verifiable Reward" (https://huangrh99.github.io/AlphaGRPO/). Rea
 the method comes first and in the paper's order (Sec. 3 preliminaries -> Sec. 4.1 AlphaGRPO and FPR ->
 arguments -> models -> rollouts -> the objective -> the loop -> inference -> main); the comments name the
 section or equation that each line computes. An APPENDIX after `main` holds what a reader of the method can
-skip: the command line, model loading, the reward client, checkpoints, the toy models and their priors,
-benchmark outputs, the memory plan, dry run and bench.
+skip: the command line, model loading, the second renderer (SD3.5), the reward client, metrics, checkpoints,
+the toy models and their priors, benchmark outputs, the memory plan, dry run and bench.
 
 What is implemented
 - The unified trajectory o = (y, x_T..x_0) (Sec. 4.1): a reasoner writes text y, then a renderer draws the
@@ -28,13 +28,13 @@ Left out: full fine-tuning, FSDP/DeepSpeed, BAGEL itself, the benchmarks' scorer
 input trees), re-implementing the official code's top-p sampling (off-policy: see README).
 
 Launch
-    python alphagrpo.py                                   # the toy world on the CPU, with its toy reward server
-    python alphagrpo.py --task srr                        # Self-Reflective Refinement with FPR, in context
-    python reward_server.py --verifier Qwen/Qwen3-VL-8B-Instruct --port 8000          # on a GPU
-    python alphagrpo.py --preset klein --reward-url http://127.0.0.1:8000             # on an 80 GB GPU
+    python alphagrpo.py                         # the toy world on the CPU, with its own toy reward server
+    python alphagrpo.py --task srr              # Self-Reflective Refinement with FPR, in context
+    python reward_server.py --verifier Qwen/Qwen3-VL-8B-Instruct --port 8000           # on a GPU
+    python alphagrpo.py --preset klein --reward-url http://127.0.0.1:8000              # on an 80 GB GPU
     python alphagrpo.py sample --prompt "a calm sea below" --refine-rounds 2 --checkpoint runs/toy-rt2i-TIME
     python alphagrpo.py eval --benchmark geneval --data geneval/prompts/evaluation_metadata.jsonl --out DIR
-    python alphagrpo.py bench --preset klein      # GPU figures at real shapes, random weights (README, Performance)
+    python alphagrpo.py bench --preset klein    # GPU figures at real shapes, random weights (README)
 
 Shapes: G group size, L generated tokens, P prompt tokens, V vocabulary, C latent channels,
 h x w latent size, W trained (SDE) steps, T sampling steps.
@@ -46,15 +46,22 @@ import ast
 import base64
 import contextlib
 import dataclasses
+import hashlib
+import inspect
 import io
 import json
 import math
 import os
 import random
+import shlex
+import shutil
+import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -62,10 +69,14 @@ import requests
 import torch
 import torch.nn as nn
 from PIL import Image, ImageDraw
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from reward_server import QUALITY_TAGS, SEMANTIC_TAGS, make_vlm, toy_tokenizer
-from reward_server import TOY_CHAT_TEMPLATE, TOY_WORDS, ToyVerifier  # noqa: F401 - the toy's vocabulary and judge
+# the DVReward tag lists, and the toy's Qwen3-VL builder, vocabulary and judge (the toy world uses them)
+from reward_server import QUALITY_TAGS, SEMANTIC_TAGS, dvreward
+from reward_server import TOY_WORDS, ToyVerifier, make_vlm, toy_tokenizer
+
+# transformers and diffusers take seconds to import: the functions that need them import them.
 
 
 # --------------------------------------------------------------------------------------------------
@@ -73,13 +84,14 @@ from reward_server import TOY_CHAT_TEMPLATE, TOY_WORDS, ToyVerifier  # noqa: F40
 # --------------------------------------------------------------------------------------------------
 
 
-def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, std_mode: str = "group", eps: float = 1e-4,
-                     batch_std: float | None = None):
+def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, std_mode: str = "group",
+                     eps: float = 1e-4, batch_std: float | None = None):
     """A_i = (R_i - mean_group(R)) / (std + eps), one scalar per trajectory (Sec. 3, GRPO).
 
-    rewards, group_ids: (N,). std is the population std (ddof=0, + 1e-4 as Flow-GRPO) of the group ('group')
-    or of all N rewards ('batch'; batch_std overrides it, e.g. with all ranks' rewards). A group whose rewards
-    are all equal carries no signal: its advantages are exactly 0 (never NaN). Returns (A (N,), zero_std (N,))."""
+    rewards, group_ids: (N,). std is the population std (ddof=0, + 1e-4 as Flow-GRPO) of the group
+    ('group') or of all N rewards ('batch'; batch_std overrides it, e.g. with all ranks' rewards). A group
+    whose rewards are all equal carries no signal: its advantages are exactly 0 (never NaN).
+    Returns (A (N,), zero_std (N,))."""
     rewards = rewards.double()
     A = torch.zeros_like(rewards)
     zero_std = torch.zeros_like(rewards, dtype=torch.bool)
@@ -112,7 +124,7 @@ def sde_step(v: torch.Tensor, x: torch.Tensor, sigma, sigma_next, noise_level: f
     sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(shape)
     sigma_next = torch.as_tensor(sigma_next, dtype=torch.float32, device=x.device).reshape(shape)
     dt = sigma_next - sigma
-    # std_t = a * sqrt(t / (1 - t)); at t = 1 only the denominator's t becomes second_sigma (it would divide by 0)
+    # std_t = a * sqrt(t / (1 - t)); at t = 1 the denominator's t becomes second_sigma (1 - t would be 0)
     t_denominator = torch.where(sigma == 1, torch.full_like(sigma, second_sigma), sigma)
     std_t = noise_level * torch.sqrt(sigma / (1 - t_denominator))
     # mu = x + v dt + std_t^2 / (2t) * (x + (1 - t) v) dt: the Euler step plus the score correction
@@ -130,15 +142,17 @@ def sde_step(v: torch.Tensor, x: torch.Tensor, sigma, sigma_next, noise_level: f
                          "step, which has no density); score only the SDE window's steps")
     prev_sample = prev_sample.float()
     # log N(x_{t-1}; mu, scale^2), averaged over all but the batch dimension
-    log_prob = -((prev_sample.detach() - mean) ** 2) / (2 * scale**2) - torch.log(scale) - 0.5 * math.log(2 * math.pi)
+    log_prob = (-((prev_sample.detach() - mean) ** 2) / (2 * scale**2) - torch.log(scale)
+                - 0.5 * math.log(2 * math.pi))
     return prev_sample, log_prob.mean(dim=tuple(range(1, x.ndim))), mean, std_t
 
 
-def image_kl(mean: torch.Tensor, mean_ref: torch.Tensor, std_t: torch.Tensor, dt, flow_grpo_form: bool = False):
+def image_kl(mean: torch.Tensor, mean_ref: torch.Tensor, std_t: torch.Tensor, dt,
+             flow_grpo_form: bool = False):
     """Closed-form KL(pi_theta || pi_ref) of one SDE step, averaged per latent element to match the log-prob:
     KL = mean((mu_theta - mu_ref)^2) / (2 std_t^2 |dt|) (Sec. 3, "weighted distance between velocity fields").
-    Flow-GRPO and the official code drop |dt|, so their beta equals ours divided by |dt| (ours = theirs * |dt|);
-    flow_grpo_form=True gives their expression. Returns (B,)."""
+    Flow-GRPO and the official code drop |dt|, so their beta equals ours divided by |dt|
+    (ours = theirs * |dt|); flow_grpo_form=True gives their expression. Returns (B,)."""
     dims = tuple(range(1, mean.ndim))
     var = std_t.reshape(-1) ** 2 * (1.0 if flow_grpo_form else abs(float(dt)))
     return ((mean - mean_ref) ** 2).mean(dim=dims) / (2 * var)
@@ -211,8 +225,8 @@ def false_positive_rectification(refined: torch.Tensor, init_reward: float, valu
 @dataclass
 class Args:
     preset: str = "toy"
-    """'toy' (the toy world: tiny models with a cached prior, CPU), 'klein' (Qwen3-VL + FLUX.2 klein, recommended) or 'sd35'
-    (Qwen3-VL + Stable Diffusion 3.5 medium, comparable with Flow-GRPO)."""
+    """'toy' (the toy world: tiny models with a cached prior, CPU), 'klein' (Qwen3-VL + FLUX.2 klein,
+    recommended) or 'sd35' (Qwen3-VL + Stable Diffusion 3.5 medium, comparable with Flow-GRPO)."""
     task: str = "rt2i"
     """'rt2i' reasoning text-to-image, 'srr' self-reflective refinement, 'mix' both (Sec. 4.1)."""
     steps: int = 80
@@ -261,9 +275,9 @@ class Args:
     noise_level: float = 0.7
     """a in std_t = a * sqrt(t / (1 - t)) (Flow-GRPO); 0 gives the deterministic Euler ODE."""
     guidance_scale: float = 1.0
-    """Classifier-free guidance scale, identical at rollout and train time. Toy: 1, no guidance (its prior draws
-    what a plan says at 0.94 at scale 1, 0.77 at 2, 0.47 at 3: CFG extrapolates from a tiny model's rough
-    unconditional velocity)."""
+    """Classifier-free guidance scale, identical at rollout and train time. Toy: 1, no guidance (its prior
+    draws what a plan says at 0.94 at scale 1, 0.77 at 2, 0.47 at 3: CFG extrapolates from a tiny model's
+    rough unconditional velocity)."""
     max_new_tokens: int = 3
     """Longest reasoning text, in tokens (toy: a plan is 2 words and EOS)."""
     max_text_tokens: int = 32
@@ -325,7 +339,7 @@ class Args:
     eval_every: int = 20
     """Evaluate on the test prompts (ODE sampler, fixed seeds) every this many steps (0: never)."""
     save_every: int = 40
-    """Write a checkpoint (LoRA, optimizer, step; LoRA exported for diffusers and PEFT) every this many steps."""
+    """Checkpoint (LoRA, optimizer, step; LoRA exported for diffusers and PEFT) every this many steps."""
     resume: str = ""
     """Continue a run from a checkpoint folder, or from the newest checkpoint of a run folder."""
     dry_run: bool = False
@@ -363,9 +377,9 @@ PRESETS = {
         reasoner="Qwen/Qwen3-VL-4B-Instruct", renderer="black-forest-labs/FLUX.2-klein-base-4B",
         prompts="prompts.jsonl", dtype="bfloat16", steps=1000, resolution=512, num_steps=8, eval_num_steps=28,
         sde_window=2, sde_window_start_max=2, guidance_scale=4.0, max_new_tokens=256, max_text_tokens=512,
-        image_clip=1e-4, lr=3e-4, reasoner_lr=5e-5, lora_rank=64, lora_alpha=128.0, gradient_checkpointing=True,
+        image_clip=1e-4, lr=3e-4, reasoner_lr=5e-5, lora_rank=64, lora_alpha=128.0,
         lam=2.0,  # = W trained steps: the official text_loss_weight = 1 / K
-        group_size=16, groups_per_step=4, srr_candidates=4, std_mode="group",
+        group_size=16, groups_per_step=4, srr_candidates=4, std_mode="group", gradient_checkpointing=True,
     ),
     # Real checkpoints on one 80 GB GPU (settings of Flow-GRPO's SD3.5 config and the official code): the
     # preset to compare with Flow-GRPO. SD3.5 cannot edit: its SRR refines by SDEdit.
@@ -410,9 +424,13 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float):
         super().__init__()
-        self.base, self.scale, self.enabled = base, alpha / rank, True
-        self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=base.weight.device, dtype=torch.float32)
-        self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device, dtype=torch.float32)
+        self.base = base
+        self.scale = alpha / rank
+        self.enabled = True
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=base.weight.device,
+                                dtype=torch.float32)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device,
+                                dtype=torch.float32)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's init: A random, B zero,
         nn.init.zeros_(self.lora_B.weight)  # so training starts exactly at the base model
 
@@ -472,12 +490,13 @@ class Reasoner:
     def __init__(self, processor, model, device, args: Args):
         from transformers import GenerationConfig
 
-        self.processor, self.model = processor, model.to(device).eval()
+        self.processor = processor
+        self.model = model.to(device).eval()
         cfg = self.model.generation_config
         # The shipped generation_config holds top_p/top_k/temperature defaults; sampling with them while
         # scoring with the plain softmax would make the stored log-probs off-policy. Keep only the ids.
-        self.model.generation_config = GenerationConfig(eos_token_id=cfg.eos_token_id, pad_token_id=(
-            cfg.pad_token_id if cfg.pad_token_id is not None else self.processor.tokenizer.pad_token_id))
+        pad = cfg.pad_token_id if cfg.pad_token_id is not None else processor.tokenizer.pad_token_id
+        self.model.generation_config = GenerationConfig(eos_token_id=cfg.eos_token_id, pad_token_id=pad)
         eos = cfg.eos_token_id
         self.eos_ids = torch.tensor(eos if isinstance(eos, list) else [eos], device=device)
         # Image/video placeholder tokens must never be generated (a stray one breaks the next forward pass).
@@ -488,14 +507,17 @@ class Reasoner:
         self.lora_params = add_lora(self.model, args.reasoner_lora_targets, args.lora_rank, args.lora_alpha)
         self.checkpointing = args.gradient_checkpointing
         if self.checkpointing:
-            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        self.device, self.temperature, self.max_new_tokens = device, args.temperature, args.max_new_tokens
+            no_reentrant = {"use_reentrant": False}
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=no_reentrant)
+        self.device = device
+        self.temperature = args.temperature
+        self.max_new_tokens = args.max_new_tokens
 
     def chat_inputs(self, instruction: str, image: Image.Image | None, n: int) -> dict:
         """The chat-templated prompt, repeated n times (image before the text in the user turn)."""
         content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": instruction}]
-        text = self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                                  tokenize=False)
+        messages = [{"role": "user", "content": content}]
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         kwargs = {"images": [image] * n} if image is not None else {}
         inputs = self.processor(text=[text] * n, return_tensors="pt", **kwargs)
         return {k: v.to(self.device) for k, v in inputs.items()}
@@ -505,7 +527,8 @@ class Reasoner:
         """Sample n texts y ~ pi_text(. | c) with plain temperature sampling."""
         inputs = self.chat_inputs(instruction, image, n)
         P = inputs["input_ids"].shape[1]
-        self.model.eval()  # eval mode keeps the KV cache on (transformers drops it when checkpointing in training)
+        # eval mode keeps the KV cache on (transformers drops it when checkpointing in training)
+        self.model.eval()
         out = self.model.generate(**inputs, do_sample=True, temperature=self.temperature, top_p=1.0, top_k=0,
                                   max_new_tokens=self.max_new_tokens, suppress_tokens=self.banned)
         ids = out[:, P:]  # (G, L)
@@ -516,29 +539,32 @@ class Reasoner:
         texts = self.processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
         return TextRollout(inputs=inputs, ids=ids, mask=mask, texts=[t.strip() for t in texts])
 
-    def token_logprobs(self, ro: TextRollout) -> torch.Tensor:
+    def token_logprobs(self, rollout: TextRollout) -> torch.Tensor:
         """log pi_text(y_k | c, y_<k) for every generated token, teacher-forced: (G, L). The rollout stores
         exactly this function's output, so the first update's ratio is 1 up to nothing."""
-        inp = ro.inputs
-        L = ro.ids.shape[1]
+        inp = rollout.inputs
+        L = rollout.ids.shape[1]
         # transformers checkpoints activations only in training mode; Qwen-VL has no dropout, so the mode
         # changes nothing else and the rollout's (no-grad, eval) log-probs stay equal to these
         self.model.train(self.checkpointing and torch.is_grad_enabled())
-        kwargs = {k: v for k, v in inp.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
-        if "mm_token_type_ids" in inp:  # the generated tokens are text (type 0) for Qwen-VL's 3-D rotary positions
-            kwargs["mm_token_type_ids"] = torch.cat([inp["mm_token_type_ids"], torch.zeros_like(ro.ids)], 1)
-        logits = self.model(input_ids=torch.cat([inp["input_ids"], ro.ids], 1),
-                            attention_mask=torch.cat([inp["attention_mask"], ro.mask], 1),
+        extra = ("input_ids", "attention_mask", "mm_token_type_ids")  # passed below, extended by y
+        kwargs = {k: v for k, v in inp.items() if k not in extra}
+        # the generated tokens are text (type 0) for Qwen-VL's 3-D rotary positions
+        if "mm_token_type_ids" in inp:
+            text_types = torch.zeros_like(rollout.ids)
+            kwargs["mm_token_type_ids"] = torch.cat([inp["mm_token_type_ids"], text_types], 1)
+        logits = self.model(input_ids=torch.cat([inp["input_ids"], rollout.ids], 1),
+                            attention_mask=torch.cat([inp["attention_mask"], rollout.mask], 1),
                             logits_to_keep=L + 1, use_cache=False, **kwargs).logits[:, :-1]  # (G, L, V)
         logits = logits.float() / self.temperature
         logits[..., self.banned] = float("-inf")  # exactly what suppress_tokens does when sampling
-        return logits.log_softmax(-1).gather(-1, ro.ids[..., None]).squeeze(-1)
+        return logits.log_softmax(-1).gather(-1, rollout.ids[..., None]).squeeze(-1)
 
 
 @dataclass
 class ImageRollout:
     """G denoising paths for one group: the SDE window's latents and log-probs, and the images."""
-    cond: tuple  # (prompt_embeds (2G, S, D), pooled (2G, D)): [negative; positive] for CFG
+    cond: tuple  # Renderer.encode's output: [negative; positive] embeddings for CFG (and the reference's)
     latents: torch.Tensor  # (G, W+1, C, h, w): x at the W trained steps and the one after the last
     sigmas: torch.Tensor  # (W+1,) the sigmas of those latents
     second_sigma: float  # the schedule's second sigma (sde_step's guard at t = 1)
@@ -549,16 +575,17 @@ class ImageRollout:
 class Renderer:
     """pi_img: a diffusers flow-matching model driven by our own sampler. The interface the algorithm uses:
     noise(), sigmas(), encode() (text, and a reference image where the model can edit), velocity(), decode(),
-    encode_image(). Latents x are (B, C, h, w) in the space the sampler steps in. Two models fill it below:
-    SD3Renderer (Stable Diffusion 3.5) and KleinRenderer (FLUX.2 klein)."""
+    encode_image(). Latents x are (B, C, h, w) in the space the sampler steps in. Two models fill it:
+    KleinRenderer (FLUX.2 klein) below, and SD3Renderer (Stable Diffusion 3.5) in the appendix."""
 
     can_edit = False  # True where the reference image can join the context (SRR refined in context)
 
     def __init__(self, pipe, device, args: Args):
         self.pipe = pipe.to(device)
         self.pipe.set_progress_bar_config(disable=True)
-        self.transformer, self.vae, self.scheduler = self.pipe.transformer, self.pipe.vae, self.pipe.scheduler
-        self.transformer.eval()
+        self.transformer = self.pipe.transformer.eval()
+        self.vae = self.pipe.vae
+        self.scheduler = self.pipe.scheduler
         targets = args.renderer_lora_targets or self.lora_targets
         self.lora_params = add_lora(self.transformer, targets, args.lora_rank, args.lora_alpha)
         for m in self.pipe.components.values():
@@ -566,7 +593,9 @@ class Renderer:
                 m.requires_grad_(False)
         if args.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
-        self.device, self.dtype, self.args = device, self.transformer.dtype, args
+        self.device = device
+        self.dtype = self.transformer.dtype
+        self.args = args
 
     def noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """x_T ~ N(0, I), (n, C, h, w), drawn on the CPU so that every device gets the same samples."""
@@ -581,77 +610,27 @@ class Renderer:
     def pixels(self, image: Image.Image) -> torch.Tensor:
         """PIL image -> (1, 3, H, W) in [-1, 1] at the training resolution, as the pipelines preprocess it."""
         res = self.args.resolution
-        return self.pipe.image_processor.preprocess(image.convert("RGB"), height=res, width=res).to(self.device)
+        pixels = self.pipe.image_processor.preprocess(image.convert("RGB"), height=res, width=res)
+        return pixels.to(self.device)
 
     def to_pil(self, img: torch.Tensor) -> list:
-        img = ((img.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        return [Image.fromarray(a) for a in img]
-
-
-class SD3Renderer(Renderer):
-    """Stable Diffusion 3(.5): CLIP-L + CLIP-G + T5 text encoders, an MMDiT on 2x2-patched latents. It cannot
-    take a reference image, so SRR refines it by SDEdit (`sdedit_start`)."""
-
-    lora_targets = "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"  # joint attention (Flow-GRPO)
-
-    def __init__(self, pipe, device, args: Args):
-        super().__init__(pipe, device, args)
-        side = args.resolution // self.pipe.vae_scale_factor
-        self.latent_shape = (self.transformer.config.in_channels, side, side)
-
-    def sigmas(self, num_steps: int) -> torch.Tensor:
-        """The scheduler's shifted sigmas (T+1,), from 1 to 0 (SD3.5: shift 3)."""
-        self.scheduler.set_timesteps(num_steps, device="cpu")
-        return self.scheduler.sigmas.float().cpu()
-
-    @torch.no_grad()
-    def encode(self, texts: list[str], reference: torch.Tensor | None = None) -> tuple:
-        """Text conditioning with the frozen CLIP-L, CLIP-G and T5 encoders; [negative; positive] for CFG."""
-        if reference is not None:
-            raise ValueError("Stable Diffusion 3 cannot take a reference image: refine with --srr-refine sdedit")
-        emb, neg, pooled, neg_pooled = self.pipe.encode_prompt(
-            prompt=texts, prompt_2=None, prompt_3=None, device=self.device, do_classifier_free_guidance=True,
-            negative_prompt=[""] * len(texts), max_sequence_length=self.args.max_text_tokens)
-        return torch.cat([neg, emb]), torch.cat([neg_pooled, pooled])
-
-    def velocity(self, x: torch.Tensor, sigma: float, cond: tuple, guidance: float | None = None) -> torch.Tensor:
-        """v_theta(x_t, t, c) with classifier-free guidance, in float32. x: (B, C, h, w). guidance 1.0 runs
-        the conditional half only."""
-        emb, pooled = cond
-        if guidance == 1.0:  # conditional only: the second half of each [negative; positive] pair
-            emb, pooled = emb[len(x):], pooled[len(x):]
-        x_in = (torch.cat([x, x]) if len(emb) == 2 * len(x) else x).to(self.dtype)
-        t = torch.full((len(x_in),), float(sigma) * self.scheduler.config.num_train_timesteps, device=x.device)
-        v = self.transformer(hidden_states=x_in, timestep=t, encoder_hidden_states=emb,  # t in fp32, as diffusers
-                             pooled_projections=pooled, return_dict=False)[0]
-        return v.float() if guidance == 1.0 else self.cfg(v, guidance)
-
-    @torch.no_grad()
-    def decode(self, x: torch.Tensor) -> list:
-        """Latents (B, C, h, w) -> PIL images."""
-        cfg = self.vae.config
-        return self.to_pil(self.vae.decode((x / cfg.scaling_factor + cfg.shift_factor).to(self.vae.dtype),
-                                           return_dict=False)[0])
-
-    @torch.no_grad()
-    def encode_image(self, image: Image.Image) -> torch.Tensor:
-        """PIL image -> latents (1, C, h, w), deterministic (the posterior's mode)."""
-        z = self.vae.encode(self.pixels(image).to(self.vae.dtype)).latent_dist.mode().float()
-        return (z - self.vae.config.shift_factor) * self.vae.config.scaling_factor
+        """(B, 3, H, W) in [-1, 1] -> B PIL images."""
+        img = ((img.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+        return [Image.fromarray(a) for a in img.permute(0, 2, 3, 1).cpu().numpy()]
 
 
 class KleinRenderer(Renderer):
-    """FLUX.2 klein (`Flux2KleinPipeline`): a Qwen3 text encoder read at three hidden layers, a transformer over
-    latent tokens. x is the pipeline's normalized latent: the VAE's 32 channels patchified 2x2 into 128, then
-    standardized by the VAE's batch-norm statistics, (B, 128, h, w); it is packed into h*w tokens with 4-axis
-    position ids (time, row, column, layer) only for the transformer. A reference image (SRR's initial image)
-    enters as more tokens of the same kind at time 10: the model sees it and redraws from fresh noise."""
+    """FLUX.2 klein (`Flux2KleinPipeline`): a Qwen3 text encoder read at three hidden layers, a transformer
+    over latent tokens. x is the pipeline's normalized latent: the VAE's 32 channels patchified 2x2 into 128,
+    then standardized by the VAE's batch-norm statistics, (B, 128, h, w); it is packed into h*w tokens with
+    4-axis position ids (time, row, column, layer) only for the transformer. A reference image (SRR's initial
+    image) enters as more tokens of the same kind at time 10: the model sees it and redraws from noise."""
 
     can_edit = True
     # attention (double-stream q/k/v/out and their text twins; single-stream fused qkv+mlp and out) and MLP
     # projections, named as diffusers' FLUX.2 LoRA loader reads them (Flow-Factory's and DiffSynth's targets)
-    lora_targets = ("to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out,linear_in,linear_out,"
-                    "to_qkv_mlp_proj,attn.to_out")
+    lora_targets = ("to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out,"
+                    "linear_in,linear_out,to_qkv_mlp_proj,attn.to_out")
 
     def __init__(self, pipe, device, args: Args):
         super().__init__(pipe, device, args)
@@ -662,12 +641,13 @@ class KleinRenderer(Renderer):
         self.text_layers = (n // 4, n // 2, 3 * n // 4)  # (9, 18, 27) for klein's 36-layer Qwen3
         bn = self.vae.bn
         self.bn_mean = bn.running_mean.view(1, -1, 1, 1).float().to(device)
-        self.bn_std = torch.sqrt(bn.running_var.view(1, -1, 1, 1).float() + self.vae.config.batch_norm_eps).to(device)
+        bn_var = bn.running_var.view(1, -1, 1, 1).float().to(device)
+        self.bn_std = torch.sqrt(bn_var + self.vae.config.batch_norm_eps)
         # distilled klein models (4 steps) take no guidance; base models use CFG like SD3
         self.distilled = bool(self.pipe.config.get("is_distilled", False))
 
     def sigmas(self, num_steps: int) -> torch.Tensor:
-        """The pipeline's schedule: linspace(1, 1/T) shifted by mu, which grows with the image's token count."""
+        """The pipeline's schedule: linspace(1, 1/T) shifted by mu, which grows with the token count."""
         import numpy as np
         from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
 
@@ -684,12 +664,15 @@ class KleinRenderer(Renderer):
                                                max_sequence_length=self.args.max_text_tokens,
                                                text_encoder_out_layers=self.text_layers)
         ref = ref_ids = None
-        if reference is not None:  # (1, C, h, w) from encode_image; time coordinate 10, as the pipeline's image=
-            ref = reference.detach().flatten(2).transpose(1, 2).to(self.dtype)  # context: never trained
+        # the reference (1, C, h, w) from encode_image is context, never trained; its tokens sit at time
+        # coordinate 10, as the pipeline's image= argument puts them
+        if reference is not None:
+            ref = reference.detach().flatten(2).transpose(1, 2).to(self.dtype)
             ref_ids = self.pipe._prepare_image_ids([reference])[0].to(self.device)
         return emb, txt_ids[0], ref, ref_ids
 
-    def velocity(self, x: torch.Tensor, sigma: float, cond: tuple, guidance: float | None = None) -> torch.Tensor:
+    def velocity(self, x: torch.Tensor, sigma: float, cond: tuple,
+                 guidance: float | None = None) -> torch.Tensor:
         """v_theta(x_t, t, c [, reference]) with classifier-free guidance, in float32. x: (B, C, h, w)."""
         emb, txt_ids, ref, ref_ids = cond
         B, C, h, w = x.shape
@@ -704,8 +687,9 @@ class KleinRenderer(Renderer):
             ids = torch.cat([ids, ref_ids])
         # the pipeline's timestep: sigma * 1000 rounded to the latents' dtype, then / 1000
         t = torch.full((len(tokens),), float(sigma) * 1000, device=x.device).to(self.dtype) / 1000
-        v = self.transformer(hidden_states=tokens.to(self.dtype), timestep=t, guidance=None, encoder_hidden_states=emb,
-                             txt_ids=txt_ids, img_ids=ids, return_dict=False)[0][:, :h * w]  # drop the reference
+        v = self.transformer(hidden_states=tokens.to(self.dtype), timestep=t, guidance=None,
+                             encoder_hidden_states=emb, txt_ids=txt_ids, img_ids=ids, return_dict=False)[0]
+        v = v[:, :h * w]  # (B or 2B, h*w, C): the reference's outputs are dropped
         v = v.float() if cond_only else self.cfg(v, guidance)
         return v.transpose(1, 2).reshape(B, C, h, w)
 
@@ -717,7 +701,7 @@ class KleinRenderer(Renderer):
 
     @torch.no_grad()
     def encode_image(self, image: Image.Image) -> torch.Tensor:
-        """PIL image -> normalized latents (1, 128, h, w), the posterior's mode, as the pipeline encodes image=."""
+        """PIL image -> normalized latents (1, 128, h, w), the posterior's mode, as the pipeline's image=."""
         z = self.vae.encode(self.pixels(image).to(self.vae.dtype)).latent_dist.mode().float()
         return (self.pipe._patchify_latents(z) - self.bn_mean) / self.bn_std
 
@@ -728,13 +712,16 @@ def render(renderer: Renderer, cond: tuple, x: torch.Tensor, sigmas: torch.Tenso
     """Run the sampler from x at sigmas[start] to sigmas[-1] = 0: SDE on the step indices in `window`, ODE
     elsewhere. Returns (x_0 (G, C, h, w), window latents (G, W+1, C, h, w), window log-probs (G, W)),
     the last two None for an empty window (pure ODE)."""
-    kept, logps, second_sigma = [], [], float(sigmas[1])
+    kept = []  # the window's latents
+    logps = []
+    second_sigma = float(sigmas[1])
     for i in range(start, len(sigmas) - 1):
         a = noise_level if i in window else 0.0
         if i == window.start:
             kept.append(x)
         v = renderer.velocity(x, sigmas[i], cond)
-        x, logp, _, _ = sde_step(v, x, float(sigmas[i]), float(sigmas[i + 1]), a, second_sigma, generator=generator)
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        x, logp, _, _ = sde_step(v, x, sigma, sigma_next, a, second_sigma, generator=generator)
         if i in window:
             kept.append(x)
             logps.append(logp)
@@ -749,23 +736,6 @@ class Policy:
     reasoner: Reasoner
     renderer: Renderer
     device: torch.device
-
-    def lora_state(self) -> dict:
-        return {f"{part}.{n}": p.detach().clone() for part, m in (("reasoner", self.reasoner.model),
-                                                                   ("renderer", self.renderer.transformer))
-                for n, p in m.named_parameters() if ".lora_" in n}
-
-    def load_lora_state(self, state: dict):
-        parts = (("reasoner", self.reasoner.model), ("renderer", self.renderer.transformer))
-        own = {f"{part}.{n}": p for part, m in parts
-               for n, p in m.named_parameters() if ".lora_" in n}
-        if own.keys() != state.keys() or any(own[k].shape != state[k].shape for k in own):
-            missing, extra = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
-            raise ValueError(f"the LoRA weights do not fit these models (missing {missing[:3]}, unexpected "
-                             f"{extra[:3]}, or other shapes): were they made with other --lora-rank/targets?")
-        with torch.no_grad():
-            for k, p in own.items():
-                p.copy_(state[k])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -784,16 +754,16 @@ def sdedit_start(x_init: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor
 
 
 def refines_in_context(renderer: Renderer, args: Args) -> bool:
-    """SRR's refinement sees the initial image in context (--srr-refine edit, or auto on a renderer that can)."""
+    """SRR refines with the initial image in context: --srr-refine edit, or auto where the renderer can."""
     return args.srr_refine == "edit" or (args.srr_refine == "auto" and renderer.can_edit)
 
 
 def refinement_inputs(renderer: Renderer, args: Args, texts: list, x_init: torch.Tensor, noise: torch.Tensor,
                       sigmas: torch.Tensor):
     """How an SRR refinement is conditioned on the initial image's latents x_init (1, C, h, w); the one place
-    that knows, for training and inference. In context (klein): fresh noise, x_init's tokens join the sequence,
-    and the model redraws what is wrong (it can remove, move, recount). SDEdit (SD3): the sampler starts from
-    x_init noised to --srr-strength. Returns (cond, start step, x at the start)."""
+    that knows, for training and inference. In context (klein): fresh noise, x_init's tokens join the
+    sequence, and the model redraws what is wrong (it can remove, move, recount). SDEdit (SD3): the sampler
+    starts from x_init noised to --srr-strength. Returns (cond, start step, x at the start)."""
     if refines_in_context(renderer, args):
         return renderer.encode(texts, reference=x_init), 0, noise
     start, x = sdedit_start(x_init.expand(len(noise), -1, -1, -1), noise, sigmas, args.srr_strength)
@@ -829,11 +799,14 @@ class Group:
 
 
 def questions(row: dict) -> tuple[list[str], list[str]]:
-    return [q["question"] for q in row["semantic_questions"]], [q["question"] for q in row["quality_questions"]]
+    """A prompt row's semantic and quality question texts."""
+    semantic = [q["question"] for q in row["semantic_questions"]]
+    quality = [q["question"] for q in row["quality_questions"]]
+    return semantic, quality
 
 
 def renderer_text(prompt: str, reasoning: str) -> str:
-    # The prompt goes first: the CLIP encoders keep only 77 tokens, T5 carries the reasoning.
+    """What the renderer reads: the prompt first (SD3's CLIP encoders keep 77 tokens), then the reasoning."""
     return f"{prompt}. {reasoning}" if reasoning else prompt
 
 
@@ -850,7 +823,9 @@ def rollout_group(policy: Policy, row: dict, task: str, args: Args, gen: torch.G
                   sigmas: torch.Tensor, init=None, timers=None, index: int = 0) -> Group:
     """Sample one group (Sec. 4.1): G reasoning texts, then G images conditioned on them, and send the
     images to the reward server without waiting. SRR: `init` = (initial image, its latents, its reward)."""
-    reasoner, renderer, G = policy.reasoner, policy.renderer, args.group_size
+    reasoner = policy.reasoner
+    renderer = policy.renderer
+    G = args.group_size
     t0 = time.perf_counter()
     if task == "rt2i":  # y is a plan
         text = reasoner.generate(RT2I_INSTRUCTION.format(prompt=row["prompt"]), None, G)
@@ -864,8 +839,10 @@ def rollout_group(policy: Policy, row: dict, task: str, args: Args, gen: torch.G
     t1 = time.perf_counter()
     texts = [renderer_text(row["prompt"], y) for y in text.texts]
     noise = renderer.noise(1 if args.same_init_noise else G, gen).expand(G, -1, -1, -1)
-    if task == "rt2i":
-        cond, start, x = renderer.encode(texts), 0, noise
+    if task == "rt2i":  # from fresh noise, conditioned on the prompt and the plan
+        cond = renderer.encode(texts)
+        start = 0
+        x = noise
     else:
         cond, start, x = refinement_inputs(renderer, args, texts, init[1], noise, sigmas)
     window = sde_window(start, len(sigmas), args, gen)
@@ -888,8 +865,8 @@ def initial_candidates(policy: Policy, row: dict, args: Args, gen: torch.Generat
     sampler and no reasoning, sent for scoring. Returns (images, future)."""
     renderer = policy.renderer
     cond = renderer.encode([row["prompt"]] * args.srr_candidates)
-    x0, _, _ = render(renderer, cond, renderer.noise(args.srr_candidates, gen), renderer.sigmas(args.eval_num_steps),
-                      range(0), 0.0)
+    x_T = renderer.noise(args.srr_candidates, gen)
+    x0, _, _ = render(renderer, cond, x_T, renderer.sigmas(args.eval_num_steps), range(0), 0.0)
     images = renderer.decode(x0)
     sem, qual = questions(row)
     return images, client.submit(images, [sem] * len(images), [qual] * len(images))
@@ -906,16 +883,20 @@ def rollout_step(policy: Policy, step: int, rows: list, args: Args, client, sigm
     """All rollouts of one step, with the current weights (never stale ones). This rank takes the groups
     k = rank, rank + world, ...; each group's images are scored while the next group is sampled. SRR first
     renders every prompt's initial candidates, so their scoring overlaps too."""
-    n_srr = {"rt2i": 0, "srr": args.groups_per_step, "mix": round(args.mix_ratio * args.groups_per_step)}[args.task]
-    mine = [(k, "srr" if k < n_srr else "rt2i", prompt_for(rows, step * args.groups_per_step + k, args.seed))
-            for k in range(rank, args.groups_per_step, world)]
-    cands = {k: initial_candidates(policy, row, args, seed_torch_and_group_rng(args, step, k), client)
+    srr_share = {"rt2i": 0.0, "srr": 1.0, "mix": args.mix_ratio}[args.task]
+    n_srr = round(srr_share * args.groups_per_step)  # groups k < n_srr are SRR
+    mine = []  # this rank's groups: (k, task, prompt row)
+    for k in range(rank, args.groups_per_step, world):
+        task = "srr" if k < n_srr else "rt2i"
+        mine.append((k, task, prompt_for(rows, step * args.groups_per_step + k, args.seed)))
+    candidates = {k: initial_candidates(policy, row, args, seed_torch_and_group_rng(args, step, k), client)
              for k, task, row in mine if task == "srr"}
     groups = []
     for k, task, row in mine:
-        gen, init = seed_torch_and_group_rng(args, step, k + 10_000), None
+        gen = seed_torch_and_group_rng(args, step, k + 10_000)
+        init = None
         if task == "srr":
-            images, future = cands[k]
+            images, future = candidates[k]
             t0 = time.perf_counter()
             res = future.result()
             timers["reward_wait"] += time.perf_counter() - t0
@@ -928,33 +909,37 @@ def rollout_step(policy: Policy, step: int, rows: list, args: Args, client, sigm
 def collect_rewards_and_fpr(g: Group, args: Args):
     """Wait for the group's rewards; SRR groups then go through FPR (before normalization)."""
     res = g.reward_future.result()
-    g.scores, g.rewards = res, torch.tensor(res["rewards"], dtype=torch.float32)
+    g.scores = res
+    g.rewards = torch.tensor(res["rewards"], dtype=torch.float32)
     if g.task == "srr":
         g.failed = g.rewards <= g.init_reward
         if args.fpr:
-            g.fpr_rewards, g.failed, g.skip = false_positive_rectification(g.rewards, g.init_reward, args.fpr_value)
+            rectified = false_positive_rectification(g.rewards, g.init_reward, args.fpr_value)
+            g.fpr_rewards, g.failed, g.skip = rectified
 
 
 def assign_advantages(groups: list, args: Args, world: int = 1) -> float:
     """Group-relative advantages, each task normalized within its own groups. With std_mode 'batch' the std
     is over all groups of the step, on every rank. Returns the share of zero-std groups here."""
-    zero = []
+    zero = []  # per group: its rewards were all equal
     for task in ("rt2i", "srr"):
-        gs = [g for g in groups if g.task == task]
-        r = torch.cat([g.rewards if g.fpr_rewards is None else g.fpr_rewards for g in gs] or [torch.zeros(0)])
+        task_groups = [g for g in groups if g.task == task]
+        # (N,) the rewards the advantages use: SRR's after FPR
+        used = [g.rewards if g.fpr_rewards is None else g.fpr_rewards for g in task_groups]
+        r = torch.cat(used or [torch.zeros(0)])
         if world > 1 and args.std_mode == "batch":
             everyone = [None] * world
             torch.distributed.all_gather_object(everyone, r.tolist())
             batch_std = float(torch.tensor(sum(everyone, [])).double().std(unbiased=False))
         else:
             batch_std = None
-        if not gs:
+        if not task_groups:
             continue
-        ids = torch.cat([torch.full((len(g.rewards),), k) for k, g in enumerate(gs)])
-        A, z = group_advantages(r, ids, args.std_mode, batch_std=batch_std)
-        for k, g in enumerate(gs):
+        ids = torch.cat([torch.full((len(g.rewards),), k) for k, g in enumerate(task_groups)])
+        A, zero_std = group_advantages(r, ids, args.std_mode, batch_std=batch_std)
+        for k, g in enumerate(task_groups):
             g.advantages = A[ids == k]
-            zero.append(bool(z[ids == k].all()))
+            zero.append(bool(zero_std[ids == k].all()))
     return sum(zero) / max(len(zero), 1)
 
 
@@ -967,9 +952,11 @@ def group_logps(policy: Policy, g: Group, args: Args):
     """The current policy's log-probs of a stored group, computed exactly as at rollout time (the same
     functions): text (G, L) per token, image (G, W) per trained step, and the image KL to pi_ref (G, W)
     when beta_img > 0, else None."""
-    renderer, im = policy.renderer, g.image
+    renderer = policy.renderer
+    im = g.image
     logp_text = policy.reasoner.token_logprobs(g.text)  # (G, L)
-    logps, kls = [], []
+    logps = []
+    kls = []
     for j in range(im.latents.shape[1] - 1):  # the W trained steps
         x, x_next = im.latents[:, j], im.latents[:, j + 1]
         s, s_next = float(im.sigmas[j]), float(im.sigmas[j + 1])
@@ -979,7 +966,8 @@ def group_logps(policy: Policy, g: Group, args: Args):
         if args.beta_image > 0:  # pi_ref = the same model with LoRA off
             with torch.no_grad(), lora_disabled(renderer.transformer):
                 v_ref = renderer.velocity(x, s, im.cond)
-                mean_ref = sde_step(v_ref, x, s, s_next, args.noise_level, im.second_sigma, prev_sample=x_next)[2]
+                _, _, mean_ref, _ = sde_step(v_ref, x, s, s_next, args.noise_level, im.second_sigma,
+                                             prev_sample=x_next)
             kls.append(image_kl(mean, mean_ref, std, s_next - s, args.kl_flow_grpo_form))
     kl = torch.stack(kls, 1) if kls else None
     return logp_text, torch.stack(logps, 1), kl
@@ -998,18 +986,23 @@ def group_loss(policy: Policy, g: Group, args: Args):
     # Joint objective. The official code backpropagates text_loss_weight * K * L_text once and each of the
     # K image steps' losses separately, i.e. a gradient of K * (w * L_text + mean_k L_img_k): lambda = 1 / w.
     loss = l_text + args.lam * l_img
-    return loss, {"text_loss": l_text.item(), "image_loss": l_img.item(), "text_clipfrac": float(text_clipfrac),
-                  "image_clipfrac": float(image_clipfrac), "text_kl": float(text_kl) if args.beta_text > 0 else None,
-                  "image_kl": kl.mean().item() if kl is not None else None}
+    stats = {"text_loss": l_text.item(), "image_loss": l_img.item(), "text_clipfrac": float(text_clipfrac),
+             "image_clipfrac": float(image_clipfrac), "text_kl": None, "image_kl": None}
+    if args.beta_text > 0:
+        stats["text_kl"] = float(text_kl)
+    if kl is not None:
+        stats["image_kl"] = kl.mean().item()
+    return loss, stats
 
 
 def make_optimizer(policy: Policy, args: Args) -> torch.optim.Optimizer:
-    """One AdamW over the LoRA weights of the sides that train (--train-reasoner, --train-renderer): the reasoner's
-    at --reasoner-lr, the renderer's at --lr. A frozen side's LoRA needs no gradient and gets no update; its
-    loss term is still computed, for the metrics."""
+    """One AdamW over the LoRA weights of the sides that train (--train-reasoner, --train-renderer): the
+    reasoner's at --reasoner-lr, the renderer's at --lr. A frozen side's LoRA needs no gradient and gets no
+    update; its loss term is still computed, for the metrics."""
+    sides = [(args.train_reasoner, policy.reasoner.lora_params, args.reasoner_lr or args.lr),
+             (args.train_renderer, policy.renderer.lora_params, args.lr)]
     groups = []
-    for trains, params, lr in ((args.train_reasoner, policy.reasoner.lora_params, args.reasoner_lr or args.lr),
-                               (args.train_renderer, policy.renderer.lora_params, args.lr)):
+    for trains, params, lr in sides:
         for p in params:
             p.requires_grad_(trains)
         if trains:
@@ -1035,9 +1028,9 @@ def update(policy: Policy, optimizer, groups: list, args: Args, rng: random.Rand
         if n == 0:
             continue
         for g in share:
-            loss, st = group_loss(policy, g, args)
+            loss, group_stats = group_loss(policy, g, args)
             (loss / n).backward()
-            stats.append(st)
+            stats.append(group_stats)
         if world > 1:
             for p in params:
                 if p.grad is None:
@@ -1062,189 +1055,56 @@ def prompt_for(rows: list, position: int, seed: int) -> dict:
     return rows[order[i]]
 
 
-@torch.no_grad()
-def evaluate(policy: Policy, rows: list, args: Args, client, path: str, rank=0, world=1):
-    """Render the test prompts with reasoning and the ODE sampler at fixed seeds; the mean DVReward over
-    all of them (gathered from every rank) and a PNG grid. Returns {eval_reward, eval_plan_accuracy (toy
-    targets, else None), eval_plan_accuracy_implicit}."""
-    sigmas, tiles, futures, plans = policy.renderer.sigmas(args.eval_num_steps), [], [], []
-    for k in range(rank, len(rows), world):
-        gen = seed_torch_and_group_rng(args, -1, k)  # the same seeds at every evaluation
-        text = policy.reasoner.generate(RT2I_INSTRUCTION.format(prompt=rows[k]["prompt"]), None, 1)
-        cond = policy.renderer.encode([renderer_text(rows[k]["prompt"], text.texts[0])])
-        x0, _, _ = render(policy.renderer, cond, policy.renderer.noise(1, gen), sigmas, range(0), 0.0)
-        image = policy.renderer.decode(x0)[0]
-        sem, qual = questions(rows[k])
-        futures.append(client.submit([image], [sem], [qual]))  # scored while the next prompt is drawn
-        tiles.append((image, rows[k]["prompt"]))
-        plans.append((text.texts[0], rows[k].get("target"), rows[k].get("kind")))
-    rewards = [f.result()["rewards"][0] for f in futures]
-    tiles = [(im, f"R {r:.2f}", p) for (im, p), r in zip(tiles, rewards)]
-    if world > 1:
-        everyone = [None] * world
-        torch.distributed.all_gather_object(everyone, (rewards, plans))
-        rewards, plans = sum((e[0] for e in everyone), []), sum((e[1] for e in everyone), [])
-    if rank == 0:
-        save_grid(path, tiles[:64], cols=8)
-    implicit = [(y, t) for y, t, kind in plans if kind == "implicit"]
-    return {"eval_reward": sum(rewards) / len(rewards),
-            "eval_plan_accuracy": plan_accuracy([y for y, _, _ in plans], [t for _, t, _ in plans]),
-            "eval_plan_accuracy_implicit": plan_accuracy([y for y, _ in implicit], [t for _, t in implicit])}
-
-
-def plan_names_target(text: str, target: dict) -> bool:
-    """A reasoning text names a toy target when the only colour it names is the target's colour and the only
-    region it names is the target's region ("green bottom" for the green bottom half; not "green red bottom")."""
-    words = set(text.lower().replace(":", " ").replace(".", " ").replace(",", " ").split())
-    return words & set(ToyVerifier.COLOURS) == {target["colour"]} and words & set(TOY_REGIONS) == {target["region"]}
-
-
-def plan_accuracy(texts: list[str], targets: list) -> float | None:
-    """The share of reasoning texts that name their row's target (`plan_names_target`), over the texts whose
-    row has one; None when none has (prompt sets without toy targets)."""
-    pairs = [(y, t) for y, t in zip(texts, targets) if t is not None]
-    return sum(plan_names_target(y, t) for y, t in pairs) / len(pairs) if pairs else None
-
-
-def summarize(g: Group) -> dict:
-    """What the metrics need from a group, as plain numbers (so ranks can gather them)."""
-    tags = {}
-    for key, skey in (("semantic_questions", "semantic_scores"), ("quality_questions", "quality_scores")):
-        for scores in g.scores[skey]:
-            for q, s in zip(g.row[key], scores):
-                tags.setdefault(q["tag"], []).append(s)
-    return {"task": g.task, "rewards": g.rewards.tolist(), "init_reward": g.init_reward, "skip": g.skip,
-            "failed": None if g.failed is None else g.failed.float().mean().item(),
-            "text_len": g.text.mask.sum(1).float().mean().item(), "tags": tags, "kind": g.row.get("kind"),
-            "plan_accuracy": plan_accuracy(g.text.texts, [g.row.get("target")] * len(g.text.texts))}
-
-
-def mean_or_none(xs):
-    xs = [x for x in xs if x is not None and math.isfinite(x)]
-    return sum(xs) / len(xs) if xs else None
-
-
-def metrics_row(step: int, summaries: list, stats: list, zero_std_frac: float, timers: dict, tags: list,
-                args: Args) -> dict:
-    """One JSON row per step; every row has every key (null where it does not apply, never NaN)."""
-    R = torch.tensor([r for s in summaries for r in s["rewards"]])
-    row = {"step": step, "reward_mean": R.mean().item(), "reward_std": R.std(unbiased=False).item(),
-           "zero_std_frac": zero_std_frac,
-           **{k: mean_or_none([st[k] for st in stats]) for k in
-              ("text_loss", "image_loss", "text_clipfrac", "image_clipfrac", "text_kl", "image_kl")},
-           **{f"time_{k}": timers[k] for k in ("reason", "render", "reward_wait", "train", "step")},
-           "text_len": mean_or_none([s["text_len"] for s in summaries]), "eval_reward": None,
-           # toy world: plans that name the target (null without targets), all prompts and the implicit ones
-           "plan_accuracy": mean_or_none([s["plan_accuracy"] for s in summaries]),
-           "plan_accuracy_implicit": mean_or_none([s["plan_accuracy"] for s in summaries if s["kind"] == "implicit"]),
-           "eval_plan_accuracy": None, "eval_plan_accuracy_implicit": None}
-    row.update({f"score_{t}": mean_or_none([x for s in summaries for x in s["tags"].get(t, [])]) for t in tags})
-    if args.task != "rt2i":
-        srr = [s for s in summaries if s["task"] == "srr"]
-        row.update({
-            "reward_init_mean": mean_or_none([s["init_reward"] for s in srr]),
-            "reward_refined_mean": mean_or_none([sum(s["rewards"]) / len(s["rewards"]) for s in srr]),
-            "improved_frac": mean_or_none([sum(r > s["init_reward"] for r in s["rewards"]) / len(s["rewards"])
-                                           for s in srr]),
-            "fpr_frac": mean_or_none([s["failed"] if args.fpr else 0.0 for s in srr]),
-            "skipped_frac": mean_or_none([float(s["skip"]) for s in srr])})
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-
-
 def train(args: Args, policy: Policy | None = None) -> str:
     """The training loop (one process, or one per GPU under torchrun). Returns the output folder."""
     rank, world, device = setup_distributed()
-    if args.groups_per_step % world:
-        raise ValueError(f"--groups-per-step {args.groups_per_step} must be a multiple of the {world} processes")
-    # --resume takes a run folder or one of its checkpoints, .../checkpoints/step_N
-    resumed_run = args.resume and (os.path.dirname(os.path.dirname(os.path.abspath(args.resume)))
-                                   if os.path.exists(os.path.join(args.resume, "state.json")) else args.resume)
-    out = args.out or resumed_run or os.path.join("runs", f"{args.preset}-{args.task}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if rank == 0 and not args.resume and os.path.exists(os.path.join(out, "metrics.jsonl")):
-        raise ValueError(f"{out} already holds a run (metrics.jsonl): pass --resume {out} or another --out")
-    toy_rows = args.preset == "toy" and not args.prompts  # the data first: a bad row fails before any model loads
-    if toy_rows:
-        rows = [r for r in TOY_WORLD_PROMPTS if r["split"] == "train"]
-        eval_rows = [r for r in TOY_WORLD_PROMPTS if r["split"] == "test"]
-    else:
-        rows, eval_rows = load_prompts(args.prompts, "train"), load_prompts(args.prompts, "test")
-    tags = sorted({q["tag"] for r in rows for k in ("semantic_questions", "quality_questions")
-                   for q in r[k] if q["tag"]})
-    if not (args.dry_run or args.reward_url or args.preset == "toy"):
-        raise ValueError("--reward-url is required: start `python reward_server.py --verifier <model>` first")
-    if policy is None:
-        check_models(args, out)
-    os.makedirs(out, exist_ok=True)
+    # the run's folder and prompts, every cheap check done before a model loads
+    out, rows, eval_rows = prepare_run(args, rank, world, check_renderer=policy is None)
     policy = policy or load_policy(args, out, device, rank, world)
     optimizer = make_optimizer(policy, args)
     start = load_checkpoint(args.resume, policy, optimizer, args) if args.resume else 0
     if rank == 0:
-        keep_metrics_before(os.path.join(out, "metrics.jsonl"), start)
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-        with open(os.path.join(out, "args.json"), "w") as f:
-            json.dump({**dataclasses.asdict(args), "git_commit": commit, "world_size": world}, f, indent=1)
-    server = None
+        record_run(args, out, start, world)
     if args.dry_run and not args.reward_url:
-        client = RandomRewards()
+        server, client = None, RandomRewards()  # the dry run's random rewards need no server
     else:
-        if not args.reward_url:  # the toy preset starts its own toy verifier
-            server, args.reward_url = start_reward_server()
-        client = RewardClient(args.reward_url, args.reward_token or os.environ.get("ALPHAGRPO_REWARD_TOKEN", ""),
-                              args.reward_patience)
-    sigmas = policy.renderer.sigmas(args.num_steps)
+        server, client = connect_reward_server(args)
+    sigmas = policy.renderer.sigmas(args.num_steps)  # (T+1,) the rollout sampler's schedule
     if rank == 0:
         print(f"training {args.preset}/{args.task}, steps {start}..{args.steps - 1}, {world} process(es) on "
               f"{policy.device}; reward server {args.reward_url}; writing {out}")
     try:
         for step in tqdm(range(start, args.steps), desc="train", dynamic_ncols=True, disable=rank != 0):
             t_step = time.perf_counter()
+            last = step == args.steps - 1
             timers = {"reason": 0.0, "render": 0.0, "reward_wait": 0.0, "train": 0.0}
+            # 1. G trajectories o_i = (y_i, x_i) per prompt, scored in the background (Sec. 4.1)
             groups = rollout_step(policy, step, rows, args, client, sigmas, timers, rank, world)
+            # 2. their DVRewards (Sec. 4.2); SRR groups through FPR (Sec. 4.1)
             t0 = time.perf_counter()
             for g in groups:
                 collect_rewards_and_fpr(g, args)
             timers["reward_wait"] += time.perf_counter() - t0
+            # 3. group-relative advantages (Sec. 3), shared by the text and the image of a trajectory
             zero_std_frac = assign_advantages(groups, args, world)
+            # 4. the unified objective L_text + lambda L_img, minimized on the step's groups (Sec. 4.1)
             t0 = time.perf_counter()
             stats = update(policy, optimizer, groups, args, random.Random(args.seed * 31 + step), world)
             timers["train"] = time.perf_counter() - t0
             timers["step"] = time.perf_counter() - t_step
-            local = {"summaries": [summarize(g) for g in groups], "stats": stats, "zero": zero_std_frac,
-                     "timers": timers}
-            everyone = [local]
-            if world > 1:
-                everyone = [None] * world
-                torch.distributed.all_gather_object(everyone, local)
             evaluation = {}
-            last = step == args.steps - 1
             if args.eval_every and (step % args.eval_every == 0 or last):
                 grid = os.path.join(out, "eval", f"step_{step:06d}.png")
-                evaluation = evaluate(policy, eval_rows, args, client, grid,
-                                      rank, world)
-            if rank == 0:
-                row = metrics_row(step, [s for e in everyone for s in e["summaries"]],
-                                  [s for e in everyone for s in e["stats"]],
-                                  sum(e["zero"] for e in everyone) / world, everyone[0]["timers"], tags, args)
-                row.update(evaluation)
-                with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                if evaluation:  # a line per evaluation, so the console shows the run learning
-                    shown = ("reward_mean", "eval_reward", "plan_accuracy_implicit", "eval_plan_accuracy_implicit")
-                    tqdm.write(f"step {step}: " + ", ".join(f"{k} {row[k]:.3f}" for k in shown if row[k] is not None))
-                if args.sample_every and (step % args.sample_every == 0 or last):
-                    tiles = [t for g in groups[:4] for t in group_tiles(g)]
-                    save_grid(os.path.join(out, "samples", f"step_{step:06d}.png"), tiles,
-                              cols=max(len(group_tiles(g)) for g in groups[:4]))
-                if last or (args.sample_every and step % args.sample_every == 0):
-                    plot_curves(os.path.join(out, "metrics.jsonl"), os.path.join(out, "curves.png"))
-                if args.save_every and ((step + 1) % args.save_every == 0 or last):  # after its metrics row
-                    save_checkpoint(policy, optimizer, args, step + 1, out)
+                evaluation = evaluate(policy, eval_rows, args, client, grid, rank, world)
+            log_step(step, groups, stats, zero_std_frac, timers, evaluation, rows, args, out, rank, world)
+            if rank == 0 and args.save_every and ((step + 1) % args.save_every == 0 or last):
+                save_checkpoint(policy, optimizer, args, step + 1, out)  # after the step's metrics row
     except RewardError as e:
         folder = os.path.join(out, "checkpoints")
-        last = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-        raise RewardError(f"{e}. The run stopped at step {step}: metrics.jsonl holds every finished step; the last "
-                          f"checkpoint is {last[-1] if last else 'none yet'} (continue with --resume {out})") from None
+        saved = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+        last_saved = saved[-1] if saved else "none yet"
+        raise RewardError(f"{e}. The run stopped at step {step}: metrics.jsonl holds every finished step; "
+                          f"the last checkpoint is {last_saved} (continue with --resume {out})") from None
     finally:
         client.close()
         if server is not None:
@@ -1261,25 +1121,30 @@ def train(args: Args, policy: Policy | None = None) -> str:
 
 @torch.no_grad()
 def draw(policy: Policy, args: Args, prompt: str, gen: torch.Generator, reasoning: bool = True):
-    """Round 0 (RT2I): plan with RT2I_INSTRUCTION (no plan with reasoning off), then the ODE sampler from fresh
-    noise drawn from `gen`. Returns (PIL image, text)."""
+    """Round 0 (RT2I): plan with RT2I_INSTRUCTION (no plan with reasoning off), then the ODE sampler from
+    fresh noise drawn from `gen`. Returns (PIL image, text)."""
     renderer = policy.renderer
-    text = policy.reasoner.generate(RT2I_INSTRUCTION.format(prompt=prompt), None, 1).texts[0] if reasoning else ""
+    text = ""
+    if reasoning:
+        text = policy.reasoner.generate(RT2I_INSTRUCTION.format(prompt=prompt), None, 1).texts[0]
     x0, _, _ = render(renderer, renderer.encode([renderer_text(prompt, text)]), renderer.noise(1, gen),
                       renderer.sigmas(args.eval_num_steps), range(0), 0.0)
     return renderer.decode(x0)[0], text
 
 
 @torch.no_grad()
-def refine(policy: Policy, args: Args, prompt: str, image: Image.Image, gen: torch.Generator, reasoning: bool = True,
-           instruction: str = REFLECT_INSTRUCTION):
-    """One SRR round: the reasoner looks at `image` with `instruction` (reflect mode; EDIT_INSTRUCTION makes the
-    round an edit of a source image), then the renderer redraws conditioned on the image, as training does
+def refine(policy: Policy, args: Args, prompt: str, image: Image.Image, gen: torch.Generator,
+           reasoning: bool = True, instruction: str = REFLECT_INSTRUCTION):
+    """One SRR round: the reasoner looks at `image` with `instruction` (reflect mode; EDIT_INSTRUCTION makes
+    the round an edit of a source image), then the renderer redraws conditioned on the image, as training does
     (`refinement_inputs`: in context for klein, SDEdit for SD3). Returns (PIL image, text)."""
-    renderer, sigmas = policy.renderer, policy.renderer.sigmas(args.eval_num_steps)
-    text = policy.reasoner.generate(instruction.format(prompt=prompt), image, 1).texts[0] if reasoning else ""
-    cond, start, x = refinement_inputs(renderer, args, [renderer_text(prompt, text)], renderer.encode_image(image),
-                                       renderer.noise(1, gen), sigmas)
+    renderer = policy.renderer
+    sigmas = renderer.sigmas(args.eval_num_steps)
+    text = ""
+    if reasoning:
+        text = policy.reasoner.generate(instruction.format(prompt=prompt), image, 1).texts[0]
+    cond, start, x = refinement_inputs(renderer, args, [renderer_text(prompt, text)],
+                                       renderer.encode_image(image), renderer.noise(1, gen), sigmas)
     x0, _, _ = render(renderer, cond, x, sigmas, range(0), 0.0, start=start)
     return renderer.decode(x0)[0], text
 
@@ -1295,23 +1160,19 @@ def sample(args: Args, prompt: str, refine_rounds: int = 0, checkpoint: str = ""
     policy = load_policy(args, out)
     if checkpoint:
         load_checkpoint(checkpoint, policy, None, args)
-    rows = TOY_WORLD_PROMPTS if args.preset == "toy" and not args.prompts else load_prompts(args.prompts, None)
-    row = next((r for r in rows if r["prompt"] == prompt), None)
-    if question:
-        row = {"prompt": prompt, "semantic_questions": [{"question": q, "tag": None} for q in question],
-               "quality_questions": []}
-    server, client = None, None
+    row = question_row(args, prompt, question)  # the DVReward questions to score each round with, or None
+    server = None
+    client = None
     if row is not None and (args.reward_url or args.preset == "toy"):
-        if not args.reward_url:
-            server, args.reward_url = start_reward_server()
-        client = RewardClient(args.reward_url, args.reward_token or os.environ.get("ALPHAGRPO_REWARD_TOKEN", ""),
-                              args.reward_patience)
+        server, client = connect_reward_server(args)
     gen = seed_torch_and_group_rng(args, 0, 0)
-    rounds, image = [], None
+    rounds = []
     try:
         for k in range(refine_rounds + 1):
-            # round 0 plans, then draws; later rounds reflect on the last image, then redraw it
-            image, text = draw(policy, args, prompt, gen) if k == 0 else refine(policy, args, prompt, image, gen)
+            if k == 0:  # round 0 plans, then draws
+                image, text = draw(policy, args, prompt, gen)
+            else:  # later rounds reflect on the last image, then redraw it
+                image, text = refine(policy, args, prompt, image, gen)
             reward = None
             if client is not None:
                 sem, qual = questions(row)
@@ -1320,29 +1181,17 @@ def sample(args: Args, prompt: str, refine_rounds: int = 0, checkpoint: str = ""
             rounds.append({"round": k, "text": text, "reward": reward, "image": f"round_{k}.png"})
             print(f"round {k}: reward {reward if reward is None else round(reward, 4)} | {text}")
     finally:
+        if client is not None:
+            client.close()
         if server is not None:
             server.terminate()
-    with open(os.path.join(out, "rounds.json"), "w") as f:
-        json.dump({"prompt": prompt, "rounds": rounds}, f, indent=1)
-    save_grid(os.path.join(out, "side_by_side.png"), [
-        (Image.open(os.path.join(out, r["image"])), f"round {r['round']}" + (
-            f"  R {r['reward']:.2f}" if r["reward"] is not None else ""), r["text"]) for r in rounds], cols=len(rounds))
-    print(f"wrote {out}/side_by_side.png")
+    save_rounds(out, prompt, rounds)
     return out
 
 
 def main(argv=None):
     command, args, extra = parse_args(argv)
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()
-    diffusers_logging.disable_progress_bar()
-    # CLIP keeps 77 tokens by design (the prompt comes first, T5 reads the rest): drop that one warning
-    diffusers_logging.get_logger("diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3").addFilter(
-        lambda record: "truncated because" not in record.getMessage())
-    transformers_logging.get_logger("transformers.tokenization_utils_base").addFilter(
-        lambda record: "sequence length is longer than" not in record.getMessage())  # the same 77-token CLIP note
+    quiet_library_logs()
     try:
         if command == "train" and args.dry_run:
             dry_run(args)
@@ -1366,9 +1215,10 @@ def main(argv=None):
 
 
 # ==================================================================================================
-# APPENDIX. What a reader of the method can skip: the command line, model loading, the reward client's HTTP
-# and retries, prompt-file checking, run plumbing, checkpoints, the toy models and their priors, benchmark
-# outputs, and the memory plan / dry run / bench.
+# APPENDIX. What a reader of the method can skip: the command line, model loading, the second renderer
+# (Stable Diffusion 3.5), the reward client's HTTP and retries, prompt-file checking, run plumbing, metrics
+# and evaluation, checkpoints, the toy models and their priors, benchmark outputs, and the memory plan,
+# dry run and bench.
 # ==================================================================================================
 
 
@@ -1381,7 +1231,8 @@ def parse_args(argv=None) -> tuple[str, Args, dict]:
     """`[train|sample|eval|bench] --flag value ...` -> (command, Args, the command's extra options). Help text
     comes from the field docstrings above; a preset's values apply first and explicit flags override them."""
     source = ast.parse(open(__file__, encoding="utf-8").read() if "__file__" in globals() else "")
-    docs, body = {}, next((n.body for n in source.body if isinstance(n, ast.ClassDef) and n.name == "Args"), [])
+    docs = {}
+    body = next((n.body for n in source.body if isinstance(n, ast.ClassDef) and n.name == "Args"), [])
     for node, nxt in zip(body, body[1:]):
         if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr):
             docs[node.target.id] = nxt.value.value
@@ -1396,29 +1247,37 @@ def parse_args(argv=None) -> tuple[str, Args, dict]:
             p.add_argument(flag, type={"int": int, "float": float}.get(f.type, str), help=docs.get(f.name))
     if command == "sample":
         p.add_argument("--prompt", required=True, help="the request to draw")
-        p.add_argument("--refine-rounds", type=int, default=0, help="reflect-and-refine rounds after the first image")
-        p.add_argument("--checkpoint", default="", help="a checkpoint (or run) folder whose LoRA weights to load")
+        p.add_argument("--refine-rounds", type=int, default=0,
+                       help="reflect-and-refine rounds after the first image")
+        p.add_argument("--checkpoint", default="",
+                       help="a checkpoint (or run) folder whose LoRA weights to load")
         p.add_argument("--question", action="append", default=[], help="a DVReward question for the reward "
                        "(repeatable); default: the prompt's questions in the prompt set, if it is there")
     if command == "eval":
-        p.add_argument("--benchmark", required=True, choices=sorted(BENCHMARKS), help="the benchmark (README)")
+        p.add_argument("--benchmark", required=True, choices=sorted(BENCHMARKS),
+                       help="the benchmark (README)")
         p.add_argument("--data", required=True, help="its prompt file or folder, from your clone (README)")
-        p.add_argument("--refine-rounds", type=int, default=0, help="reflect-and-refine rounds, each in its own tree")
-        p.add_argument("--checkpoint", default="", help="a checkpoint (or run) folder whose LoRA weights to load")
+        p.add_argument("--refine-rounds", type=int, default=0,
+                       help="reflect-and-refine rounds, each in its own tree")
+        p.add_argument("--checkpoint", default="",
+                       help="a checkpoint (or run) folder whose LoRA weights to load")
         p.add_argument("--reasoning", action=argparse.BooleanOptionalAction, default=True,
                        help="plan (and reflect) with the reasoner before drawing")
-        p.add_argument("--samples-per-prompt", type=int, default=0, help="K images a prompt; 0: the benchmark's "
+        p.add_argument("--samples-per-prompt", type=int, default=0,
+                       help="K images a prompt; 0: the benchmark's "
                        "default (GenEval 4, DPG-Bench 4 in a 2x2 grid, WISE, TIIF-Bench and GEdit-Bench 1)")
         p.add_argument("--limit", type=int, default=0, help="only the first N prompts (0: all)")
     if command == "bench":
-        p.add_argument("--verifier", default="", help="the reward server's verifier, started on this device for "
-                       "the training-step figures (default: random:qwen3-vl-8b for the real presets, random:small for toy); "
+        p.add_argument("--verifier", default="",
+                       help="the reward server's verifier, started on this device for the training-step "
+                       "figures (default: random:qwen3-vl-8b for the real presets, random:small for toy); "
                        "--reward-url uses a running server instead")
-        p.add_argument("--repeats", type=int, default=3, help="timed runs of each sampler (after one warm-up)")
+        p.add_argument("--repeats", type=int, default=3,
+                       help="timed runs of each sampler (after one warm-up)")
     given = vars(p.parse_args(argv))
-    extra = {k: given.pop(k) for k in ("prompt", "refine_rounds", "checkpoint", "question", "verifier", "repeats")
-             if k in given}
-    extra |= {k: given.pop(k) for k in ("benchmark", "data", "reasoning", "samples_per_prompt", "limit") if k in given}
+    command_options = ("prompt", "refine_rounds", "checkpoint", "question", "verifier", "repeats",
+                       "benchmark", "data", "reasoning", "samples_per_prompt", "limit")
+    extra = {k: given.pop(k) for k in command_options if k in given}
     preset = given.get("preset", Args.preset)
     if preset not in PRESETS:
         p.error(f"--preset must be one of {sorted(PRESETS)}, not {preset!r}")
@@ -1430,7 +1289,8 @@ def parse_args(argv=None) -> tuple[str, Args, dict]:
         if getattr(args, name) not in allowed:
             p.error(f"--{name.replace('_', '-')} must be one of {allowed}, not {getattr(args, name)!r}")
     if not 0 < args.sde_window or args.sde_window_start_max + args.sde_window > args.num_steps - 1:
-        p.error("the SDE window must fit in the first T-1 steps: sde_window_start_max + sde_window <= num_steps - 1")
+        p.error("the SDE window must fit in the first T-1 steps: "
+                "sde_window_start_max + sde_window <= num_steps - 1")
     if args.task != "rt2i" and args.srr_refine != "edit" and round(args.srr_strength * args.num_steps) < 2:
         p.error("--srr-strength too low: the refinement needs at least 2 of the --num-steps steps")
     if args.groups_per_step < args.updates_per_rollout:
@@ -1440,20 +1300,35 @@ def parse_args(argv=None) -> tuple[str, Args, dict]:
     return command, args, extra
 
 
+def quiet_library_logs():
+    """No download progress bars, and not the CLIP encoders' note that they keep 77 tokens: by design the
+    prompt comes first and T5 reads the rest (SD3)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
+    sd3 = "diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3"
+    diffusers_logging.get_logger(sd3).addFilter(lambda record: "truncated because" not in record.getMessage())
+    transformers_logging.get_logger("transformers.tokenization_utils_base").addFilter(
+        lambda record: "sequence length is longer than" not in record.getMessage())
+
+
 # --------------------------------------------------------------------------------------------------
 # Loading the models: the renderer's kind first (cheap checks before any download), then from_pretrained
 # --------------------------------------------------------------------------------------------------
 
 
 def renderer_kind(path: str) -> str:
-    """'klein' or 'sd3', from the class its model_index.json names (a small file, read before any model loads)."""
+    """'klein' or 'sd3', from the class its model_index.json names (a small file, read
+    before any model loads)."""
     from diffusers import DiffusionPipeline
 
     try:
         name = DiffusionPipeline.load_config(path)["_class_name"]
     except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"cannot read the renderer {path!r} (--renderer): no pipeline's model_index.json there "
-                         f"({type(e).__name__}: {e})") from None
+        raise ValueError(f"cannot read the renderer {path!r} (--renderer): no pipeline's model_index.json "
+                         f"there ({type(e).__name__}: {e})") from None
     kinds = {"Flux2KleinPipeline": "klein", "StableDiffusion3Pipeline": "sd3"}
     if name not in kinds:
         raise ValueError(f"{path}: unknown renderer kind {name!r}; AlphaGRPO drives {' or '.join(kinds)}")
@@ -1465,7 +1340,9 @@ def model_paths(args: Args) -> tuple[str, str, bool]:
     world's, built once and cached in toy_world_dir."""
     toy = args.preset == "toy" and not (args.reasoner and args.renderer)
     folder = toy_world_dir(args) if toy else ""
-    return args.reasoner or os.path.join(folder, "reasoner"), args.renderer or os.path.join(folder, "renderer"), toy
+    reasoner = args.reasoner or os.path.join(folder, "reasoner")
+    renderer = args.renderer or os.path.join(folder, "renderer")
+    return reasoner, renderer, toy
 
 
 def check_models(args: Args, out: str):
@@ -1502,11 +1379,73 @@ def load_policy(args: Args, out: str, device=None, rank: int = 0, world: int = 1
         pipeline = Flux2KleinPipeline if kind == "klein" else StableDiffusion3Pipeline
         pipe = pipeline.from_pretrained(renderer_path, dtype=dtype, low_cpu_mem_usage=False)
     except (OSError, ValueError) as e:
-        raise ValueError(f"cannot load the renderer {renderer_path!r} (--renderer; SD3.5 is gated: accept its "
-                         f"licence and `hf auth login`): {e}") from None
+        raise ValueError(f"cannot load the renderer {renderer_path!r} (--renderer; SD3.5 is gated: accept "
+                         f"its licence and `hf auth login`): {e}") from None
     torch.manual_seed(args.seed)  # the LoRA init
     renderer = KleinRenderer(pipe, device, args) if kind == "klein" else SD3Renderer(pipe, device, args)
     return Policy(Reasoner(processor, model, device, args), renderer, device)
+
+
+# --------------------------------------------------------------------------------------------------
+# Stable Diffusion 3.5: the second renderer, behind the same interface (its SRR refines by SDEdit)
+# --------------------------------------------------------------------------------------------------
+
+
+class SD3Renderer(Renderer):
+    """Stable Diffusion 3(.5): CLIP-L + CLIP-G + T5 text encoders, an MMDiT on 2x2-patched latents. It cannot
+    take a reference image, so SRR refines it by SDEdit (`sdedit_start`)."""
+
+    # joint attention (Flow-GRPO)
+    lora_targets = "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"
+
+    def __init__(self, pipe, device, args: Args):
+        super().__init__(pipe, device, args)
+        side = args.resolution // self.pipe.vae_scale_factor
+        self.latent_shape = (self.transformer.config.in_channels, side, side)
+
+    def sigmas(self, num_steps: int) -> torch.Tensor:
+        """The scheduler's shifted sigmas (T+1,), from 1 to 0 (SD3.5: shift 3)."""
+        self.scheduler.set_timesteps(num_steps, device="cpu")
+        return self.scheduler.sigmas.float().cpu()
+
+    @torch.no_grad()
+    def encode(self, texts: list[str], reference: torch.Tensor | None = None) -> tuple:
+        """Text conditioning with the frozen CLIP-L, CLIP-G and T5 encoders; [negative; positive] for CFG."""
+        if reference is not None:
+            raise ValueError("Stable Diffusion 3 cannot take a reference image: refine with "
+                             "--srr-refine sdedit")
+        emb, neg, pooled, neg_pooled = self.pipe.encode_prompt(
+            prompt=texts, prompt_2=None, prompt_3=None, device=self.device, do_classifier_free_guidance=True,
+            negative_prompt=[""] * len(texts), max_sequence_length=self.args.max_text_tokens)
+        return torch.cat([neg, emb]), torch.cat([neg_pooled, pooled])
+
+    def velocity(self, x: torch.Tensor, sigma: float, cond: tuple,
+                 guidance: float | None = None) -> torch.Tensor:
+        """v_theta(x_t, t, c) with classifier-free guidance, in float32. x: (B, C, h, w). guidance 1.0 runs
+        the conditional half only."""
+        emb, pooled = cond
+        if guidance == 1.0:  # conditional only: the second half of each [negative; positive] pair
+            emb, pooled = emb[len(x):], pooled[len(x):]
+        x_in = (torch.cat([x, x]) if len(emb) == 2 * len(x) else x).to(self.dtype)
+        t = torch.full((len(x_in),), float(sigma) * self.scheduler.config.num_train_timesteps,
+                       device=x.device)
+        # t in fp32, as diffusers
+        v = self.transformer(hidden_states=x_in, timestep=t, encoder_hidden_states=emb,
+                             pooled_projections=pooled, return_dict=False)[0]
+        return v.float() if guidance == 1.0 else self.cfg(v, guidance)
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor) -> list:
+        """Latents (B, C, h, w) -> PIL images."""
+        cfg = self.vae.config
+        return self.to_pil(self.vae.decode((x / cfg.scaling_factor + cfg.shift_factor).to(self.vae.dtype),
+                                           return_dict=False)[0])
+
+    @torch.no_grad()
+    def encode_image(self, image: Image.Image) -> torch.Tensor:
+        """PIL image -> latents (1, C, h, w), deterministic (the posterior's mode)."""
+        z = self.vae.encode(self.pixels(image).to(self.vae.dtype)).latent_dist.mode().float()
+        return (z - self.vae.config.shift_factor) * self.vae.config.scaling_factor
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1525,9 +1464,13 @@ class RewardClient:
     def __init__(self, urls: str, token: str = "", patience: float = 300.0, max_body: int = 32 << 20):
         self.urls = [u.strip().rstrip("/") for u in urls.split(",") if u.strip()]
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.patience, self.max_body, self.calls, self.closed = patience, max_body, 0, False
+        self.patience = patience
+        self.max_body = max_body
+        self.calls = 0
+        self.closed = False
         self.pool = ThreadPoolExecutor(max_workers=4 * len(self.urls))
-        self.local = threading.local()  # one requests.Session per worker thread (a Session is not thread-safe)
+        # one requests.Session per worker thread (a Session is not thread-safe)
+        self.local = threading.local()
 
     def close(self):
         """Stop: queued requests are cancelled and running ones stop retrying."""
@@ -1572,7 +1515,9 @@ class RewardClient:
     def _post(self, first: int, body: dict) -> dict:
         """POST /score; a server that is down or failing is retried (the next URL first) with exponential
         backoff for up to `patience` seconds, then the run stops with a clear error: never zero rewards."""
-        delay, deadline, attempt = 1.0, time.monotonic() + self.patience, 0
+        delay = 1.0
+        deadline = time.monotonic() + self.patience
+        attempt = 0
         while True:
             url = self.urls[(first + attempt) % len(self.urls)]
             try:
@@ -1600,13 +1545,24 @@ class RewardClient:
 def start_reward_server(verifier: str = "toy", device: str = "auto") -> tuple[subprocess.Popen, str]:
     """Start `reward_server.py --verifier <verifier>` on a free localhost port; returns (process, url)."""
     server = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reward_server.py")
-    proc = subprocess.Popen([sys.executable, server, "--verifier", verifier, "--device", device, "--port", "0",
-                             "--exit-with-parent"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    command = [sys.executable, server, "--verifier", verifier, "--device", device, "--port", "0",
+               "--exit-with-parent"]
+    proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()  # "reward server listening on http://127.0.0.1:PORT"
     if "listening on" not in line:
         proc.kill()
         raise RewardError(f"the {verifier} reward server did not start (it printed {line!r})")
     return proc, line.split("listening on", 1)[1].strip()
+
+
+def connect_reward_server(args: Args) -> tuple[subprocess.Popen | None, RewardClient]:
+    """The client of --reward-url; without one (the toy preset), first start a toy reward server here. Returns
+    (the server process or None, the client)."""
+    server = None
+    if not args.reward_url:
+        server, args.reward_url = start_reward_server()
+    token = args.reward_token or os.environ.get("ALPHAGRPO_REWARD_TOKEN", "")
+    return server, RewardClient(args.reward_url, token, args.reward_patience)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1631,7 +1587,8 @@ def normalize_row(row, where: str) -> dict:
         for j, q in enumerate(qs):
             q = {"question": q, "tag": None} if isinstance(q, str) else q
             if not isinstance(q, dict) or not isinstance(q.get("question"), str) or not q["question"].strip():
-                raise ValueError(f"{where}: {key}[{j}] must be a non-empty string or a {{'question': str}} object")
+                raise ValueError(f"{where}: {key}[{j}] must be a non-empty string or a {{'question': str}} "
+                                 "object")
             tag = q.get("tag")
             if tag is not None and tag not in tags:
                 raise ValueError(f"{where}: {key}[{j}] has unknown tag {tag!r} (allowed: {', '.join(tags)})")
@@ -1653,20 +1610,10 @@ def normalize_row(row, where: str) -> dict:
 
 def load_prompts(path: str, split: str | None = "train") -> list[dict]:
     """Read a prompts.jsonl and validate every row (line numbers in errors). split=None keeps all rows."""
-    rows = []
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such prompt file (--prompts)")
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            row = normalize_row(row, f"{path}:{n}")
-            if split is None or row["split"] in (split, None):
-                rows.append(row)
+    rows = [normalize_row(row, f"{path}:{n}") for n, row in read_jsonl(path)]
+    rows = [row for row in rows if split is None or row["split"] in (split, None)]
     if not rows:
         raise ValueError(f"{path}: no prompt rows" + (f" with split {split!r}" if split else ""))
     return rows
@@ -1675,6 +1622,101 @@ def load_prompts(path: str, split: str | None = "train") -> list[dict]:
 # --------------------------------------------------------------------------------------------------
 # Run plumbing: resume, several processes, pictures
 # --------------------------------------------------------------------------------------------------
+
+
+def prepare_run(args: Args, rank: int, world: int, check_renderer: bool = True) -> tuple[str, list, list]:
+    """The run's folder and its train and test prompt rows, after every check that needs no model: the data
+    first (a malformed row fails before any model loads), a folder that already holds a run, a missing
+    --reward-url, and (check_renderer) the renderer's kind. Creates the folder.
+    Returns (out, rows, eval_rows)."""
+    if args.groups_per_step % world:
+        raise ValueError(f"--groups-per-step {args.groups_per_step} must be a multiple of the "
+                         f"{world} processes")
+    # --resume takes a run folder or one of its checkpoints, .../checkpoints/step_N
+    resumed_run = args.resume
+    if args.resume and os.path.exists(os.path.join(args.resume, "state.json")):
+        resumed_run = os.path.dirname(os.path.dirname(os.path.abspath(args.resume)))
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = args.out or resumed_run or os.path.join("runs", f"{args.preset}-{args.task}-{stamp}")
+    if rank == 0 and not args.resume and os.path.exists(os.path.join(out, "metrics.jsonl")):
+        raise ValueError(f"{out} already holds a run (metrics.jsonl): pass --resume {out} or another --out")
+    if args.preset == "toy" and not args.prompts:
+        rows = [r for r in TOY_WORLD_PROMPTS if r["split"] == "train"]
+        eval_rows = [r for r in TOY_WORLD_PROMPTS if r["split"] == "test"]
+    else:
+        rows = load_prompts(args.prompts, "train")
+        eval_rows = load_prompts(args.prompts, "test")
+    if not (args.dry_run or args.reward_url or args.preset == "toy"):
+        raise ValueError("--reward-url is required: start `python reward_server.py --verifier <model>` first")
+    if check_renderer:
+        check_models(args, out)
+    os.makedirs(out, exist_ok=True)
+    return out, rows, eval_rows
+
+
+def record_run(args: Args, out: str, start: int, world: int):
+    """OUT/args.json with the code's git commit; on resume, metrics.jsonl keeps the rows before `start`."""
+    keep_metrics_before(os.path.join(out, "metrics.jsonl"), start)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    with open(os.path.join(out, "args.json"), "w") as f:
+        json.dump({**dataclasses.asdict(args), "git_commit": commit, "world_size": world}, f, indent=1)
+
+
+def log_step(step: int, groups: list, stats: list, zero_std_frac: float, timers: dict, evaluation: dict,
+             rows: list, args: Args, out: str, rank: int = 0, world: int = 1):
+    """Gather the step's numbers from every rank; rank 0 appends the metrics row, prints a line per evaluation
+    (so the console shows the run learning), and draws the sample grid and the curves."""
+    summaries = [summarize(g) for g in groups]
+    local = {"summaries": summaries, "stats": stats, "zero": zero_std_frac, "timers": timers}
+    everyone = [local]
+    if world > 1:
+        everyone = [None] * world
+        torch.distributed.all_gather_object(everyone, local)
+    if rank != 0:
+        return
+    tags = sorted({q["tag"] for r in rows for k in ("semantic_questions", "quality_questions")
+                   for q in r[k] if q["tag"]})
+    row = metrics_row(step, [s for e in everyone for s in e["summaries"]],
+                      [s for e in everyone for s in e["stats"]],
+                      sum(e["zero"] for e in everyone) / world, everyone[0]["timers"], tags, args)
+    row.update(evaluation)
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+    if evaluation:
+        shown = ("reward_mean", "eval_reward", "plan_accuracy_implicit", "eval_plan_accuracy_implicit")
+        tqdm.write(f"step {step}: " + ", ".join(f"{k} {row[k]:.3f}" for k in shown if row[k] is not None))
+    last = step == args.steps - 1
+    if args.sample_every and (step % args.sample_every == 0 or last):
+        tiles = [t for g in groups[:4] for t in group_tiles(g)]
+        cols = max(len(group_tiles(g)) for g in groups[:4])
+        save_grid(os.path.join(out, "samples", f"step_{step:06d}.png"), tiles, cols=cols)
+    if last or (args.sample_every and step % args.sample_every == 0):
+        plot_curves(os.path.join(out, "metrics.jsonl"), os.path.join(out, "curves.png"))
+
+
+def question_row(args: Args, prompt: str, question: list) -> dict | None:
+    """`sample`'s DVReward questions: --question if given, else the prompt's row in the prompt set."""
+    if question:
+        return {"prompt": prompt, "semantic_questions": [{"question": q, "tag": None} for q in question],
+                "quality_questions": []}
+    if args.preset == "toy" and not args.prompts:
+        rows = TOY_WORLD_PROMPTS
+    else:
+        rows = load_prompts(args.prompts, None)
+    return next((r for r in rows if r["prompt"] == prompt), None)
+
+
+def save_rounds(out: str, prompt: str, rounds: list):
+    """`sample`'s record: OUT/rounds.json and OUT/side_by_side.png beside the rounds' PNGs."""
+    with open(os.path.join(out, "rounds.json"), "w") as f:
+        json.dump({"prompt": prompt, "rounds": rounds}, f, indent=1)
+    tiles = []
+    for r in rounds:
+        label = f"round {r['round']}" + (f"  R {r['reward']:.2f}" if r["reward"] is not None else "")
+        tiles.append((Image.open(os.path.join(out, r["image"])), label, r["text"]))
+    save_grid(os.path.join(out, "side_by_side.png"), tiles, cols=len(rounds))
+    print(f"wrote {out}/side_by_side.png")
 
 
 def keep_metrics_before(path: str, step: int):
@@ -1689,7 +1731,8 @@ def keep_metrics_before(path: str, step: int):
 
 
 def setup_distributed():
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: one process per GPU (gloo on CPU). Returns (rank, world, device)."""
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: one process per GPU (gloo on CPU). Returns
+    (rank, world, device)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world == 1:
         return 0, 1, None
@@ -1702,8 +1745,10 @@ def setup_distributed():
 
 
 def save_grid(path: str, tiles: list, cols: int):
-    """A PNG grid of (image, label, text) tiles: rewards and the reasoning (SRR: the reflection) under each."""
-    cell, rows = 128, math.ceil(len(tiles) / cols)
+    """A PNG grid of (image, label, text) tiles: rewards and the reasoning (SRR: the
+    reflection) under each."""
+    cell = 128
+    rows = math.ceil(len(tiles) / cols)
     grid = Image.new("RGB", (cols * cell, rows * (cell + 36)), "white")
     draw = ImageDraw.Draw(grid)
     for n, (im, label, text) in enumerate(tiles):
@@ -1718,7 +1763,8 @@ def save_grid(path: str, tiles: list, cols: int):
 def group_tiles(g: Group, n: int = 6) -> list:
     """One grid row: SRR shows the initial image first, then the refinements beside it."""
     init = [(g.init_image, f"initial {g.init_reward:.2f}", "")] if g.init_image is not None else []
-    return init + [(im, f"R {float(r):.2f}", y) for im, r, y in zip(g.image.images[:n], g.rewards, g.text.texts)]
+    return init + [(im, f"R {float(r):.2f}", y) for im,
+                   r, y in zip(g.image.images[:n], g.rewards, g.text.texts)]
 
 
 def plot_curves(metrics: str, path: str):
@@ -1726,7 +1772,8 @@ def plot_curves(metrics: str, path: str):
     steps, and under them the clip fractions (on their own scale). Series that are all null are left out."""
     with open(metrics) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    panels = [("reward and plan accuracy", ("reward_mean", "eval_reward", "plan_accuracy", "plan_accuracy_implicit",
+    panels = [("reward and plan accuracy",
+               ("reward_mean", "eval_reward", "plan_accuracy", "plan_accuracy_implicit",
                                             "eval_plan_accuracy_implicit"), 1.0),
               ("clip fractions", ("text_clipfrac", "image_clipfrac"), None)]
     palette = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
@@ -1750,7 +1797,8 @@ def plot_curves(metrics: str, path: str):
         d.text((x1 - 60, y1 + 6), f"step {s1}", fill="black")
         for i, (k, pts) in enumerate(series.items()):
             colour = palette[keys.index(k)]
-            xy = [(x0 + (s - s0) / (s1 - s0) * (x1 - x0), y1 - min(max(v / top, 0), 1) * (y1 - y0)) for s, v in pts]
+            xy = [(x0 + (s - s0) / (s1 - s0) * (x1 - x0),
+                   y1 - min(max(v / top, 0), 1) * (y1 - y0)) for s, v in pts]
             if len(xy) > 1:
                 d.line(xy, fill=colour, width=2)
             for x, y in xy[:: max(1, len(xy) // 40)]:  # dots: sparse series (evaluation) stay visible
@@ -1761,17 +1809,136 @@ def plot_curves(metrics: str, path: str):
 
 
 # --------------------------------------------------------------------------------------------------
+# Metrics: one JSON row per step, and the evaluation on the test prompts
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(policy: Policy, rows: list, args: Args, client, path: str, rank=0, world=1):
+    """Render the test prompts with reasoning and the ODE sampler at fixed seeds; the mean DVReward over
+    all of them (gathered from every rank) and a PNG grid. Returns {eval_reward, eval_plan_accuracy (toy
+    targets, else None), eval_plan_accuracy_implicit}."""
+    tiles = []
+    futures = []
+    plans = []
+    for k in range(rank, len(rows), world):
+        gen = seed_torch_and_group_rng(args, -1, k)  # the same seeds at every evaluation
+        image, plan = draw(policy, args, rows[k]["prompt"], gen)
+        sem, qual = questions(rows[k])
+        futures.append(client.submit([image], [sem], [qual]))  # scored while the next prompt is drawn
+        tiles.append((image, rows[k]["prompt"]))
+        plans.append((plan, rows[k].get("target"), rows[k].get("kind")))
+    rewards = [f.result()["rewards"][0] for f in futures]
+    tiles = [(im, f"R {r:.2f}", p) for (im, p), r in zip(tiles, rewards)]
+    if world > 1:
+        everyone = [None] * world
+        torch.distributed.all_gather_object(everyone, (rewards, plans))
+        rewards, plans = sum((e[0] for e in everyone), []), sum((e[1] for e in everyone), [])
+    if rank == 0:
+        save_grid(path, tiles[:64], cols=8)
+    implicit = [(y, t) for y, t, kind in plans if kind == "implicit"]
+    return {"eval_reward": sum(rewards) / len(rewards),
+            "eval_plan_accuracy": plan_accuracy([y for y, _, _ in plans], [t for _, t, _ in plans]),
+            "eval_plan_accuracy_implicit": plan_accuracy([y for y, _ in implicit], [t for _, t in implicit])}
+
+
+def plan_names_target(text: str, target: dict) -> bool:
+    """A reasoning text names a toy target when the only colour it names is the target's colour and the only
+    region it names is the target's region: "green bottom" names the green bottom half, "green red bottom"
+    does not."""
+    words = set(text.lower().replace(":", " ").replace(".", " ").replace(",", " ").split())
+    colours = words & set(ToyVerifier.COLOURS)
+    regions = words & set(TOY_REGIONS)
+    return colours == {target["colour"]} and regions == {target["region"]}
+
+
+def plan_accuracy(texts: list[str], targets: list) -> float | None:
+    """The share of reasoning texts that name their row's target (`plan_names_target`), over the texts whose
+    row has one; None when none has (prompt sets without toy targets)."""
+    pairs = [(y, t) for y, t in zip(texts, targets) if t is not None]
+    return sum(plan_names_target(y, t) for y, t in pairs) / len(pairs) if pairs else None
+
+
+def summarize(g: Group) -> dict:
+    """What the metrics need from a group, as plain numbers (so ranks can gather them)."""
+    tags = {}
+    for key, skey in (("semantic_questions", "semantic_scores"), ("quality_questions", "quality_scores")):
+        for scores in g.scores[skey]:
+            for q, s in zip(g.row[key], scores):
+                tags.setdefault(q["tag"], []).append(s)
+    return {"task": g.task, "rewards": g.rewards.tolist(), "init_reward": g.init_reward, "skip": g.skip,
+            "failed": None if g.failed is None else g.failed.float().mean().item(),
+            "text_len": g.text.mask.sum(1).float().mean().item(), "tags": tags, "kind": g.row.get("kind"),
+            "plan_accuracy": plan_accuracy(g.text.texts, [g.row.get("target")] * len(g.text.texts))}
+
+
+def mean_or_none(xs):
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    return sum(xs) / len(xs) if xs else None
+
+
+def metrics_row(step: int, summaries: list, stats: list, zero_std_frac: float, timers: dict, tags: list,
+                args: Args) -> dict:
+    """One JSON row per step; every row has every key (null where it does not apply, never NaN)."""
+    R = torch.tensor([r for s in summaries for r in s["rewards"]])
+    row = {"step": step, "reward_mean": R.mean().item(), "reward_std": R.std(unbiased=False).item(),
+           "zero_std_frac": zero_std_frac,
+           **{k: mean_or_none([st[k] for st in stats]) for k in
+              ("text_loss", "image_loss", "text_clipfrac", "image_clipfrac", "text_kl", "image_kl")},
+           **{f"time_{k}": timers[k] for k in ("reason", "render", "reward_wait", "train", "step")},
+           "text_len": mean_or_none([s["text_len"] for s in summaries]), "eval_reward": None,
+           # toy world: plans that name the target (null without targets), all prompts and the implicit ones
+           "plan_accuracy": mean_or_none([s["plan_accuracy"] for s in summaries]),
+           "plan_accuracy_implicit": mean_or_none([s["plan_accuracy"] for s in summaries
+                                                   if s["kind"] == "implicit"]),
+           "eval_plan_accuracy": None, "eval_plan_accuracy_implicit": None}
+    for t in tags:
+        row[f"score_{t}"] = mean_or_none([x for s in summaries for x in s["tags"].get(t, [])])
+    if args.task != "rt2i":
+        srr = [s for s in summaries if s["task"] == "srr"]
+        row.update({
+            "reward_init_mean": mean_or_none([s["init_reward"] for s in srr]),
+            "reward_refined_mean": mean_or_none([sum(s["rewards"]) / len(s["rewards"]) for s in srr]),
+            "improved_frac": mean_or_none([sum(r > s["init_reward"] for r in s["rewards"]) / len(s["rewards"])
+                                           for s in srr]),
+            "fpr_frac": mean_or_none([s["failed"] if args.fpr else 0.0 for s in srr]),
+            "skipped_frac": mean_or_none([float(s["skip"]) for s in srr])})
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+
+
+# --------------------------------------------------------------------------------------------------
 # Checkpoints and LoRA export
 # --------------------------------------------------------------------------------------------------
 
 
 # Arguments that may change between a checkpoint and its resumption; any other difference is refused.
-RESUMABLE = {"steps", "out", "resume", "reward_url", "reward_token", "reward_patience", "device", "sample_every",
-             "save_every", "eval_every", "toy_cache"}
+RESUMABLE = {"steps", "out", "resume", "reward_url", "reward_token", "reward_patience", "device",
+             "sample_every", "save_every", "eval_every", "toy_cache"}
+
+
+def lora_state(policy: Policy) -> dict:
+    """A copy of both models' LoRA weights, keyed "reasoner.<parameter>" and "renderer.<parameter>"."""
+    parts = (("reasoner", policy.reasoner.model), ("renderer", policy.renderer.transformer))
+    return {f"{part}.{n}": p.detach().clone() for part, m in parts
+            for n, p in m.named_parameters() if ".lora_" in n}
+
+
+def load_lora_state(policy: Policy, state: dict):
+    """Copy `state` (from lora_state) into both models' LoRA weights; refuse one that does not fit."""
+    parts = (("reasoner", policy.reasoner.model), ("renderer", policy.renderer.transformer))
+    own = {f"{part}.{n}": p for part, m in parts
+           for n, p in m.named_parameters() if ".lora_" in n}
+    if own.keys() != state.keys() or any(own[k].shape != state[k].shape for k in own):
+        missing = sorted(own.keys() - state.keys())
+        extra = sorted(state.keys() - own.keys())
+        raise ValueError(f"the LoRA weights do not fit these models (missing {missing[:3]}, unexpected "
+                         f"{extra[:3]}, or other shapes): were they made with other --lora-rank/targets?")
+    with torch.no_grad():
+        for k, p in own.items():
+            p.copy_(state[k])
 
 
 def file_sha256(path: str) -> str:
-    import hashlib
 
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
@@ -1780,12 +1947,10 @@ def file_sha256(path: str) -> str:
 def save_checkpoint(policy: Policy, optimizer, args: Args, step: int, out: str) -> str:
     """OUT/checkpoints/step_N: LoRA weights, optimizer state, the next step, the arguments, file checksums,
     and the LoRA exported for diffusers and PEFT. Written to a temporary folder, then renamed (atomic)."""
-    from safetensors.torch import save_file
-
     final = os.path.join(out, "checkpoints", f"step_{step:06d}")
     tmp = final + f".tmp{os.getpid()}"
     os.makedirs(tmp, exist_ok=True)
-    save_file(policy.lora_state(), os.path.join(tmp, "lora.safetensors"))
+    save_file(lora_state(policy), os.path.join(tmp, "lora.safetensors"))
     torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
     export_lora(policy, args, tmp)
     files = ["lora.safetensors", "optimizer.pt"]
@@ -1794,7 +1959,6 @@ def save_checkpoint(policy: Policy, optimizer, args: Args, step: int, out: str) 
     with open(os.path.join(tmp, "state.json"), "w") as f:
         json.dump(state, f, indent=1)
     if os.path.exists(final):
-        import shutil
 
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -1810,8 +1974,6 @@ def load_checkpoint(path: str, policy: Policy, optimizer, args: Args) -> int:
     """Restore a checkpoint (or the newest one in a run folder); refuse a partial, corrupt or foreign one
     with a message naming the problem. Without an optimizer (inference) only MODEL_ARGS must match.
     Returns the step to continue from."""
-    from safetensors.torch import load_file
-
     if os.path.isdir(os.path.join(path, "checkpoints")):
         done = sorted(d for d in os.listdir(os.path.join(path, "checkpoints")) if ".tmp" not in d)
         if not done:
@@ -1830,7 +1992,7 @@ def load_checkpoint(path: str, policy: Policy, optimizer, args: Args) -> int:
     if diff:
         raise ValueError(f"{path} was made with another configuration: " +
                          ", ".join(f"{k}={a!r} there, {b!r} here" for k, (a, b) in sorted(diff.items())))
-    policy.load_lora_state(load_file(os.path.join(path, "lora.safetensors"), device=str(policy.device)))
+    load_lora_state(policy, load_file(os.path.join(path, "lora.safetensors"), device=str(policy.device)))
     if optimizer is not None:
         optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True,
                                              map_location=policy.device))
@@ -1842,14 +2004,14 @@ def export_lora(policy: Policy, args: Args, folder: str):
     - renderer/pytorch_lora_weights.safetensors, keys `transformer.<module>.lora_A.weight` / `lora_B.weight`,
       alpha / r folded into lora_B (without adapter metadata diffusers assumes alpha = r), for the renderer's
       pipeline: Flux2KleinPipeline.load_lora_weights or StableDiffusion3Pipeline.load_lora_weights;
-    - reasoner/: a PEFT adapter (adapter_config.json + adapter_model.safetensors) for PeftModel.from_pretrained."""
-    from safetensors.torch import save_file
-
+    - reasoner/: a PEFT adapter (adapter_config.json + adapter_model.safetensors) for
+      PeftModel.from_pretrained."""
     sd = {}
     for name, m in policy.renderer.transformer.named_modules():
         if isinstance(m, LoRALinear):
             sd[f"transformer.{name}.lora_A.weight"] = m.lora_A.weight.detach().float().contiguous()
-            sd[f"transformer.{name}.lora_B.weight"] = (m.lora_B.weight.detach().float() * m.scale).contiguous()
+            scaled_B = m.lora_B.weight.detach().float() * m.scale  # alpha / r folded in
+            sd[f"transformer.{name}.lora_B.weight"] = scaled_B.contiguous()
     os.makedirs(os.path.join(folder, "renderer"), exist_ok=True)
     save_file(sd, os.path.join(folder, "renderer", "pytorch_lora_weights.safetensors"))
     sd = {f"base_model.model.{n}": p.detach().float().contiguous()
@@ -1857,7 +2019,8 @@ def export_lora(policy: Policy, args: Args, folder: str):
     os.makedirs(os.path.join(folder, "reasoner"), exist_ok=True)
     save_file(sd, os.path.join(folder, "reasoner", "adapter_model.safetensors"))
     config = {"peft_type": "LORA", "task_type": None, "r": args.lora_rank, "lora_alpha": args.lora_alpha,
-              "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "base_model_name_or_path": args.reasoner,
+              "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+              "base_model_name_or_path": args.reasoner,
               "target_modules": sorted({n.split(".")[-1] for n, m in policy.reasoner.model.named_modules()
                                         if isinstance(m, LoRALinear)}),
               "exclude_modules": r".*visual.*"}  # the vision tower's Linear layers carry no LoRA
@@ -1872,12 +2035,13 @@ def export_lora(policy: Policy, args: Args, folder: str):
 
 # The toy world (README, "The toy world"): a target is a colour and a region, in the toy verifier's grammar
 # ("Is the bottom half of the image green?"). Explicit prompts name the target. Implicit ones name a thing and
-# where it is in other words ("grass fills the lower half"): that grass is green and that "lower" means bottom is
-# the toy world knowledge below, which the reasoner must find by GRPO. Neither prior is shown it: the reasoner's
-# (`toy_reasoner_prior`) restates explicit requests and guesses what a request leaves open, the renderer's
-# (`toy_renderer_prior`) draws explicit captions and plans. Train and test prompts use other words.
+# where it is in other words ("grass fills the lower half"): that grass is green and that "lower" means bottom
+# is the toy world knowledge below, which the reasoner must find by GRPO. Neither prior is shown it: the
+# reasoner's (`toy_reasoner_prior`) restates explicit requests and guesses what a request leaves open, the
+# renderer's (`toy_renderer_prior`) draws explicit captions and plans. Train and test prompts use other words.
 # Four colours, none the complement of another: a toy image shows the rest in the complementary colour.
-TOY_COLOURS, TOY_REGIONS = ("red", "green", "blue", "white"), ("top", "bottom")
+TOY_COLOURS = ("red", "green", "blue", "white")
+TOY_REGIONS = ("top", "bottom")
 
 
 TOY_EXPLICIT = {"train": ("the {region} half is {colour}", "{colour} in the {region} half",
@@ -1906,14 +2070,15 @@ def toy_plan(target: dict) -> str:
 
 
 def toy_row(prompt: str, colour: str, region: str, kind: str, split: str) -> dict:
-    return {"prompt": prompt, "semantic_questions": [{"question": f"Is the {region} half of the image {colour}?",
+    return {"prompt": prompt,
+            "semantic_questions": [{"question": f"Is the {region} half of the image {colour}?",
                                                       "tag": "Spatial"}], "quality_questions": [],
             "target": {"colour": colour, "region": region}, "kind": kind, "split": split}
 
 
-# GRPO trains on the implicit prompts, where the reasoning carries the answer: every thing in every region in every
-# train wording. The explicit requests, whose grammar the priors learnt (TOY_EXPLICIT["train"]), are test rows only:
-# each target once, in the test wordings in turn.
+# GRPO trains on the implicit prompts, where the reasoning carries the answer: every thing in every region in
+# every train wording. The explicit requests, whose grammar the priors learnt (TOY_EXPLICIT["train"]), are
+# test rows only: each target once, in the test wordings in turn.
 TOY_WORLD_PROMPTS = [toy_row(TOY_EXPLICIT["test"][k % len(TOY_EXPLICIT["test"])].format(**t), t["colour"],
                              t["region"], "explicit", "test") for k, t in enumerate(toy_targets())] + [
     toy_row(words.format(thing=thing), colour, region, "implicit", split) for split in ("train", "test")
@@ -1937,47 +2102,54 @@ SHAPES = {
         "transformer": dict(sample_size=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
                             joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=32,
                             pos_embed_max_size=8, dual_attention_layers=(0,)),
-        # 4 blocks: the real 8x downsampling, so a 32 px image has 4x4 latents whose colours vary between samples
+        # 4 blocks: the real 8x downsampling, so a 32 px image has 4x4 latents whose colours vary
         "vae": dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4, sample_size=32),
-        "clip_l": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, projection_dim=16),
-        "clip_g": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, projection_dim=16),
+        "clip_l": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       projection_dim=16),
+        "clip_g": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       projection_dim=16),
         "t5": dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8),
-        # FLUX.2 klein at toy size: 1 double-stream + 2 single-stream blocks; a 4-layer Qwen3 read at layers 1-3
-        "flux2_transformer": dict(num_layers=1, num_single_layers=2, attention_head_dim=8, num_attention_heads=4,
-                                  timestep_guidance_channels=16, mlp_ratio=2.0, axes_dims_rope=(2, 2, 2, 2)),
+        # FLUX.2 klein at toy size: 1 double-stream + 2 single-stream blocks; a 4-layer Qwen3 read at 1-3
+        "flux2_transformer": dict(num_layers=1, num_single_layers=2, attention_head_dim=8,
+                                  num_attention_heads=4, timestep_guidance_channels=16, mlp_ratio=2.0,
+                                  axes_dims_rope=(2, 2, 2, 2)),
         # 4 latent channels (patchified to 16); 4 blocks: the real 8x downsampling, so 32 px is 2x2 tokens
-        "flux2_vae": dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
-                          sample_size=32),
+        "flux2_vae": dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, latent_channels=4,
+                          norm_num_groups=4, sample_size=32),
         "qwen3": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=4, num_attention_heads=2,
                       num_key_value_heads=1, head_dim=8, max_position_embeddings=1024),
     },
     "sd35": {
         "text": dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
-                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
-                     tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 5e6,
-                                                                "mrope_section": [24, 20, 20], "mrope_interleaved": True}),
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                     max_position_embeddings=262144, tie_word_embeddings=True,
+                     rope_parameters={"rope_type": "default", "rope_theta": 5e6,
+                                      "mrope_section": [24, 20, 20], "mrope_interleaved": True}),
         "vision": dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2560,
                        num_position_embeddings=2304, deepstack_visual_indexes=[5, 11, 17]),
         "transformer": dict(sample_size=128, num_layers=24, attention_head_dim=64, num_attention_heads=24,
                             joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
                             pos_embed_max_size=384, dual_attention_layers=tuple(range(13))),
-        "vae": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, sample_size=1024),
+        "vae": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
+                    sample_size=1024),
         "clip_l": dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                        num_attention_heads=12, projection_dim=768, hidden_act="quick_gelu"),
         "clip_g": dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
                        num_attention_heads=20, projection_dim=1280, hidden_act="gelu"),
         "t5": dict(vocab_size=32128, d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24,
-                   feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, relative_attention_max_distance=128),
+                   feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
+                   relative_attention_max_distance=128),
     },
-    # FLUX.2-klein-base-4B: the transformer's published config.json, Qwen3-4B as its text encoder, the FLUX.2 VAE
+    # FLUX.2-klein-base-4B: the transformer's published config.json, Qwen3-4B as text encoder, FLUX.2's VAE
     "klein": {
-        "flux2_transformer": dict(num_layers=5, num_single_layers=20, attention_head_dim=128, num_attention_heads=24,
-                                  timestep_guidance_channels=256, mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32)),
+        "flux2_transformer": dict(num_layers=5, num_single_layers=20, attention_head_dim=128,
+                                  num_attention_heads=24, timestep_guidance_channels=256, mlp_ratio=3.0,
+                                  axes_dims_rope=(32, 32, 32, 32)),
         "flux2_vae": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=32,
                           norm_num_groups=32, sample_size=1024),
         "qwen3": dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
-                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
-                      tie_word_embeddings=True, rope_theta=1e6),
+                      num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                      max_position_embeddings=40960, tie_word_embeddings=True, rope_theta=1e6),
     },
 }
 
@@ -1992,8 +2164,8 @@ def make_sd3(shapes: dict, seed: int = 0):
     from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
                            StableDiffusion3Pipeline)
     from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel,
-                              T5Tokenizer)
+    from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config,
+                              T5EncoderModel, T5Tokenizer)
 
     torch.manual_seed(seed)
     chars = sorted(ByteLevel.alphabet())
@@ -2001,23 +2173,25 @@ def make_sd3(shapes: dict, seed: int = 0):
                   **{c + "</w>": i + 2 + len(chars) for i, c in enumerate(chars)}}
     clip_tok = CLIPTokenizer(vocab=clip_vocab, merges=[], model_max_length=77)
     letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;?!'\"-"
-    t5_vocab = ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)] + [(c, -5.0) for c in letters]
-                + [("\u2581" + c, -4.0) for c in letters])
+    t5_vocab = ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+                + [(c, -5.0) for c in letters] + [("\u2581" + c, -4.0) for c in letters])
     t5_tok = T5Tokenizer(vocab=t5_vocab, extra_ids=0, model_max_length=512)
 
     def clip(sizes, seed_offset):
         torch.manual_seed(seed + seed_offset)
-        return CLIPTextModelWithProjection(CLIPTextConfig(**{
-            "vocab_size": len(clip_vocab), "max_position_embeddings": 77, "bos_token_id": 0, "eos_token_id": 1,
-            "pad_token_id": 1, **sizes}))
+        config = {"vocab_size": len(clip_vocab), "max_position_embeddings": 77, "bos_token_id": 0,
+                  "eos_token_id": 1, "pad_token_id": 1, **sizes}  # real sizes override the toy's vocabulary
+        return CLIPTextModelWithProjection(CLIPTextConfig(**config))
 
-    te1, te2 = clip(shapes["clip_l"], 1), clip(shapes["clip_g"], 2)
+    te1 = clip(shapes["clip_l"], 1)
+    te2 = clip(shapes["clip_g"], 2)
     te3 = T5EncoderModel(T5Config(**{"vocab_size": len(t5_vocab), **shapes["t5"]}))
     transformer = SD3Transformer2DModel(patch_size=2, in_channels=16, out_channels=16, qk_norm="rms_norm",
                                         **shapes["transformer"])
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        use_quant_conv=False, use_post_quant_conv=False, **shapes["vae"])
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, scaling_factor=1.5305,
+                        shift_factor=0.0609, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, use_quant_conv=False,
+                        use_post_quant_conv=False, **shapes["vae"])
     return StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
         text_encoder=te1, tokenizer=clip_tok, text_encoder_2=te2, tokenizer_2=clip_tok,
@@ -2026,24 +2200,28 @@ def make_sd3(shapes: dict, seed: int = 0):
 
 def make_klein(shapes: dict, seed: int = 0):
     """A random Flux2KleinPipeline of the given sizes (base, not distilled: it uses CFG), with klein's fixed
-    fields (patch size 1 over 2x2-patchified latents, no guidance embedding, rope theta 2000, the dynamic-shift
-    scheduler); the toy gets the word-level tokenizer, the real shapes Qwen3's vocabulary size."""
+    fields (patch size 1 over 2x2-patchified latents, no guidance embedding, rope theta 2000, the
+    dynamic-shift scheduler). The toy gets the word-level tokenizer, the real shapes Qwen3's vocabulary."""
     from diffusers import (AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline,
                            Flux2Transformer2DModel)
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     tok = toy_tokenizer()
     torch.manual_seed(seed)
-    te = Qwen3ForCausalLM(Qwen3Config(**{"vocab_size": len(tok), "tie_word_embeddings": True, **shapes["qwen3"]}))
+    # the real shapes override the toy's vocabulary
+    text_config = {"vocab_size": len(tok), "tie_word_embeddings": True, **shapes["qwen3"]}
+    te = Qwen3ForCausalLM(Qwen3Config(**text_config))
     vae = AutoencoderKLFlux2(**shapes["flux2_vae"])
-    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=4 * shapes["flux2_vae"]["latent_channels"],
-                                          joint_attention_dim=3 * shapes["qwen3"]["hidden_size"], guidance_embeds=False,
-                                          **shapes["flux2_transformer"])
-    scheduler = FlowMatchEulerDiscreteScheduler(  # the pipeline passes its own mu: the shift bounds do not act
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=4 * shapes["flux2_vae"]["latent_channels"],
+        joint_attention_dim=3 * shapes["qwen3"]["hidden_size"], guidance_embeds=False,
+        **shapes["flux2_transformer"])
+    # the pipeline passes its own mu: the shift bounds do not act
+    scheduler = FlowMatchEulerDiscreteScheduler(
         shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
         max_image_seq_len=4096, time_shift_type="exponential")
-    return Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=te, tokenizer=tok, transformer=transformer,
-                              is_distilled=False)
+    return Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=te, tokenizer=tok,
+                              transformer=transformer, is_distilled=False)
 
 
 def build_toy_vlm(path: str, seed: int = 0, hidden: int = 32, layers: int = 2, image_px: int = 64) -> str:
@@ -2069,8 +2247,10 @@ def build_toy_klein(path: str, seed: int = 0) -> str:
     """The toy renderer: a tiny FLUX.2 klein, saved with save_pretrained. Returns path."""
     pipe = make_klein(SHAPES["toy"], seed)
     linear_decoder(pipe.vae)
-    with torch.no_grad():  # a trained Qwen3's hidden states are O(1); a random one's are its 0.02-scale embeddings,
-        pipe.text_encoder.get_input_embeddings().weight.normal_(0, 1)  # too faint for the renderer to learn to read
+    # A trained Qwen3's hidden states are O(1); a random one's are its 0.02-scale embeddings, too faint for
+    # the renderer to learn to read.
+    with torch.no_grad():
+        pipe.text_encoder.get_input_embeddings().weight.normal_(0, 1)
     pipe.save_pretrained(path)
     return path
 
@@ -2097,15 +2277,17 @@ def linear_decoder(vae):
 # explicit words say, which is why the paper's RL needs no cold start. The random toy models have none, so the
 # toy world gives them a short supervised cold start on explicit requests only; what the implicit prompts mean
 # (grass -> green bottom) is left for GRPO to find. Built once per configuration and cached (toy_world_dir).
-TOY_BUILD = dict(seed=0, reasoner_steps=450, reasoner_warmup=300, reasoner_lr=3e-3, reasoner_batch=32, guess_share=0.5,
-                 vae_steps=400, vae_lr=3e-3, renderer_steps=2000, renderer_lr=1e-3, batch=32, caption_dropout=0.1)
+TOY_BUILD = dict(seed=0, reasoner_steps=450, reasoner_warmup=300, reasoner_lr=3e-3, reasoner_batch=32,
+                 guess_share=0.5, vae_steps=400, vae_lr=3e-3, renderer_steps=2000, renderer_lr=1e-3, batch=32,
+                 caption_dropout=0.1)
 
 
-# Open requests: a few filler words that carry no target, sometimes with a colour or a region name among them; the
-# prior's plan copies what is named and guesses the rest uniformly, so every plan is explored. The words of the
-# toy world knowledge (things, "lower", "above" ...) are not fillers: the priors never see them at all.
+# Open requests: a few filler words that carry no target, sometimes with a colour or a region name among them;
+# the prior's plan copies what is named and guesses the rest uniformly, so every plan is explored. The words
+# of the toy world knowledge (things, "lower", "above" ...) are not fillers: the priors never see them at all.
 TOY_FILLER = tuple(w for w in TOY_WORDS if w.isalpha() and w.islower() and w not in ToyVerifier.COLOURS
-                   and w not in (*TOY_REGIONS, *TOY_WORLD, "lower", "below", "above", "overhead", "yes", "no"))
+                   and w not in TOY_REGIONS and w not in TOY_WORLD
+                   and w not in ("lower", "below", "above", "overhead", "yes", "no"))
 
 
 def toy_open_request(rng: random.Random, target: dict, n_words: int, named: tuple) -> tuple[str, str]:
@@ -2119,17 +2301,20 @@ def toy_open_request(rng: random.Random, target: dict, n_words: int, named: tupl
 
 
 def toy_image(target: dict, size: int) -> Image.Image:
-    """A synthetic toy image: the target's region in its colour, the rest in the complementary colour (green
-    bottom, magenta top): two colours symmetric about grey, which the toy VAE's near-linear decoder draws best."""
+    """A synthetic toy image: the target's region in its colour, the rest in the complementary
+    colour (green bottom, magenta top): two colours symmetric about grey, which the toy VAE's
+    near-linear decoder draws best."""
     rgb = [int(255 * c) for c in ToyVerifier.COLOURS[target["colour"]]]
-    im, h = Image.new("RGB", (size, size), tuple(255 - c for c in rgb)), size // 2
+    im = Image.new("RGB", (size, size), tuple(255 - c for c in rgb))
+    h = size // 2
     im.paste(tuple(rgb), (0, 0, size, h) if target["region"] == "top" else (0, h, size, size))
     return im
 
 
 def fit(params, lr: float, steps: int, loss_fn) -> float:
-    """Supervised training of `params` (their requires_grad on only meanwhile): AdamW, no weight decay (words a
-    prior never sees keep their embeddings), the learning rate decaying linearly to 0. loss_fn(step) -> loss."""
+    """Supervised training of `params` (their requires_grad on only meanwhile): AdamW, no weight decay
+    (words a prior never sees keep their embeddings), the learning rate decaying linearly to 0.
+    loss_fn(step) -> loss."""
     params = list(params)
     for p in params:
         p.requires_grad_(True)
@@ -2147,29 +2332,41 @@ def fit(params, lr: float, steps: int, loss_fn) -> float:
 
 def toy_reasoner_prior(reasoner: Reasoner, steps: int, warmup: int, lr: float, guess_share: float, batch: int,
                        seed: int) -> float:
-    """Instruction prior: teacher-force the plan ("green bottom" + EOS) after an explicit request, in the RT2I
-    instruction or, for half of the batches, in the SRR reflection's instruction with a toy image of another
-    target (the toy's reflection is the fix alone: "green bottom"). After `warmup` steps, a `guess_share` of the
-    batches are open requests (toy_open_request) whose plan guesses what they leave open. Implicit meanings are
-    never shown. Trains the language model's own weights (its LoRA stays zero); returns the last loss."""
-    rng, targets, inputs = random.Random(seed), toy_targets(), {}
-    tok, eos = reasoner.processor.tokenizer, int(reasoner.eos_ids[0])
+    """Instruction prior: teacher-force the plan ("green bottom" + EOS) after an explicit request, in the
+    RT2I instruction or, for half of the batches, in the SRR reflection's instruction with a toy image of
+    another target (the toy's reflection is the fix alone: "green bottom"). After `warmup` steps, a
+    `guess_share` of the batches are open requests (toy_open_request) whose plan guesses what they leave
+    open. Implicit meanings are never shown. Trains the language model's own weights (its LoRA stays zero);
+    returns the last loss."""
+    rng = random.Random(seed)
+    targets = toy_targets()
+    inputs = {}
+    tok = reasoner.processor.tokenizer
+    eos = int(reasoner.eos_ids[0])
     images = [toy_image(t, Args().resolution) for t in targets]  # as the toy renderer draws them
 
     def loss(step):
-        rows, reflect = rng.choices(targets, k=batch), rng.random() < 0.5
+        rows = rng.choices(targets, k=batch)
+        reflect = rng.random() < 0.5
         if step >= warmup and rng.random() < guess_share:  # one word count per batch: one length, no padding
-            n, named = rng.randint(2, 5), rng.choice([(), ("colour",), ("region",)])
+            n = rng.randint(2, 5)
+            named = rng.choice([(), ("colour",), ("region",)])
             prompts, plans = zip(*(toy_open_request(rng, t, n, named) for t in rows))
         else:
             template = rng.choice(TOY_EXPLICIT["train"])
-            prompts, plans = [template.format(**t) for t in rows], [toy_plan(t) for t in rows]
-        keys = [(p, rng.choice([k for k in range(len(targets)) if toy_plan(targets[k]) != y]) if reflect else None)
-                for p, y in zip(prompts, plans)]  # (prompt, index of the wrong image to reflect on, or None)
+            prompts = [template.format(**t) for t in rows]
+            plans = [toy_plan(t) for t in rows]
+        # (prompt, index of the wrong image to reflect on, or None)
+        keys = []
+        for p, y in zip(prompts, plans):
+            wrong = [k for k in range(len(targets)) if toy_plan(targets[k]) != y]
+            reflect_on = rng.choice(wrong) if reflect else None
+            keys.append((p, reflect_on))
         for p, k in keys:
             if (p, k) not in inputs:  # the processor once per prompt and image, not per step
-                inputs[p, k] = reasoner.chat_inputs((REFLECT_INSTRUCTION if reflect else RT2I_INSTRUCTION).format(
-                    prompt=p), None if k is None else images[k], 1)
+                instruction = REFLECT_INSTRUCTION if reflect else RT2I_INSTRUCTION
+                image = None if k is None else images[k]
+                inputs[p, k] = reasoner.chat_inputs(instruction.format(prompt=p), image, 1)
         ids = [tok(p, add_special_tokens=False)["input_ids"] + [eos] for p in plans]
         ids = torch.tensor(ids, device=reasoner.device)  # (B, L)
         batch_inputs = {k: torch.cat([inputs[key][k] for key in keys]) for k in inputs[keys[0]]}
@@ -2181,18 +2378,22 @@ def toy_reasoner_prior(reasoner: Reasoner, steps: int, warmup: int, lr: float, g
 
 def toy_renderer_prior(renderer: Renderer, vae_steps: int, vae_lr: float, steps: int, lr: float, batch: int,
                        caption_dropout: float, seed: int) -> tuple[float, float]:
-    """Drawing prior: an autoencoder run of the VAE (the toy's random encoder is no inverse of its decoder, and
-    SRR encodes images), then flow matching of the transformer on synthetic images with explicit captions, alone
-    or with the plan, or an open request with the plan; a quarter of the batches with another target's image
-    in context, as SRR's in-context refinement sees the initial image (klein's editing). Caption dropout keeps the
-    unconditional velocity that CFG needs. Returns the last (VAE, flow) losses."""
-    rng, gen, targets = random.Random(seed), torch.Generator().manual_seed(seed), toy_targets()
+    """Drawing prior: an autoencoder run of the VAE (the toy's random encoder is no inverse of its decoder,
+    and SRR encodes images), then flow matching of the transformer on synthetic images with explicit captions,
+    alone or with the plan, or an open request with the plan; a quarter of the batches with another target's
+    image in context, as SRR's in-context refinement sees the initial image (klein's editing). Caption dropout
+    keeps the unconditional velocity that CFG needs. Returns the last (VAE, flow) losses."""
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    targets = toy_targets()
     images = [toy_image(t, renderer.args.resolution) for t in targets]
-    pixels = torch.cat([renderer.pixels(im) for im in images]).to(renderer.vae.dtype)  # (8, 3, H, W) in [-1, 1]
+    # (8, 3, H, W) in [-1, 1]
+    pixels = torch.cat([renderer.pixels(im) for im in images]).to(renderer.vae.dtype)
 
     def vae_loss(step):  # x -> z (the posterior's mode, as encode_image takes it) -> x, z near unit scale
         x = pixels[rng.choices(range(len(targets)), k=batch)]
-        z = renderer.vae.encode(x).latent_dist.mode()  # (no clamp on x_hat: saturated pixels would get no gradient)
+        # (no clamp on x_hat: saturated pixels would get no gradient)
+        z = renderer.vae.encode(x).latent_dist.mode()
         return ((renderer.vae.decode(z, return_dict=False)[0] - x) ** 2).mean() + 0.1 * (z.std() - 1) ** 2
 
     loss_vae = fit(renderer.vae.parameters(), vae_lr, vae_steps, vae_loss)
@@ -2207,14 +2408,17 @@ def toy_renderer_prior(renderer: Renderer, vae_steps: int, vae_lr: float, steps:
 
     pools = []  # captions are encoded once, in 64 batches reused in turn (encode() is the slow part)
     for k in range(64):
-        rows, reference = [rng.randrange(len(targets)) for _ in range(batch)], rng.randrange(len(targets))
-        pools.append((rows, renderer.encode([caption(targets[i]) for i in rows],
-                                            reference=x0_all[reference:reference + 1] if k % 4 == 3 else None)))
+        rows = [rng.randrange(len(targets)) for _ in range(batch)]
+        reference = rng.randrange(len(targets))
+        in_context = x0_all[reference:reference + 1] if k % 4 == 3 else None
+        pools.append((rows, renderer.encode([caption(targets[i]) for i in rows], reference=in_context)))
     sigmas = renderer.sigmas(renderer.args.num_steps)[:-1].tolist()  # where the toy's sampler evaluates v
 
     def flow_loss(step):  # x_t = (1 - t) x_0 + t eps; the sampler integrates v = eps - x_0
         rows, cond = pools[step % len(pools)]
-        x0, eps, sigma = x0_all[rows], renderer.noise(len(rows), gen), rng.choice(sigmas)
+        x0 = x0_all[rows]
+        eps = renderer.noise(len(rows), gen)
+        sigma = rng.choice(sigmas)
         v = renderer.velocity((1 - sigma) * x0 + sigma * eps, sigma, cond, guidance=1.0)
         return ((v - (eps - x0)) ** 2).mean()
 
@@ -2223,7 +2427,8 @@ def toy_renderer_prior(renderer: Renderer, vae_steps: int, vae_lr: float, steps:
 
 
 def strip_lora(model: nn.Module):
-    """Put the base Linear layers back (LoRA B is still zero, so nothing is lost): the model saves as its class."""
+    """Put the base Linear layers back (LoRA B is still zero, so nothing is lost): the
+    model saves as its class."""
     for name, m in list(model.named_modules()):
         if isinstance(m, LoRALinear):
             parent, _, child = name.rpartition(".")
@@ -2232,51 +2437,49 @@ def strip_lora(model: nn.Module):
 
 def toy_world_dir(args: Args) -> str:
     """The toy world's folder: <--toy-cache>/toy-<hash of everything the build reads, its code included>."""
-    import hashlib
-    import inspect
-
     import diffusers
     import transformers
 
-    code = [inspect.getsource(f) for f in (toy_tokenizer, make_vlm, make_klein, build_toy_vlm, build_toy_klein,
-                                           linear_decoder, Reasoner, Renderer, KleinRenderer, LoRALinear, toy_targets,
-                                           toy_open_request, toy_image, fit, toy_reasoner_prior, toy_renderer_prior,
-                                           build_toy_world)]
+    code = [inspect.getsource(f) for f in (
+        toy_tokenizer, make_vlm, make_klein, build_toy_vlm, build_toy_klein, linear_decoder, Reasoner,
+        Renderer, KleinRenderer, LoRALinear, toy_targets, toy_open_request, toy_image, fit,
+        toy_reasoner_prior, toy_renderer_prior, build_toy_world)]
     read = {k: getattr(Args(), k) for k in ("resolution", "num_steps", "max_text_tokens", "dtype")}
     data = [SHAPES["toy"], TOY_WORDS, TOY_COLOURS, TOY_REGIONS, TOY_EXPLICIT, TOY_FILLER, TOY_BUILD, read]
     versions = [torch.__version__, transformers.__version__, diffusers.__version__]
-    key = json.dumps(data + [RT2I_INSTRUCTION, code, versions], default=str)
-    root = args.toy_cache or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
-                                          "alphagrpo")
+    key = json.dumps(data + [RT2I_INSTRUCTION, REFLECT_INSTRUCTION, code, versions], default=str)
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    root = args.toy_cache or os.path.join(cache, "alphagrpo")
     return os.path.join(root, "toy-" + hashlib.sha256(key.encode()).hexdigest()[:16])
 
 
 def build_toy_world(folder: str) -> tuple[str, str]:
     """The toy reasoner and renderer with their priors, built into `folder` unless it holds them already.
     Returns (reasoner path, renderer path)."""
-    import shutil
-    import tempfile
-
     paths = os.path.join(folder, "reasoner"), os.path.join(folder, "renderer")
     root = os.path.dirname(folder)
     os.makedirs(root, exist_ok=True)
-    for name in os.listdir(root):  # what a killed build left (a kill skips the cleanup below): its process is gone
+    # what a killed build left (a kill skips the cleanup below): its process is gone
+    for name in os.listdir(root):
         pid = name.split("-")[1] if name.startswith(".building-") else ""
         if sys.platform == "linux" and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     if os.path.exists(os.path.join(folder, "build.json")):
         return paths
     print(f"building the toy world (once, about 2 minutes): {folder}", flush=True)
-    t0, b = time.perf_counter(), TOY_BUILD
+    t0 = time.perf_counter()
+    b = TOY_BUILD
     tmp = tempfile.mkdtemp(prefix=f".building-{os.getpid()}-", dir=root)  # renamed when complete
     try:
         args = Args(**PRESETS["toy"], device="cpu", seed=b["seed"])
-        policy = load_policy(dataclasses.replace(args, reasoner=build_toy_vlm(os.path.join(tmp, "reasoner")),
-                                                 renderer=build_toy_klein(os.path.join(tmp, "renderer"))), tmp)
-        plan_loss = toy_reasoner_prior(policy.reasoner, b["reasoner_steps"], b["reasoner_warmup"], b["reasoner_lr"],
-                                       b["guess_share"], b["reasoner_batch"], b["seed"])
-        vae_loss, flow_loss = toy_renderer_prior(policy.renderer, b["vae_steps"], b["vae_lr"], b["renderer_steps"],
-                                                 b["renderer_lr"], b["batch"], b["caption_dropout"], b["seed"])
+        reasoner = build_toy_vlm(os.path.join(tmp, "reasoner"))
+        renderer = build_toy_klein(os.path.join(tmp, "renderer"))
+        policy = load_policy(dataclasses.replace(args, reasoner=reasoner, renderer=renderer), tmp)
+        plan_loss = toy_reasoner_prior(policy.reasoner, b["reasoner_steps"], b["reasoner_warmup"],
+                                       b["reasoner_lr"], b["guess_share"], b["reasoner_batch"], b["seed"])
+        vae_loss, flow_loss = toy_renderer_prior(policy.renderer, b["vae_steps"], b["vae_lr"],
+                                                 b["renderer_steps"], b["renderer_lr"], b["batch"],
+                                                 b["caption_dropout"], b["seed"])
         for model in (policy.reasoner.model, policy.renderer.transformer):
             strip_lora(model)
         policy.reasoner.model.save_pretrained(os.path.join(tmp, "reasoner"))
@@ -2293,28 +2496,30 @@ def build_toy_world(folder: str) -> tuple[str, str]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    print(f"toy world built in {report['seconds']:.0f} s: plan loss {plan_loss:.3f}, VAE loss {vae_loss:.4f}, "
-          f"flow loss {flow_loss:.3f}", flush=True)
+    print(f"toy world built in {report['seconds']:.0f} s: plan loss {plan_loss:.3f}, "
+          f"VAE loss {vae_loss:.4f}, flow loss {flow_loss:.3f}", flush=True)
     return paths
 
 
 # --------------------------------------------------------------------------------------------------
-# Evaluation on the paper's benchmarks: GenEval, DPG-Bench, WISE, TIIF-Bench (generation), GEdit-Bench (editing)
+# Evaluation on the paper's benchmarks: GenEval, DPG-Bench, WISE, TIIF-Bench
+# (generation), GEdit-Bench (editing)
 # --------------------------------------------------------------------------------------------------
 
 
-# A reader turns a benchmark's own files into items {"id", "prompt", "source" (GEdit-Bench's source image path,
-# else None), "images" (paths in a round's tree: one per sample, or one grid of all samples for DPG-Bench),
-# "meta" ({path: text} written beside them)}. The formats were checked against the benchmarks' repositories
-# (README, "Evaluating on the paper's benchmarks"); the scorers themselves are not re-implemented.
+# A reader turns a benchmark's own files into items {"id", "prompt", "source" (GEdit-Bench's source
+# image path, else None), "images" (paths in a round's tree: one per sample, or one grid of all
+# samples for DPG-Bench), "meta" ({path: text} written beside them)}. The formats were checked against
+# the benchmarks' repositories (README, "Evaluating on the paper's benchmarks"); the scorers
+# themselves are not re-implemented.
 
 MODEL_NAME = "alphagrpo"  # the model's folder in TIIF-Bench's and GEdit-Bench's trees
 
 
 # GEdit-Bench's round 0 is an edit of the source image: `refine` with this instead of REFLECT_INSTRUCTION
 EDIT_INSTRUCTION = (
-    "This image must be edited as follows: \"{prompt}\". Describe the edited image as short visual facts: what "
-    "changes, exactly as asked, and what stays as it is (objects, colours, positions, text, style)."
+    "This image must be edited as follows: \"{prompt}\". Describe the edited image as short visual facts: "
+    "what changes, exactly as asked, and what stays as it is (objects, colours, positions, text, style)."
 )
 
 
@@ -2358,27 +2563,30 @@ def files_in(path: str, ext: str, what: str) -> list:
 
 
 def read_geneval(path: str, K: int) -> list:
-    """GenEval: prompts/evaluation_metadata.jsonl, one object per line ('prompt', 'tag', 'include', ...). Tree,
-    as generation/diffusers_generate.py writes it: <index:05>/metadata.jsonl (the line) and
+    """GenEval: prompts/evaluation_metadata.jsonl, one object per line ('prompt', 'tag', 'include', ...).
+    Tree, as generation/diffusers_generate.py writes it: <index:05>/metadata.jsonl (the line) and
     <index:05>/samples/<j:05>.png, index = the line's position."""
     items = []
     for i, (n, row) in enumerate(read_jsonl(path)):
         prompt = field(row, "prompt", f"{path}:{n}")
         field(row, "tag", f"{path}:{n}")  # the scorer picks its detection threshold by tag
         d = f"{i:05d}"
-        items.append(dict(id=d, prompt=prompt, source=None, images=[f"{d}/samples/{j:05d}.png" for j in range(K)],
+        items.append(dict(id=d, prompt=prompt, source=None,
+                          images=[f"{d}/samples/{j:05d}.png" for j in range(K)],
                           meta={f"{d}/metadata.jsonl": json.dumps(row) + "\n"}))
     return items
 
 
 def read_dpg(folder: str, K: int) -> list:
-    """DPG-Bench: ELLA's dpg_bench/prompts/, one <item>.txt per prompt. Tree: <item>.png, the K samples in a
-    2-column grid (2x2 for K = 4), which dpg_bench/compute_dpg_bench.py crops back into tiles of --resolution."""
+    """DPG-Bench: ELLA's dpg_bench/prompts/, one <item>.txt per prompt. Tree: <item>.png, the K
+    samples in a 2-column grid (2x2 for K = 4), which dpg_bench/compute_dpg_bench.py crops back into
+    tiles of --resolution."""
     items = []
     for path in files_in(folder, ".txt", "DPG-Bench's --data is its dpg_bench/prompts folder"):
         item = os.path.basename(path)[:-4]
         if "." in item:  # the scorer finds an image's questions by its name up to the first dot
-            raise ValueError(f"{path}: the item name {item!r} holds a dot, which compute_dpg_bench.py cuts off")
+            raise ValueError(f"{path}: the item name {item!r} holds a dot, which compute_dpg_bench.py "
+                             "cuts off")
         try:
             with open(path, encoding="utf-8") as f:
                 prompt = f.read().strip()
@@ -2409,7 +2617,8 @@ def read_wise(path: str, K: int) -> list:
             raise ValueError(f"{file}: must be a JSON list of prompts")
         for j, row in enumerate(rows):
             where = f"{file}: item {j}"
-            prompt, pid = field(row, "Prompt", where), row.get("prompt_id")
+            prompt = field(row, "Prompt", where)
+            pid = row.get("prompt_id")
             if not isinstance(pid, int) or isinstance(pid, bool):
                 raise ValueError(f"{where}: 'prompt_id' must be an integer (it names the image)")
             if prompts.setdefault(pid, (prompt, file))[0] != prompt:  # merge.json repeats the others
@@ -2422,17 +2631,22 @@ def read_tiif(path: str, K: int) -> list:
     """TIIF-Bench: data/test_prompts/*.jsonl (or testmini_prompts), lines {"type", "short_description",
     "long_description"}; each line is two items, one per description. Tree, as eval/eval_with_vlm.py reads it:
     <type>/alphagrpo/<short|long>_description/<i>.png, i = the line's position in its file."""
-    items, owner = [], {}
-    for file in files_in(path, ".jsonl", "TIIF-Bench's --data is its data/test_prompts folder or one file in it"):
+    items = []
+    owner = {}
+    for file in files_in(path, ".jsonl",
+                         "TIIF-Bench's --data is its data/test_prompts folder or one file in it"):
         rows = read_jsonl(file)
         for i, (n, row) in enumerate(rows):
             kind = field(row, "type", f"{file}:{n}", name=True)
             if kind != rows[0][1]["type"]:  # the scorer takes a file's type from its first line
-                raise ValueError(f"{file}:{n}: type {kind!r} differs from the first line's {rows[0][1]['type']!r}")
+                raise ValueError(f"{file}:{n}: type {kind!r} differs from the first line's "
+                                 f"{rows[0][1]['type']!r}")
             if owner.setdefault(kind, file) != file:
-                raise ValueError(f"{file}:{n}: type {kind!r} is also in {owner[kind]}; their images would collide")
+                raise ValueError(f"{file}:{n}: type {kind!r} is also in {owner[kind]}; their images "
+                                 "would collide")
             for desc in ("short_description", "long_description"):
-                items.append(dict(id=f"{kind}/{desc}/{i}", prompt=field(row, desc, f"{file}:{n}"), source=None,
+                prompt = field(row, desc, f"{file}:{n}")
+                items.append(dict(id=f"{kind}/{desc}/{i}", prompt=prompt, source=None,
                                   images=[f"{kind}/{MODEL_NAME}/{desc}/{i}.png"], meta={}))
     return items
 
@@ -2441,8 +2655,11 @@ def read_gedit(folder: str, K: int) -> list:
     """GEdit-Bench, exported to a folder (README): metadata.jsonl with the Hub dataset's columns "key",
     "task_type", "instruction", "instruction_language", and "input_image", the source image's path relative to
     the folder. Tree, as Step1X-Edit's GEdit-Bench/test_gedit_score.py reads it:
-    alphagrpo/fullset/<task_type>/<instruction_language>/<key>.png, the source beside it as <key>_SRCIMG.png."""
-    meta, items, seen = os.path.join(folder, "metadata.jsonl"), [], set()
+    alphagrpo/fullset/<task_type>/<instruction_language>/<key>.png, the source beside
+    it as <key>_SRCIMG.png."""
+    meta = os.path.join(folder, "metadata.jsonl")
+    items = []
+    seen = set()
     for n, row in read_jsonl(meta):
         where = f"{meta}:{n}"
         item = "/".join(field(row, k, where, name=True) for k in ("task_type", "instruction_language", "key"))
@@ -2457,53 +2674,59 @@ def read_gedit(folder: str, K: int) -> list:
     return items
 
 
-# name: reader, (default, most) samples per prompt, and the official scorer: repository, what it needs, and the
-# commands to run in its clone for one round's tree ({tree}; {samples}, {resolution} as drawn; {model} MODEL_NAME).
+# name: reader, (default, most) samples per prompt, and the official scorer: repository, what it
+# needs, and the commands to run in its clone for one round's tree ({tree}; {samples}, {resolution} as
+# drawn; {model} MODEL_NAME).
 BENCHMARKS = {
     "geneval": dict(read=read_geneval, samples=(4, math.inf), repo="github.com/djghosh13/geneval",
                     needs="its environment.yml with mmdet 2.27.0, the Mask2Former detector from "
                           "evaluation/download_models.sh, a CUDA GPU",
-                    score=["python evaluation/evaluate_images.py {tree} --outfile {tree}_scores/results.jsonl "
-                           "--model-path <OBJECT_DETECTOR_FOLDER>",
+                    score=["python evaluation/evaluate_images.py {tree} "
+                           "--outfile {tree}_scores/results.jsonl --model-path <OBJECT_DETECTOR_FOLDER>",
                            "python evaluation/summary_scores.py {tree}_scores/results.jsonl"]),
     "dpg": dict(read=read_dpg, samples=(4, 4), repo="github.com/TencentQQGYLab/ELLA (dpg_bench/)",
                 needs="accelerate, pandas, modelscope and its mPLUG-large VQA model (fetched on first use); "
                       "PROCESSES=<number of GPUs> (default 8)",
                 score=["PIC_NUM={samples} bash dpg_bench/dist_eval.sh {tree} {resolution}"]),
     "wise": dict(read=read_wise, samples=(1, 1), repo="github.com/PKU-YuanGroup/WISE",
-                 needs="score with the release you drew: WISE_Verified (data_verified/) with a vLLM server of "
-                       "Qwen3.5-35B-A3B at $VLLM_API_BASE (first command), the original WISE (WISE_legacy/data/) "
-                       "with the OpenAI API and gpt-4o-2024-05-13 (second command)",
+                 needs="score with the release you drew: WISE_Verified (data_verified/) with a vLLM server "
+                       "of Qwen3.5-35B-A3B at $VLLM_API_BASE (first command), the original WISE "
+                       "(WISE_legacy/data/) with the OpenAI API and gpt-4o-2024-05-13 (second command)",
                  score=["IMAGE_DIR={tree} bash eval_qwen.sh",
-                        "cd WISE_legacy && for c in cultural_common_sense spatio-temporal_reasoning natural_science; "
-                        "do python gpt_eval.py --json_path data/$c.json --image_dir {tree} --output_dir "
-                        "{tree}/Results/$c --api_key $OPENAI_API_KEY --model gpt-4o-2024-05-13 --result_full "
-                        "{tree}/Results/${{c}}_full_results.json --result_scores {tree}/Results/${{c}}_scores.jsonl; "
+                        "cd WISE_legacy && for c in cultural_common_sense spatio-temporal_reasoning "
+                        "natural_science; do python gpt_eval.py --json_path data/$c.json --image_dir {tree} "
+                        "--output_dir {tree}/Results/$c --api_key $OPENAI_API_KEY --model gpt-4o-2024-05-13 "
+                        "--result_full {tree}/Results/${{c}}_full_results.json "
+                        "--result_scores {tree}/Results/${{c}}_scores.jsonl; "
                         "done && python Calculate.py {tree}/Results/cultural_common_sense_scores.jsonl "
                         "{tree}/Results/natural_science_scores.jsonl "
                         "{tree}/Results/spatio-temporal_reasoning_scores.jsonl --category all"]),
     "tiif": dict(read=read_tiif, samples=(1, 1), repo="github.com/A113N-W3I/TIIF-Bench",
-                 needs="an OpenAI-compatible VLM (GPT-4o, or Qwen2.5-VL-72B served by vLLM); --jsonl_dir must be the "
-                       "eval prompts of the set drawn (testmini_eval_prompts for testmini_prompts); pandas, openpyxl",
+                 needs="an OpenAI-compatible VLM (GPT-4o, or Qwen2.5-VL-72B served by vLLM); --jsonl_dir "
+                       "must be the eval prompts of the set drawn (testmini_eval_prompts for "
+                       "testmini_prompts); pandas, openpyxl",
                  score=["python eval/eval_with_vlm.py --jsonl_dir data/test_eval_prompts --image_dir {tree} "
-                        "--eval_model {model} --output_dir {tree}_scores --api_key $API_KEY --base_url $BASE_URL "
-                        "--model gpt-4o",
+                        "--eval_model {model} --output_dir {tree}_scores --api_key $API_KEY "
+                        "--base_url $BASE_URL --model gpt-4o",
                         "python eval/summary_results.py --input_dir {tree}_scores",
-                        "python eval/summary_dimension_results.py --input_excel {tree}_scores/result_summary.xlsx "
+                        "python eval/summary_dimension_results.py "
+                        "--input_excel {tree}_scores/result_summary.xlsx "
                         "--output_txt {tree}_scores/result_summary_dimension.txt"]),
     "gedit": dict(read=read_gedit, samples=(1, 1), repo="github.com/stepfun-ai/Step1X-Edit (GEdit-Bench/)",
-                  needs="datasets (the scorer reloads stepfun-ai/GEdit-Bench from the Hub), megfile, pandas; a GPT-4.1 "
-                        "key in secret_t2.env, or --backbone qwen25vl with Qwen2.5-VL-72B-Instruct-AWQ",
-                  score=["cd GEdit-Bench && python test_gedit_score.py --model_name {model} --save_path {tree} "
-                         "--backbone gpt4o",
-                         "cd GEdit-Bench && python calculate_statistics.py --model_name {model} --save_path {tree} "
-                         "--backbone gpt4o --language en"]),
+                  needs="datasets (the scorer reloads stepfun-ai/GEdit-Bench from the Hub), megfile, pandas; "
+                        "a GPT-4.1 key in secret_t2.env, or --backbone qwen25vl with "
+                        "Qwen2.5-VL-72B-Instruct-AWQ",
+                  score=["cd GEdit-Bench && python test_gedit_score.py --model_name {model} "
+                         "--save_path {tree} --backbone gpt4o",
+                         "cd GEdit-Bench && python calculate_statistics.py --model_name {model} "
+                         "--save_path {tree} --backbone gpt4o --language en"]),
 }
 
 
 def save_atomic(path: str, data):
-    """Write a PIL image (PNG) or a str through a temporary file and a rename, so a killed run leaves no
-    truncated file that its rerun would skip. The temporary name starts with a dot: no scorer's pattern takes it."""
+    """Write a PIL image (PNG) or a str through a temporary file and a rename, so a killed run
+    leaves no truncated file that its rerun would skip. The temporary name starts with a dot: no
+    scorer's pattern takes it."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
     if isinstance(data, str):
@@ -2515,8 +2738,10 @@ def save_atomic(path: str, data):
 
 
 def tile(images: list) -> Image.Image:
-    """DPG-Bench's grid: 2 columns, row-major (2x2 for 4 samples), the order in which its scorer crops them."""
-    cols, s = min(2, len(images)), images[0].width
+    """DPG-Bench's grid: 2 columns, row-major (2x2 for 4 samples), the order in which
+    its scorer crops them."""
+    cols = min(2, len(images))
+    s = images[0].width
     grid = Image.new("RGB", (cols * s, math.ceil(len(images) / cols) * s), "white")
     for j, im in enumerate(images):
         grid.paste(im, ((j % cols) * s, (j // cols) * s))
@@ -2527,20 +2752,18 @@ def tile(images: list) -> Image.Image:
 def evaluate_benchmark(args: Args, benchmark: str, data: str, refine_rounds: int = 0, checkpoint: str = "",
                        reasoning: bool = True, samples_per_prompt: int = 0, limit: int = 0) -> str:
     """Draw a benchmark's prompts (GEdit-Bench: edit its source images), then `refine_rounds` rounds of
-    reflect-and-refine; round k goes to the tree OUT/round_<k> in the layout its official scorer reads. Sample j
-    of an item is seeded by (seed, j, crc32("<benchmark>/<id>")) in every round, so a rerun skips the items
-    whose images all exist and would redraw the others identically. Writes OUT/manifest.json (with the scorer's
-    commands) and OUT/texts.jsonl (every round's reasoning)."""
-    import shlex
-    import zlib
-
-    bench, out = BENCHMARKS[benchmark], args.out
+    reflect-and-refine; round k goes to the tree OUT/round_<k> in the layout its official scorer reads. Sample
+    j of an item is seeded by (seed, j, crc32("<benchmark>/<id>")) in every round, so a rerun skips the items
+    whose images all exist and would redraw the others identically. Writes OUT/manifest.json (with the
+    scorer's commands) and OUT/texts.jsonl (every round's reasoning)."""
+    bench = BENCHMARKS[benchmark]
+    out = args.out
     K = samples_per_prompt or bench["samples"][0]
     if not out:
         raise ValueError("eval needs --out DIR (run it again with the same DIR to resume)")
     if not 1 <= K <= bench["samples"][1]:
-        raise ValueError(f"--samples-per-prompt {K}: {benchmark}'s scorer reads 1 to {bench['samples'][1]} images "
-                         "a prompt")
+        raise ValueError(f"--samples-per-prompt {K}: {benchmark}'s scorer reads 1 to {bench['samples'][1]} "
+                         "images a prompt")
     if refine_rounds < 0 or limit < 0:
         raise ValueError("--refine-rounds and --limit cannot be negative")
     if not os.path.exists(data):
@@ -2550,32 +2773,36 @@ def evaluate_benchmark(args: Args, benchmark: str, data: str, refine_rounds: int
         raise ValueError(f"{data}: no prompts")
     seeds = {it["id"]: zlib.crc32(f"{benchmark}/{it['id']}".encode()) for it in items}
     trees = [os.path.join(out, f"round_{k}") for k in range(refine_rounds + 1)]
-    todo = [it for it in items if not all(os.path.exists(os.path.join(t, p)) for t in trees for p in it["images"])]
+    todo = [it for it in items
+            if not all(os.path.exists(os.path.join(t, p)) for t in trees for p in it["images"])]
     arguments = {"benchmark": benchmark, "data": os.path.abspath(data), "checkpoint": checkpoint and
                  os.path.abspath(checkpoint), "reasoning": reasoning, "samples_per_prompt": K,
                  **dataclasses.asdict(args), "refine_rounds": refine_rounds, "limit": limit}
-    manifest_path, free = os.path.join(out, "manifest.json"), ("refine_rounds", "limit", "out", "device")
+    manifest_path = os.path.join(out, "manifest.json")
+    free = ("refine_rounds", "limit", "out", "device")
     if os.path.exists(manifest_path):  # never mix two settings' images in one tree
         with open(manifest_path) as f:
             old = json.load(f)["arguments"]
-        diff = sorted(k for k in old.keys() | arguments.keys() if k not in free and old.get(k) != arguments.get(k))
+        diff = sorted(k for k in old.keys() | arguments.keys()
+                      if k not in free and old.get(k) != arguments.get(k))
         if diff:
-            raise ValueError(f"{out} holds images made with other settings (" + ", ".join(
-                f"{k}={old.get(k)!r} there, {arguments.get(k)!r} here" for k in diff) + "): use another --out")
+            changed = ", ".join(f"{k}={old.get(k)!r} there, {arguments.get(k)!r} here" for k in diff)
+            raise ValueError(f"{out} holds images made with other settings ({changed}): use another --out")
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
     manifest = {
-        "benchmark": benchmark, "checkpoint": arguments["checkpoint"] or None, "commit": commit, "arguments": arguments,
+        "benchmark": benchmark, "checkpoint": arguments["checkpoint"] or None, "commit": commit,
+        "arguments": arguments,
         "seeds": {"rule": "sample j of an item: seed_torch_and_group_rng(seed, j, item seed), one generator "
                           "through all its rounds",
                   "items": seeds},
         "counts": {"prompts": len(items), "samples_per_prompt": K, "rounds": len(trees),
-                   "images_per_round": sum(len(it["images"]) for it in items), "already_done": len(items) - len(todo),
-                   "drawn": 0},
+                   "images_per_round": sum(len(it["images"]) for it in items),
+                   "already_done": len(items) - len(todo), "drawn": 0},
         "trees": [os.path.basename(t) for t in trees],
         "scorer": {"repository": bench["repo"], "needs": bench["needs"], "commands": {
-            os.path.basename(t): [c.format(tree=shlex.quote(os.path.abspath(t)), samples=K, resolution=args.resolution,
-                                           model=MODEL_NAME)
+            os.path.basename(t): [c.format(tree=shlex.quote(os.path.abspath(t)), samples=K,
+                                           resolution=args.resolution, model=MODEL_NAME)
                                   for c in bench["score"]] for t in trees}},
     }
     check_models(args, out)
@@ -2592,13 +2819,16 @@ def evaluate_benchmark(args: Args, benchmark: str, data: str, refine_rounds: int
                 source = Image.open(it["source"]).convert("RGB")
             except OSError as e:
                 raise ValueError(f"{it['source']}: not a readable image ({e})") from None
-        rounds, texts = [[] for _ in trees], []  # rounds[k][j]: sample j after round k
+        rounds = [[] for _ in trees]  # rounds[k][j]: sample j after round k
+        texts = []
         for j in range(K):
-            gen, image = seed_torch_and_group_rng(args, j, seeds[it["id"]]), source
+            gen = seed_torch_and_group_rng(args, j, seeds[it["id"]])
+            image = source
             for k in range(len(trees)):
                 if k == 0 and source is None:  # text-to-image: plan, then draw
                     image, text = draw(policy, args, it["prompt"], gen, reasoning)
-                else:  # GEdit-Bench's round 0 edits the source image; every later round refines the last image
+                else:
+                    # GEdit-Bench's round 0 edits the source image; every later round refines the last image
                     image, text = refine(policy, args, it["prompt"], image, gen, reasoning,
                                          EDIT_INSTRUCTION if k == 0 else REFLECT_INSTRUCTION)
                 rounds[k].append(image)
@@ -2614,8 +2844,8 @@ def evaluate_benchmark(args: Args, benchmark: str, data: str, refine_rounds: int
             f.writelines(json.dumps(t) + "\n" for t in texts)
     manifest["counts"]["drawn"] = len(todo)
     save_atomic(manifest_path, json.dumps(manifest, indent=1))
-    print(f"{benchmark}: {len(todo)} prompts drawn, {len(items) - len(todo)} already done, {len(trees)} round(s) in "
-          f"{out}/round_*; score them in a clone of {bench['repo']}, e.g. round 0:")
+    print(f"{benchmark}: {len(todo)} prompts drawn, {len(items) - len(todo)} already done, {len(trees)} "
+          f"round(s) in {out}/round_*; score them in a clone of {bench['repo']}, e.g. round 0:")
     for c in manifest["scorer"]["commands"]["round_0"]:
         print("  " + c)
     return out
@@ -2637,8 +2867,8 @@ class RandomRewards:
         sem = [[self.rng.random() for _ in qs] for qs in semantic]
         qual = [[self.rng.random() for _ in qs] for qs in quality]
         f = Future()
-        f.set_result({"rewards": [math.sqrt((sum(s) / len(s) if s else 1.0) * (sum(q) / len(q) if q else 1.0))
-                                  for s, q in zip(sem, qual)], "semantic_scores": sem, "quality_scores": qual})
+        rewards = [dvreward(s, q) for s, q in zip(sem, qual)]
+        f.set_result({"rewards": rewards, "semantic_scores": sem, "quality_scores": qual})
         return f
 
     def close(self):
@@ -2652,8 +2882,8 @@ def memory_plan(policy_parts: dict, args: Args) -> list:
     w = 2 if args.dtype == "bfloat16" else 4
     def numel(m):  # parameters (tied ones once) and the buffers that are saved, without LoRA
         saved = m.state_dict().keys()
-        return sum(t.numel() for n, t in list(m.named_parameters()) + [b for b in m.named_buffers() if b[0] in saved]
-                   if ".lora_" not in n)
+        tensors = list(m.named_parameters()) + [b for b in m.named_buffers() if b[0] in saved]
+        return sum(t.numel() for n, t in tensors if ".lora_" not in n)
 
     rows = [(name, numel(m), numel(m) * w / 1e9) for name, m in policy_parts.items()]
     lora = sum(p.numel() for m in policy_parts.values() for n, p in m.named_parameters() if ".lora_" in n)
@@ -2669,8 +2899,9 @@ def memory_plan(policy_parts: dict, args: Args) -> list:
     rows.append((f"renderer activations ({args.sde_window} trained steps, CFG)", None, act / 1e9))
     r = policy_parts["reasoner"].config.text_config
     seq = 128 + args.max_new_tokens
-    act = args.group_size * seq * r.hidden_size * w * r.num_hidden_layers + 2 * args.group_size * args.max_new_tokens \
-        * r.vocab_size * 4  # saved layer inputs + fp32 logits and their log-softmax
+    # saved layer inputs + fp32 logits and their log-softmax
+    act = (args.group_size * seq * r.hidden_size * w * r.num_hidden_layers
+           + 2 * args.group_size * args.max_new_tokens * r.vocab_size * 4)
     rows.append(("reasoner activations (+ fp32 logits)", None, act / 1e9))
     return rows
 
@@ -2688,7 +2919,8 @@ def random_policy(args: Args, device: torch.device) -> Policy:
     finally:
         torch.set_default_dtype(default_dtype)
     torch.manual_seed(args.seed)
-    renderer = (KleinRenderer if args.preset in ("klein", "toy") else SD3Renderer)(pipe, device, args)  # adds LoRA
+    # adds LoRA
+    renderer = (KleinRenderer if args.preset in ("klein", "toy") else SD3Renderer)(pipe, device, args)
     return Policy(Reasoner(processor, model, device, args), renderer, device)
 
 
@@ -2699,7 +2931,8 @@ def dry_run(args: Args):
     run_step = cuda or args.preset == "toy"  # a real-size step needs a GPU; the toy one runs anywhere
     device = torch.device("cuda" if cuda else "cpu" if run_step else "meta")
     policy = random_policy(args, device)
-    model, pipe = policy.reasoner.model, policy.renderer.pipe
+    model = policy.reasoner.model
+    pipe = policy.renderer.pipe
     parts = {"reasoner": model, "renderer.transformer": pipe.transformer, "renderer.vae": pipe.vae}
     if isinstance(policy.renderer, KleinRenderer):
         parts["renderer.text_encoder (Qwen3)"] = pipe.text_encoder
@@ -2718,10 +2951,13 @@ def dry_run(args: Args):
     per_group = sum(gb for name, _, gb in rows if "activations" in name)  # what grows with G
     for card in (80, 48, 24):
         g_max = int((card * 0.9 - (total - per_group)) / (per_group / args.group_size))  # 10% headroom
-        print(f"  on a {card} GB card: " + (f"fits G up to {g_max} (this plan's G is {args.group_size})" if g_max >= 2
-                                            else "the frozen weights alone do not fit (no group fits)"))
+        if g_max >= 2:
+            print(f"  on a {card} GB card: fits G up to {g_max} (this plan's G is {args.group_size})")
+        else:
+            print(f"  on a {card} GB card: the frozen weights alone do not fit (no group fits)")
     if not run_step:
-        print("no GPU here: nothing was allocated; on a GPU, --dry-run also runs one full step with random weights")
+        print("no GPU here: nothing was allocated; on a GPU, --dry-run also runs one full step with random "
+              "weights")
         return rows
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -2736,10 +2972,12 @@ def dry_run(args: Args):
 def stock_pipeline(renderer: Renderer, cond: tuple, x_T: torch.Tensor, steps: int) -> torch.Tensor:
     """The diffusers pipeline itself (StableDiffusion3Pipeline or Flux2KleinPipeline) from our x_T and text
     embeddings, at our steps and CFG; its final latents in our sampler's space. Text-to-image only."""
-    G, res, pipe = len(x_T), renderer.args.resolution, renderer.pipe
+    G = len(x_T)
+    res = renderer.args.resolution
+    pipe = renderer.pipe
     common = dict(latents=x_T.to(renderer.dtype), num_inference_steps=steps, height=res, width=res,
-                  guidance_scale=renderer.args.guidance_scale, output_type="latent", prompt_embeds=cond[0][G:],
-                  negative_prompt_embeds=cond[0][:G])
+                  guidance_scale=renderer.args.guidance_scale, output_type="latent",
+                  prompt_embeds=cond[0][G:], negative_prompt_embeds=cond[0][:G])
     if isinstance(renderer, SD3Renderer):
         pooled = dict(pooled_prompt_embeds=cond[1][G:], negative_pooled_prompt_embeds=cond[1][:G])
         return pipe(**pooled, **common).images.float()
@@ -2750,31 +2988,30 @@ def stock_pipeline(renderer: Renderer, cond: tuple, x_T: torch.Tensor, steps: in
 
 def bench(args: Args, verifier: str = "", repeats: int = 3) -> dict:
     """`bench`: the figures of the README's performance section, at the preset's real shapes with random
-    weights (nothing downloads). Run it on a GPU with --preset klein or sd35; on the CPU the toy preset runs the same
-    script end to end in about a minute, to check it before spending GPU time. Measures:
+    weights (nothing downloads). Run it on a GPU with --preset klein or sd35; on the CPU the toy preset runs
+    the same script end to end in about a minute, to check it before spending GPU time. Measures:
     1. on-policy exactness: group_loss on a fresh rollout with non-zero LoRA weights, computed exactly as the
-       first update computes it (grad on, train mode, checkpointing): max |ratio - 1| of the text tokens and of
-       the trained image steps, and the image clip fraction;
-    2. the rollout sampler against diffusers' StableDiffusion3Pipeline from the same x_T, embeddings, steps and
-       CFG: median time of `repeats` alternated runs and their ratio; and, both as ODEs, their latents' largest
-       difference;
+       first update computes it (grad on, train mode, checkpointing): max |ratio - 1| of the text tokens and
+       of the trained image steps, and the image clip fraction;
+    2. the rollout sampler against diffusers' StableDiffusion3Pipeline from the same x_T, embeddings,
+       steps and CFG: median time of `repeats` alternated runs and their ratio; and, both as ODEs, their
+       latents' largest difference;
     3. two training steps with a reward server on the same device (a random verifier of `verifier`'s shape,
        or --reward-url): the second step's time split, the share spent waiting for rewards, the peak memory.
     Returns the figures."""
-    import statistics
-    import tempfile
-
     cuda = torch.cuda.is_available() and args.device != "cpu"
     device = torch.device("cuda" if cuda else "cpu")
     policy = random_policy(args, device)
-    renderer, G = policy.renderer, args.group_size
+    renderer = policy.renderer
+    G = args.group_size
     with torch.no_grad():  # non-zero LoRA B: a rollout that ran with LoRA off would show in the ratios
         for m in [*policy.reasoner.model.modules(), *renderer.transformer.modules()]:
             if isinstance(m, LoRALinear):
                 m.lora_B.weight.normal_(0, 1e-2)
     toy_rows = [r for r in TOY_WORLD_PROMPTS if r["split"] == "train"]
     rows = load_prompts(args.prompts, "train") if args.prompts else toy_rows
-    gen, sigmas = seed_torch_and_group_rng(args, 0, 0), renderer.sigmas(args.num_steps)
+    gen = seed_torch_and_group_rng(args, 0, 0)
+    sigmas = renderer.sigmas(args.num_steps)
     name = torch.cuda.get_device_name() if cuda else "cpu"
     print(f"bench: {args.preset} preset, random weights on {name}, {args.dtype}, G={G}, {args.resolution}px, "
           f"T={args.num_steps}, W={args.sde_window}, {args.max_new_tokens} new tokens at most", flush=True)
@@ -2794,29 +3031,39 @@ def bench(args: Args, verifier: str = "", repeats: int = 3) -> dict:
     logp_text, logp_img, _ = group_logps(policy, g, args)  # grad on, as the first update computes them
     r_text = (logp_text.detach() - g.text.old_logp).exp()[g.text.mask > 0]  # the generated tokens' ratios
     r_img = (logp_img.detach() - g.image.old_logp).exp()  # (G, W)
-    fig = {"text_ratio_dev": (r_text - 1).abs().max().item(), "image_ratio_dev": (r_img - 1).abs().max().item(),
-           "image_clipfrac": float(image_loss(logp_img.detach(), g.image.old_logp, g.advantages, args.image_clip)[1])}
-    print(f"1. on-policy, first update of a fresh rollout: text max |r - 1| {fig['text_ratio_dev']:.2e} (goal < 1e-3), "
-          f"image max |r - 1| {fig['image_ratio_dev']:.2e} (goal < {args.image_clip / 10:.0e}, a tenth of "
-          f"--image-clip), image_clipfrac {fig['image_clipfrac']:.3f} (goal 0)", flush=True)
+    _, image_clipfrac = image_loss(logp_img.detach(), g.image.old_logp, g.advantages, args.image_clip)
+    fig = {"text_ratio_dev": (r_text - 1).abs().max().item(),
+           "image_ratio_dev": (r_img - 1).abs().max().item(),
+           "image_clipfrac": float(image_clipfrac)}
+    print(f"1. on-policy, first update of a fresh rollout: text max |r - 1| {fig['text_ratio_dev']:.2e} "
+          f"(goal < 1e-3), image max |r - 1| {fig['image_ratio_dev']:.2e} "
+          f"(goal < {args.image_clip / 10:.0e}, a tenth of --image-clip), "
+          f"image_clipfrac {fig['image_clipfrac']:.3f} (goal 0)", flush=True)
     del g, logp_text, logp_img
 
     # 2. Our rollout sampler against the stock pipeline, same inputs
-    cond, x_T = renderer.encode([rows[0]["prompt"]] * G), renderer.noise(G, gen)
-    ours, theirs = [], []
-    for _ in range(repeats + 1):  # alternated, so that both see the same machine load; the first pair warms up
-        ours.append(timed(lambda: render(renderer, cond, x_T, sigmas, range(args.sde_window), args.noise_level, gen)))
+    cond = renderer.encode([rows[0]["prompt"]] * G)
+    x_T = renderer.noise(G, gen)
+    ours = []
+    theirs = []
+    # alternated, so that both see the same machine load; the first pair warms up
+    for _ in range(repeats + 1):
+        ours.append(timed(lambda: render(renderer, cond, x_T, sigmas, range(args.sde_window),
+                                         args.noise_level, gen)))
         theirs.append(timed(lambda: stock_pipeline(renderer, cond, x_T, args.num_steps)))
     ode = render(renderer, cond, x_T, sigmas, range(0), 0.0)[0]
     diff = (ode - stock_pipeline(renderer, cond, x_T, args.num_steps)).abs().max().item()
-    fig.update(sampler_s=statistics.median(ours[1:]), pipeline_s=statistics.median(theirs[1:]), ode_max_diff=diff)
+    fig.update(sampler_s=statistics.median(ours[1:]), pipeline_s=statistics.median(theirs[1:]),
+               ode_max_diff=diff)
     fig["sampler_ratio"] = fig["sampler_s"] / fig["pipeline_s"]
     print(f"2. rollout sampler (SDE window, keeps latents and log-probs) {fig['sampler_s']:.3f} s, "
-          f"{type(renderer.pipe).__name__} {fig['pipeline_s']:.3f} s per group of {G} (median of {repeats}): ratio "
-          f"{fig['sampler_ratio']:.3f} (goal <= 1.1); as ODEs, max |latents - diffusers'| {diff:.1e}", flush=True)
+          f"{type(renderer.pipe).__name__} {fig['pipeline_s']:.3f} s per group of {G} (median of {repeats}): "
+          f"ratio {fig['sampler_ratio']:.3f} (goal <= 1.1); as ODEs, max |latents - diffusers'| {diff:.1e}",
+          flush=True)
 
     # 3. Training steps with the reward server on the same device (Sec. 4.3: scoring overlaps sampling)
-    server, url = None, args.reward_url
+    server = None
+    url = args.reward_url
     if not url:
         server, url = start_reward_server(verifier or ("random:small" if args.preset == "toy" else
                                                        "random:qwen3-vl-8b"), device.type)
@@ -2824,7 +3071,8 @@ def bench(args: Args, verifier: str = "", repeats: int = 3) -> dict:
         with tempfile.TemporaryDirectory() as out:
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
-            train(dataclasses.replace(args, steps=2, out=out, reward_url=url, resume="", save_every=0, eval_every=0,
+            train(dataclasses.replace(args, steps=2, out=out, reward_url=url, resume="", save_every=0,
+                                      eval_every=0,
                                       sample_every=0), policy=policy)
             with open(os.path.join(out, "metrics.jsonl")) as f:
                 row = [json.loads(line) for line in f][-1]  # the second step: the first one warms up
@@ -2835,13 +3083,14 @@ def bench(args: Args, verifier: str = "", repeats: int = 3) -> dict:
     fig["reward_wait_share"] = row["time_reward_wait"] / row["time_step"]
     split = ", ".join(f"{k} {row['time_' + k]:.2f} s ({row['time_' + k] / row['time_step']:.0%})"
                       for k in ("reason", "render", "reward_wait", "train"))
-    print(f"3. one training step ({args.groups_per_step} groups of {G}, {args.updates_per_rollout} optimizer updates, "
-          f"verifier on the same device): {row['time_step']:.2f} s = {split}; waiting for rewards "
+    print(f"3. one training step ({args.groups_per_step} groups of {G}, {args.updates_per_rollout} optimizer "
+          f"updates, verifier on the same device): {row['time_step']:.2f} s = {split}; waiting for rewards "
           f"{fig['reward_wait_share']:.1%} of the step (goal < 5%)")
     if cuda:
         free, total = torch.cuda.mem_get_info()
         fig.update(peak_allocated_gb=torch.cuda.max_memory_allocated() / 1e9,
-                   peak_reserved_gb=torch.cuda.max_memory_reserved() / 1e9, device_used_gb=(total - free) / 1e9)
+                   peak_reserved_gb=torch.cuda.max_memory_reserved() / 1e9,
+                   device_used_gb=(total - free) / 1e9)
         print(f"   peak GPU memory of the trainer: {fig['peak_allocated_gb']:.1f} GB allocated, "
               f"{fig['peak_reserved_gb']:.1f} GB reserved (goal: fits 80 GB); the device holds "
               f"{fig['device_used_gb']:.1f} GB now, reward server included")

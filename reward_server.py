@@ -5,28 +5,28 @@ quality ones over 8 aspects (`decompose`). Online, an MLLM verifier answers each
 confidence of one question is s = P(yes) / (P(yes) + P(no)) from the first answer token, and the reward of an
 image is the geometric mean R = sqrt(mean(s_semantic) * mean(s_quality)).
 
-    python reward_server.py --verifier Qwen/Qwen3-VL-8B-Instruct --port 8000     # transformers verifier (a GPU)
-    python reward_server.py --verifier toy --port 8000                           # the rule-based toy judge
+    python reward_server.py --verifier Qwen/Qwen3-VL-8B-Instruct --port 8000   # transformers verifier (a GPU)
+    python reward_server.py --verifier toy --port 8000                         # the rule-based toy judge
     python reward_server.py --verifier openai:http://127.0.0.1:30000/v1 --model Qwen/Qwen3-VL-30B-A3B-Instruct
     python reward_server.py score --image x.png --question "Is there a red apple?" --verifier toy
-    python reward_server.py bench                                                # CPU: naive, shared, floor
-    python reward_server.py bench --shape qwen3-vl-8b --images 8                # on a GPU: Qwen3-VL-8B's shape
+    python reward_server.py bench                                              # CPU: naive, shared, floor
+    python reward_server.py bench --shape qwen3-vl-8b --images 8               # on a GPU: Qwen3-VL-8B's shape
     python reward_server.py decompose prompts.txt --llm http://127.0.0.1:30000/v1 --model Qwen/Qwen3-32B \
-        --out prompts.jsonl                                                      # or --llm <path | hub id>
+        --out prompts.jsonl                                                    # or --llm <path | hub id>
 
 API (JSON; images are base64 PNG, never pickle; 127.0.0.1 by default; with --token or $ALPHAGRPO_REWARD_TOKEN
 every request but GET /health needs "Authorization: Bearer TOKEN"):
     GET  /health  -> {"status": "ok", "verifier": ..., counters}
     POST /score   {"images": [b64], "semantic_questions": [[str]], "quality_questions": [[str]]}
                -> {"rewards": [float], "semantic_scores": [[float]], "quality_scores": [[float]]}
-One question list per image; an empty list scores 1.0. A malformed request gets a 4xx {"error": ...} naming the
-problem (413 beyond a size limit); a verifier endpoint that keeps failing gets 502/503, never a made-up score.
+One question list per image; an empty list scores 1.0. A malformed request gets a 4xx {"error": ...} naming
+the problem (413 beyond a size limit); a failing verifier endpoint gets 502/503, never a made-up score.
 
-Speed: one worker thread owns the verifier and batches concurrent requests (Batcher); the transformers verifier
-reads each image's system prompt + image once and its questions in the same forward pass (one sequence per
-image, a block-causal mask), close to the floor of one pass over all those tokens (`bench` prints both). The
-listening socket queues up to 1024 connections, for many trainer processes that each open their own.
-Left out: reusing an image's prefix across requests (SGLang's radix cache does that).
+Speed: one worker thread owns the verifier and batches concurrent requests (Batcher); the transformers
+verifier reads each image's system prompt + image once and its questions in the same forward pass (one
+sequence per image, a block-causal mask), close to the floor of one pass over all those tokens (`bench`
+prints both). The listening socket queues up to 1024 connections, for many trainer processes that each open
+their own. Left out: reusing an image's prefix across requests (SGLang's radix cache does that).
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ import json
 import math
 import os
 import queue
+import random
 import re
 import statistics
 import struct
@@ -54,21 +55,24 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import requests
 from PIL import Image, ImageStat
 
+# torch, transformers and tokenizers are imported inside the functions that use them: they are heavy, and the
+# toy verifier, the OpenAI verifier, the server and `decompose` with an LLM endpoint run without them.
+
 # --------------------------------------------------------------------------------------------------
 # The API and the DVReward arithmetic (Sec. 4.2): instructions, limits, confidence, reward, request parsing
 # --------------------------------------------------------------------------------------------------
 
-STRICT_AUDITOR = (
-    "You are a strict visual auditor. You check generated images against a checklist. Look at the image "
-    "carefully and answer the question with one word, Yes or No. Answer Yes only if the image clearly shows it."
-)
+STRICT_AUDITOR = ("You are a strict visual auditor. You check generated images against a checklist. Look at "
+                  "the image carefully and answer the question with one word, Yes or No. Answer Yes only if "
+                  "the image clearly shows it.")
 YES_VARIANTS = ("Yes", "yes", "YES", " Yes", " yes", " YES")
 NO_VARIANTS = ("No", "no", "NO", " No", " no", " NO")
 
 # the official data's tags (Sec. 4.2): 10 semantic dimensions, then 8 quality aspects
 SEMANTIC_TAGS = ("Style", "Environment", "Viewpoint", "Existence", "Count", "Attribute", "Action", "Spatial",
                  "Text", "Negative")
-QUALITY_TAGS = ("Geometry", "Anatomy", "Texture", "Coherence", "Lighting", "Physics", "Legibility", "Aesthetics")
+QUALITY_TAGS = ("Geometry", "Anatomy", "Texture", "Coherence", "Lighting", "Physics", "Legibility",
+                "Aesthetics")
 
 
 @dataclass(frozen=True)
@@ -103,26 +107,26 @@ class UpstreamError(ApiError, RuntimeError):
 def confidence(yes_logits, no_logits) -> float:
     """s = P(yes) / (P(yes) + P(no)) (Sec. 4.2, confidence scoring), where P(yes) sums the probabilities of
     all "yes" token variants; the softmax's normalizer cancels, so logits suffice."""
-    def lse(xs):
-        m = max(xs)
-        return m + math.log(sum(math.exp(x - m) for x in xs))
+    def logsumexp(xs):
+        top = max(xs)
+        return top + math.log(sum(math.exp(x - top) for x in xs))
 
-    return 1.0 / (1.0 + math.exp(lse(no_logits) - lse(yes_logits)))
+    return 1.0 / (1.0 + math.exp(logsumexp(no_logits) - logsumexp(yes_logits)))
 
 
 def confidence_from_top_logprobs(top: list, generated: str) -> tuple[float, bool]:
     """s from an OpenAI-style top_logprobs list [{"token", "logprob"}]: P(yes) and P(no) sum the variants
     (case- and space-insensitive). Returns (s, found); when neither is among them, s comes from the generated
     token (1 yes, 0 no, 0.5 otherwise) and found is False, so the caller can count it."""
-    p = {"yes": 0.0, "no": 0.0}
-    for t in top:
-        word = str(t.get("token", "")).strip().lower()
-        if word in p:
-            p[word] += math.exp(float(t["logprob"]))
-    if p["yes"] + p["no"] > 0:
-        return p["yes"] / (p["yes"] + p["no"]), True
-    word = generated.strip().lower()
-    return (1.0 if word == "yes" else 0.0 if word == "no" else 0.5), False
+    prob = {"yes": 0.0, "no": 0.0}
+    for entry in top:
+        word = str(entry.get("token", "")).strip().lower()
+        if word in prob:
+            prob[word] += math.exp(float(entry["logprob"]))
+    if prob["yes"] + prob["no"] > 0:
+        return prob["yes"] / (prob["yes"] + prob["no"]), True
+    from_generated = {"yes": 1.0, "no": 0.0}.get(generated.strip().lower(), 0.5)
+    return from_generated, False
 
 
 def dvreward(semantic: list, quality: list) -> float:
@@ -168,12 +172,12 @@ def parse_score_request(body, limits: Limits = Limits()) -> tuple[list, list, li
     for key in keys:
         if not isinstance(body.get(key), list):
             raise BadRequest(f"'{key}' is missing or not a list")
-    n = len(body["images"])
-    if n > limits.max_images:
-        raise BadRequest(f"'images' has {n} images; the limit is {limits.max_images} per request", 413)
+    n_images = len(body["images"])
+    if n_images > limits.max_images:
+        raise BadRequest(f"'images' has {n_images} images; the limit is {limits.max_images} per request", 413)
     for key in keys[1:]:
-        if len(body[key]) != n:
-            raise BadRequest(f"'{key}' has {len(body[key])} lists for {n} images (one list per image)")
+        if len(body[key]) != n_images:
+            raise BadRequest(f"'{key}' has {len(body[key])} lists for {n_images} images (one list per image)")
         for i, qs in enumerate(body[key]):
             if not isinstance(qs, list) or not all(isinstance(q, str) and q.strip() for q in qs):
                 raise BadRequest(f"'{key}'[{i}] must be a list of non-empty strings")
@@ -181,11 +185,11 @@ def parse_score_request(body, limits: Limits = Limits()) -> tuple[list, list, li
                 if len(q) > limits.max_question_chars:
                     raise BadRequest(f"'{key}'[{i}][{j}] has {len(q)} characters; the limit is "
                                      f"{limits.max_question_chars}", 413)
-    for i in range(n):
+    for i in range(n_images):
         count = len(body["semantic_questions"][i]) + len(body["quality_questions"][i])
         if count > limits.max_questions:
-            raise BadRequest(f"image {i} has {count} questions; the limit is {limits.max_questions} per image",
-                             413)
+            raise BadRequest(f"image {i} has {count} questions; the limit is {limits.max_questions} "
+                             "per image", 413)
     blobs = []
     pixels = 0
     for i, b64 in enumerate(body["images"]):
@@ -218,10 +222,12 @@ def score_items(verifier, items: list) -> list:
 def score_batch(verifier, images, semantic, quality) -> dict:
     items = [(image, list(sem) + list(qual)) for image, sem, qual in zip(images, semantic, quality)]
     out = {"rewards": [], "semantic_scores": [], "quality_scores": []}
-    for s, sem in zip(score_items(verifier, items), semantic):
-        out["semantic_scores"].append(s[:len(sem)])
-        out["quality_scores"].append(s[len(sem):])
-        out["rewards"].append(dvreward(s[:len(sem)], s[len(sem):]))
+    for scores, sem in zip(score_items(verifier, items), semantic):
+        semantic_scores = scores[:len(sem)]
+        quality_scores = scores[len(sem):]
+        out["semantic_scores"].append(semantic_scores)
+        out["quality_scores"].append(quality_scores)
+        out["rewards"].append(dvreward(semantic_scores, quality_scores))
     return out
 
 
@@ -234,10 +240,11 @@ def pick_device(device: str = "auto", dtype: str = "auto"):
     """-> (device, torch dtype); auto: cuda if there is one, bf16 on cuda and fp32 elsewhere."""
     import torch
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    if dtype != "auto":
-        return device, getattr(torch, dtype)
-    return device, torch.bfloat16 if device == "cuda" else torch.float32
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" else "float32"
+    return device, getattr(torch, dtype)
 
 
 class ToyVerifier:
@@ -249,46 +256,49 @@ class ToyVerifier:
     (README, "The toy world"). Any other question is a 400, never a guess."""
 
     name = "toy"
-    COLOURS = {"red": (1, 0, 0), "green": (0, 1, 0), "blue": (0, 0, 1), "yellow": (1, 1, 0), "cyan": (0, 1, 1),
-               "magenta": (1, 0, 1), "white": (1, 1, 1), "black": (0, 0, 0), "grey": (0.5, 0.5, 0.5)}
-    PATTERN = re.compile(r"is the (?:image(?: mostly)?|(top|bottom|left|right) half of the image) (\w+)\s*\?",
-                         re.IGNORECASE)
+    COLOURS = {"red": (1, 0, 0), "green": (0, 1, 0), "blue": (0, 0, 1), "yellow": (1, 1, 0),
+               "cyan": (0, 1, 1), "magenta": (1, 0, 1), "white": (1, 1, 1), "black": (0, 0, 0),
+               "grey": (0.5, 0.5, 0.5)}
+    PATTERN = re.compile(r"is the (?:image(?: mostly)?|(?P<region>top|bottom|left|right) half of the image) "
+                         r"(?P<colour>\w+)\s*\?", re.IGNORECASE)
     GAIN = 8.0  # logit per unit of colour margin
 
     def answer_logits(self, image: Image.Image, question: str) -> tuple[float, float]:
-        m = self.PATTERN.fullmatch(question.strip())
-        if not m or m.group(2).lower() not in self.COLOURS:
-            raise BadRequest(f"the toy verifier cannot answer {question!r}: it knows only 'Is the image [mostly] "
-                             f"<colour>?' and 'Is the top|bottom|left|right half of the image <colour>?' with a "
-                             f"colour in {', '.join(self.COLOURS)}")
-        w, h = image.size
-        box = {None: (0, 0, w, h), "top": (0, 0, w, h // 2), "bottom": (0, h // 2, w, h),
-               "left": (0, 0, w // 2, h), "right": (w // 2, 0, w, h)}[m.group(1) and m.group(1).lower()]
-        rgb = [c / 255 for c in ImageStat.Stat(image.convert("RGB").crop(box)).mean]
-        dist = {name: math.dist(rgb, ref) for name, ref in self.COLOURS.items()}
-        target = m.group(2).lower()
+        match = self.PATTERN.fullmatch(question.strip())
+        if not match or match["colour"].lower() not in self.COLOURS:
+            raise BadRequest(f"the toy verifier cannot answer {question!r}: it knows only 'Is the image "
+                             "[mostly] <colour>?' and 'Is the top|bottom|left|right half of the image "
+                             f"<colour>?' with a colour in {', '.join(self.COLOURS)}")
+        width, height = image.size
+        boxes = {"": (0, 0, width, height), "top": (0, 0, width, height // 2),
+                 "bottom": (0, height // 2, width, height), "left": (0, 0, width // 2, height),
+                 "right": (width // 2, 0, width, height)}
+        region = image.convert("RGB").crop(boxes[(match["region"] or "").lower()])
+        rgb = [c / 255 for c in ImageStat.Stat(region).mean]
+        distance = {name: math.dist(rgb, ref) for name, ref in self.COLOURS.items()}
+        target = match["colour"].lower()
         # margin > 0 iff the region's mean colour is closer to the target than to any other colour
-        margin = min(d for name, d in dist.items() if name != target) - dist[target]
+        margin = min(d for name, d in distance.items() if name != target) - distance[target]
         return self.GAIN * margin, 0.0
 
     def score(self, image: Image.Image, questions: list[str]) -> list[float]:
-        return [confidence([y], [n]) for y, n in (self.answer_logits(image, q) for q in questions)]
+        return [confidence([yes], [no]) for yes, no in (self.answer_logits(image, q) for q in questions)]
 
 
 class TransformersVerifier:
     """A Qwen-VL instruct model from transformers; s from the first answer token's yes/no probabilities.
 
-    Shared image prefix (the default): the chat text is [system prompt, image] + [question, assistant turn], and
-    the first part is the same for every question about one image. So each image becomes one sequence, its
-    prefix followed by every question's suffix, under a block-causal mask: a suffix token sees the prefix and the
-    earlier tokens of its own suffix, nothing of the other questions. Every token is read once, in one forward
-    pass per batch of images with the same token count (right-padded), and each answer is read at its suffix's
-    last token. Qwen-VL's rotary positions are 3-D (time, height, width) and the image advances them by
-    max(h, w) tokens, not by its token count, so the prefix positions come from the model's get_rope_index and
-    every suffix starts at their maximum + 1, as if it followed the prefix alone; they are passed explicitly, so
-    the model's stored `rope_deltas` is neither read nor written. This relies on Qwen-VL internals
-    (`model.model.get_rope_index`, `model.lm_head`, a 4-D attention mask passed through as it is), hence
-    requirements.txt pins transformers>=5.24,<5.25.
+    Shared image prefix (the default): the chat text is [system prompt, image] + [question, assistant turn],
+    and the first part is the same for every question about one image. So each image becomes one sequence,
+    its prefix followed by every question's suffix, under a block-causal mask: a suffix token sees the prefix
+    and the earlier tokens of its own suffix, nothing of the other questions. Every token is read once, in one
+    forward pass per batch of images with the same token count (right-padded), and each answer is read at its
+    suffix's last token. Qwen-VL's rotary positions are 3-D (time, height, width) and the image advances them
+    by max(h, w) tokens, not by its token count, so the prefix positions come from the model's get_rope_index
+    and every suffix starts at their maximum + 1, as if it followed the prefix alone; they are passed
+    explicitly, so the model's stored `rope_deltas` is neither read nor written. This relies on Qwen-VL
+    internals (`model.model.get_rope_index`, `model.lm_head`, a 4-D attention mask passed through as it is),
+    hence requirements.txt pins transformers>=5.24,<5.25.
     `score_naive` is the plain path: each question as one full sequence, all in one left-padded batch."""
 
     def __init__(self, path: str, device: str = "auto", dtype: str = "auto", shared_prefix: bool = True,
@@ -297,45 +307,46 @@ class TransformersVerifier:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         self.torch = torch
-        device, dt = pick_device(device, dtype)
+        device, torch_dtype = pick_device(device, dtype)
         self.device = torch.device(device)
         self.name = path
         self.processor = AutoProcessor.from_pretrained(path)
-        # model: an already built model (the benchmark's random ones), else loaded from path
-        model = model if model is not None else AutoModelForImageTextToText.from_pretrained(path, dtype=dt)
+        if model is None:  # else an already built model (the benchmark's random ones)
+            model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype)
         self.model = model.to(self.device).eval()
         self.prefill_batch = prefill_batch  # images per forward pass of the shared path
-        tok = self.processor.tokenizer
+        tokenizer = self.processor.tokenizer
 
         # every single-token spelling of yes / no, found with the tokenizer at start-up (an unknown-token
         # id would count any unknown word as a yes, so each id must decode back to the word)
-        def ids(words):
+        def single_token_ids(words):
             found = set()
-            for w in words:
-                i = tok.encode(w, add_special_tokens=False)
-                decodes_back = len(i) == 1 and tok.decode(i).strip().lower() == w.strip().lower()
-                if decodes_back and i[0] != tok.unk_token_id:
-                    found.add(i[0])
+            for word in words:
+                ids = tokenizer.encode(word, add_special_tokens=False)
+                decodes_back = len(ids) == 1 and tokenizer.decode(ids).strip().lower() == word.strip().lower()
+                if decodes_back and ids[0] != tokenizer.unk_token_id:
+                    found.add(ids[0])
             return sorted(found)
 
-        self.yes_ids = ids(YES_VARIANTS)
-        self.no_ids = ids(NO_VARIANTS)
+        self.yes_ids = single_token_ids(YES_VARIANTS)
+        self.no_ids = single_token_ids(NO_VARIANTS)
         if not self.yes_ids or not self.no_ids:
             raise ValueError(f"{path}: the tokenizer has no single-token 'yes'/'no'; it cannot be a verifier")
         probe = self.chat_text("Is it?")
         if "<think>" in probe[-40:]:
-            raise ValueError(f"{path}: its chat template opens a <think> block; use an Instruct (non-thinking) "
-                             "model, since the first answer token must be the yes/no")
+            raise ValueError(f"{path}: its chat template opens a <think> block; use an Instruct "
+                             "(non-thinking) model, since the first answer token must be the yes/no")
         # the prefix is the chat text up to the image's closing token; the question must come after it
         end_id = getattr(self.model.config, "vision_end_token_id", None)
-        vision_end = tok.convert_ids_to_tokens(end_id) if end_id is not None else None
-        cut = probe.rfind(vision_end) + len(vision_end) if vision_end and vision_end in probe else 0
-        self.prefix_text = probe[:cut]
+        vision_end = tokenizer.convert_ids_to_tokens(end_id) if end_id is not None else None
+        self.prefix_text = ""
+        if vision_end and vision_end in probe:
+            self.prefix_text = probe[:probe.rfind(vision_end) + len(vision_end)]
         self.shared_prefix = shared_prefix
         qwen_vl = hasattr(getattr(self.model, "model", None), "get_rope_index")
         if shared_prefix and not (self.prefix_text and qwen_vl):
-            print(f"{path}: not a Qwen-VL model with the image before the question; scoring with the naive path "
-                  "(one full sequence per question)", file=sys.stderr)
+            print(f"{path}: not a Qwen-VL model with the image before the question; scoring with the naive "
+                  "path (one full sequence per question)", file=sys.stderr)
             self.shared_prefix = False
 
     def chat_text(self, question: str) -> str:
@@ -379,7 +390,7 @@ class TransformersVerifier:
             return self.model(**inputs, logits_to_keep=1).logits[:, -1].float()  # (n, V)
 
     def logits_shared(self, items: list) -> list:
-        """[(n_i, V)] first-answer-token logits per item: each image read once, its questions in the same pass."""
+        """[(n_i, V)] first-answer-token logits per item; an image and its questions are read in one pass."""
         out = [self.torch.zeros(0, 1) for _ in items]
         groups = {}  # images with the same token count share a pass: {grid: [(item index, prefix inputs)]}
         for i, (image, questions) in enumerate(items):
@@ -400,9 +411,12 @@ class TransformersVerifier:
         torch = self.torch
         dev = self.device
         suffixes = [[self.suffix_ids(q) for q in qs] for qs in questions]
-        cat = lambda key: torch.cat([e[key] for e in encs]).to(dev)  # noqa: E731
-        prefix = cat("input_ids")  # (n, P)
-        grid = cat("image_grid_thw")
+
+        def stacked(key):  # one prefix input of all n images, as one batch on the device
+            return torch.cat([enc[key] for enc in encs]).to(dev)
+
+        prefix = stacked("input_ids")  # (n, P)
+        grid = stacked("image_grid_thw")
         n, P = prefix.shape
         S = max(sum(map(len, rows)) for rows in suffixes)
         ids = torch.full((n, S), self.processor.tokenizer.pad_token_id or 0)
@@ -411,30 +425,31 @@ class TransformersVerifier:
         step = torch.zeros(n, S, dtype=torch.long)  # a suffix token's index within its suffix
         last = []  # where each suffix ends, as an index into the flattened (n * (P + S)) tokens
         for b, rows in enumerate(suffixes):
-            t = 0
-            for j, s in enumerate(rows, 1):
-                ids[b, t:t + len(s)] = torch.tensor(s)
-                segment[b, P + t:P + t + len(s)] = j
-                step[b, t:t + len(s)] = torch.arange(len(s))
-                t += len(s)
-                last.append(b * (P + S) + P + t - 1)
+            offset = 0  # where suffix j starts after the prefix
+            for j, suffix in enumerate(rows, 1):
+                ids[b, offset:offset + len(suffix)] = torch.tensor(suffix)
+                segment[b, P + offset:P + offset + len(suffix)] = j
+                step[b, offset:offset + len(suffix)] = torch.arange(len(suffix))
+                offset += len(suffix)
+                last.append(b * (P + S) + P + offset - 1)
         segment = segment.to(dev)
-        pos, _ = self.model.model.get_rope_index(prefix, mm_token_type_ids=cat("mm_token_type_ids"),
+        pos, _ = self.model.model.get_rope_index(prefix, mm_token_type_ids=stacked("mm_token_type_ids"),
                                                  image_grid_thw=grid)  # (3, n, P)
         suffix_pos = pos.amax(dim=(0, 2))[:, None] + 1 + step.to(dev)  # (n, S); text: t = h = w
         pos = torch.cat([pos, suffix_pos.expand(3, n, S)], dim=2)  # (3, n, P+S)
-        # block-causal: a token sees the earlier tokens of its own segment and the whole prefix (padding sees the
-        # prefix too, so that no row of the softmax is empty)
+        # block-causal: a token sees the earlier tokens of its own segment and the whole prefix (padding
+        # sees the prefix too, so that no row of the softmax is empty)
         causal = torch.ones(P + S, P + S, dtype=torch.bool, device=dev).tril()
         same = segment[:, :, None] == segment[:, None, :]  # (n, P+S queries, P+S keys)
         sees = causal & (same | (segment[:, None, :] == 0))
-        dt = self.model.dtype
-        mask = torch.zeros(sees.shape, dtype=dt, device=dev).masked_fill(~sees, torch.finfo(dt).min)
+        dtype = self.model.dtype
+        mask = torch.zeros(sees.shape, dtype=dtype, device=dev).masked_fill(~sees, torch.finfo(dtype).min)
         with torch.inference_mode():
-            h = self.model.model(input_ids=torch.cat([prefix, ids.to(dev)], dim=1), position_ids=pos,
-                                 pixel_values=cat("pixel_values"), image_grid_thw=grid,
-                                 attention_mask=mask[:, None], use_cache=False).last_hidden_state  # (n, P+S, C)
-            return self.model.lm_head(h.flatten(0, 1)[torch.tensor(last, device=dev)]).float()  # (questions, V)
+            hidden = self.model.model(input_ids=torch.cat([prefix, ids.to(dev)], dim=1), position_ids=pos,
+                                      pixel_values=stacked("pixel_values"), image_grid_thw=grid,
+                                      attention_mask=mask[:, None], use_cache=False).last_hidden_state
+            at_ends = hidden.flatten(0, 1)[torch.tensor(last, device=dev)]  # (n, P+S, C) -> (questions, C)
+            return self.model.lm_head(at_ends).float()  # (questions, V)
 
 
 class OpenAIVerifier:
@@ -474,26 +489,28 @@ class OpenAIVerifier:
         return [[next(scores) for _ in qs] for _, qs in items]
 
     def ask(self, image_url: str, question: str) -> float:
+        content = [{"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": question}]
+        messages = [{"role": "system", "content": STRICT_AUDITOR}, {"role": "user", "content": content}]
         body = {"model": self.model, "max_tokens": 1, "temperature": 0, "logprobs": True, "top_logprobs": 20,
-                "messages": [{"role": "system", "content": STRICT_AUDITOR},
-                             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
-                                                          {"type": "text", "text": question}]}]}
+                "messages": messages}
         answer = self.post(body)
         try:
             first = answer["choices"][0]["logprobs"]["content"][0]
             s, found = confidence_from_top_logprobs(first["top_logprobs"], first.get("token", ""))
         except (KeyError, IndexError, TypeError, ValueError) as e:
             raise UpstreamError(f"{self.url} answered without choices[0].logprobs.content[0].top_logprobs "
-                                f"({type(e).__name__}: {e}): does the server support logprobs? vLLM and SGLang "
-                                "return them; some servers (transformers serve) ignore the request for them", 502
-                                ) from None
+                                f"({type(e).__name__}: {e}): does the server support logprobs? vLLM and "
+                                "SGLang return them; some servers (transformers serve) ignore the request "
+                                "for them", 502) from None
         if not found:  # counted in /health: many of these mean the prompt or the model is off
             self.count("no_yes_no_in_top_logprobs")
         return s
 
     def post(self, body: dict) -> dict:
-        if not hasattr(self.sessions, "s"):
-            self.sessions.s = requests.Session()
+        """POST body to the endpoint -> its JSON answer, retrying failures with exponential backoff."""
+        if not hasattr(self.sessions, "session"):
+            self.sessions.session = requests.Session()
+        session = self.sessions.session
         problem = ""
         for attempt in range(self.tries):
             if attempt:
@@ -501,19 +518,139 @@ class OpenAIVerifier:
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
             self.count("endpoint_requests")
             try:
-                r = self.sessions.s.post(self.url, json=body, headers=self.headers, timeout=self.timeout_s)
+                r = session.post(self.url, json=body, headers=self.headers, timeout=self.timeout_s)
             except requests.RequestException as e:
                 problem = f"cannot reach it ({type(e).__name__})"
                 continue
             if r.status_code == 200:
-                try:
-                    return r.json()
-                except ValueError:
-                    raise UpstreamError(f"{self.url} answered 200 with a body that is not JSON", 502) from None
+                break
             problem = f"HTTP {r.status_code}: {r.text[:300]}"
             if r.status_code < 500 and r.status_code != 429:  # our request is wrong: retrying will not help
                 raise UpstreamError(f"{self.url} rejected the request ({problem})", 502)
-        raise UpstreamError(f"verifier endpoint {self.url} failed {self.tries} tries; the last: {problem}", 503)
+        else:
+            message = f"verifier endpoint {self.url} failed {self.tries} tries; the last: {problem}"
+            raise UpstreamError(message, 503)
+        try:
+            return r.json()
+        except ValueError:
+            raise UpstreamError(f"{self.url} answered 200 with a body that is not JSON", 502) from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Random and toy Qwen3-VL models: used by `bench`, `--verifier random:NAME` and alphagrpo.py's toy reasoner
+# --------------------------------------------------------------------------------------------------
+
+TOY_WORDS = ("red green blue yellow cyan magenta white black top bottom left right half image mostly bright "
+             "dark the a of is and with in on sky sun sea grass fire light shadow Yes No yes no Is The A "
+             "Answer Diagnosis Fix above below lower overhead at make paint fills burns covers hang clear "
+             "calm fresh thick ripe lawn snow clouds tomato leaf somewhere thing shape pattern picture wall "
+             "cloth : . , ? ! system user assistant").split()
+TOY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def toy_tokenizer(words=TOY_WORDS):
+    """A word-level tokenizer over `words` with Qwen's special tokens and a Qwen-style chat template, built
+    offline with `tokenizers` (no download). The toy reasoner, the toy verifiers and the toy FLUX.2 klein's
+    text encoder share it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>", "<|video_pad|>", "[UNK]"]
+    tk = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + list(words))}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.decoder = decoders.WordPiece(prefix="##")
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   unk_token="[UNK]", additional_special_tokens=specials[1:7],
+                                   chat_template=TOY_CHAT_TEMPLATE)
+
+
+def vlm_config(text: dict, vision: dict, image_px: int, words=TOY_WORDS):
+    """A Qwen3-VL config with the given text_config / vision_config fields, and its processor with a
+    word-level tokenizer over `words` built offline with `tokenizers` (no download). Every image is resized
+    to image_px^2, i.e. (image_px / 32)^2 image tokens. Returns (processor, config)."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    tok = toy_tokenizer(words)
+    vocab = tok.get_vocab()
+    size = {"shortest_edge": image_px**2, "longest_edge": image_px**2}
+    processor = Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(size=size, patch_size=16, temporal_patch_size=2, merge_size=2),
+        video_processor=Qwen3VLVideoProcessor(size=size, patch_size=16, temporal_patch_size=2, merge_size=2),
+        tokenizer=tok, chat_template=TOY_CHAT_TEMPLATE)
+    hd = text.get("head_dim", 8)
+    text = {"vocab_size": len(vocab), "rope_parameters": {  # T/H/W split of the rotary dimensions (M-RoPE)
+        "rope_type": "default", "rope_theta": 5e6, "mrope_interleaved": True,
+        "mrope_section": [hd // 4, hd // 8, hd // 8]}, **text}
+    positions = max(vision["num_position_embeddings"], (image_px // 16) ** 2)  # of the vision tower's patches
+    config = Qwen3VLConfig(
+        text_config=text, vision_config={"patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                                         **vision, "num_position_embeddings": positions},
+        image_token_id=vocab["<|image_pad|>"], video_token_id=vocab["<|video_pad|>"],
+        vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"],
+        eos_token_id=vocab["<|im_end|>"], pad_token_id=vocab["<|endoftext|>"],
+        tie_word_embeddings=text.get("tie_word_embeddings", False))
+    return processor, config
+
+
+def make_vlm(text: dict, vision: dict, image_px: int, seed: int = 0, words=TOY_WORDS):
+    """A random Qwen3-VL (the reasoner's and the verifier's class) of the given sizes, and its processor
+    (vlm_config). Returns (processor, model)."""
+    import torch
+    from transformers import Qwen3VLForConditionalGeneration
+
+    processor, config = vlm_config(text, vision, image_px, words)
+    torch.manual_seed(seed)
+    return processor, Qwen3VLForConditionalGeneration(config)
+
+
+# The sizes of the text model and the vision tower; vocab 0 keeps the toy's.
+BENCH_SHAPES = {
+    "small": dict(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=512, vocab=0, vision_hidden=32,
+                  vision_depth=2, vision_heads=4, vision_intermediate=64),
+    "qwen3-vl-8b": dict(hidden=4096, layers=36, heads=32, kv_heads=8, intermediate=12288, vocab=151936,
+                        vision_hidden=1152, vision_depth=27, vision_heads=16, vision_intermediate=4304),
+}
+
+
+def random_verifier(shape: dict, image_px: int = 512, device: str = "auto", dtype: str = "auto",
+                    seed: int = 0, shared_prefix: bool = True) -> TransformersVerifier:
+    """A TransformersVerifier over a random Qwen3-VL of `shape`: the toy's processor and word-level tokenizer
+    (images resized to image_px^2, i.e. (image_px/32)^2 image tokens), the model built in memory on the device
+    (saving a multi-billion-parameter random model to disk would take longer than the benchmark)."""
+    import torch
+    from transformers import Qwen3VLForConditionalGeneration
+    from transformers.utils import logging as transformers_logging
+
+    hd = shape["hidden"] // shape["heads"]
+    mrope = [hd // 2 - 2 * (hd * 5 // 32), hd * 5 // 32, hd * 5 // 32]  # T/H/W, as Qwen3-VL splits its 64
+    text = dict(hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
+                num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
+                num_key_value_heads=shape["kv_heads"], head_dim=hd, max_position_embeddings=4096,
+                rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_interleaved": True,
+                                 "mrope_section": mrope})
+    if shape["vocab"]:
+        text["vocab_size"] = shape["vocab"]
+    vision = dict(depth=shape["vision_depth"], hidden_size=shape["vision_hidden"],
+                  num_heads=shape["vision_heads"], intermediate_size=shape["vision_intermediate"],
+                  out_hidden_size=shape["hidden"], num_position_embeddings=64, deepstack_visual_indexes=[0])
+    processor, config = vlm_config(text, vision, image_px)
+    device, torch_dtype = pick_device(device, dtype)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Qwen3VLForConditionalGeneration._from_config(config, dtype=torch_dtype)
+    transformers_logging.disable_progress_bar()  # the processor's save/load bars would bury the figures
+    with tempfile.TemporaryDirectory() as tmp:
+        processor.save_pretrained(tmp)  # read back with from_pretrained, as a real verifier's is
+        verifier = TransformersVerifier(tmp, device, dtype, shared_prefix=shared_prefix, model=model)
+    verifier.name = "random Qwen3-VL (" + ", ".join(f"{k} {x}" for k, x in shape.items()) + ")"
+    return verifier
 
 
 # --------------------------------------------------------------------------------------------------
@@ -522,8 +659,8 @@ class OpenAIVerifier:
 
 
 class Batcher:
-    """One worker thread owns the verifier, so concurrent requests never race on the model's state. It takes a
-    request, waits up to wait_s for more, up to max_images images, and scores them as one batch (only for a
+    """One worker thread owns the verifier, so concurrent requests never race on the model's state. It takes
+    a request, waits up to wait_s for more, up to max_images images, and scores them as one batch (only for a
     verifier that batches, score_many: for the others a merged batch would only delay the first request).
     It acts as a verifier itself (score_many), so score_batch works on it."""
 
@@ -543,18 +680,18 @@ class Batcher:
 
     def run(self):
         while True:
-            batch = [self.jobs.get()]
-            n = len(batch[0][0])
+            batch = [self.jobs.get()]  # [(items, future)]
+            n_images = len(batch[0][0])
             deadline = time.monotonic() + self.wait_s
-            while n < self.max_images and (left := deadline - time.monotonic()) > 0:
+            while n_images < self.max_images and (time_left := deadline - time.monotonic()) > 0:
                 try:
-                    batch.append(self.jobs.get(timeout=left))
+                    batch.append(self.jobs.get(timeout=time_left))
                 except queue.Empty:
                     break
-                n += len(batch[-1][0])
+                n_images += len(batch[-1][0])
             self.counters["batches"] += 1
             self.counters["requests"] += len(batch)
-            self.counters["images"] += n
+            self.counters["images"] += n_images
             self.score(batch)
 
     def score(self, batch: list):
@@ -615,22 +752,26 @@ def make_handler(verifier, token: str = "", max_body: int = 64 << 20, limits: Li
             self.reply(code, {"error": message}, close=True)
 
         def authorized(self) -> bool:
+            """Whether the request carries the token (if there is one); if not, it has been answered 401."""
             given = self.headers.get("Authorization", "")
-            return not token or hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+            if not token or hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                return True
+            self.fail(401, "missing or wrong bearer token (send 'Authorization: Bearer TOKEN')")
+            return False
 
         def do_GET(self):
             if self.path == "/health":  # open without the token: a liveness probe
                 counters = {**batcher.counters, **getattr(verifier, "counters", {})}
                 return self.reply(200, {"status": "ok", "verifier": verifier.name, **counters})
             if not self.authorized():
-                return self.fail(401, "missing or wrong bearer token (send 'Authorization: Bearer TOKEN')")
+                return
             if self.path == "/score":
                 return self.fail(405, "use POST /score")
             self.fail(404, f"no such path {self.path!r}; use GET /health or POST /score")
 
         def do_POST(self):
             if not self.authorized():
-                return self.fail(401, "missing or wrong bearer token (send 'Authorization: Bearer TOKEN')")
+                return
             if self.path != "/score":
                 return self.fail(404, f"no such path {self.path!r}; use POST /score")
             if self.headers.get("Content-Type", "").split(";")[0].strip().lower() != "application/json":
@@ -719,12 +860,18 @@ def cmd_serve(argv):
     for f in fields(Limits):
         p.add_argument("--" + f.name.replace("_", "-"), type=int, default=f.default, help=f.metadata["help"])
     p.add_argument("--max-batch-images", type=int, default=32, help="images the worker scores in one batch")
-    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long the worker waits to fill a batch")
-    p.add_argument("--exit-with-parent", action="store_true", help="exit when stdin closes (the trainer that "
-                   "started this server passes a pipe, so a killed trainer leaves no orphan server)")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0,
+                   help="how long the worker waits to fill a batch")
+    p.add_argument("--exit-with-parent", action="store_true",
+                   help="exit when stdin closes (the trainer that started this server passes a pipe, so a "
+                   "killed trainer leaves no orphan server)")
     args = p.parse_args(argv)
     if args.exit_with_parent:
-        threading.Thread(target=lambda: (sys.stdin.read(), os._exit(0)), daemon=True).start()
+        def exit_when_stdin_closes():
+            sys.stdin.read()
+            os._exit(0)
+
+        threading.Thread(target=exit_when_stdin_closes, daemon=True).start()
     limits = Limits(**{f.name: getattr(args, f.name) for f in fields(Limits)})
     handler = make_handler(load_verifier(args), args.token, args.max_body, limits, args.max_batch_images,
                            args.batch_wait_ms / 1000)
@@ -746,7 +893,8 @@ def cmd_score(argv):
     add_verifier_args(p)
     p.add_argument("--image", required=True, help="a PNG or JPEG file")
     p.add_argument("--question", action="append", required=True, help="a semantic question (repeat the flag)")
-    p.add_argument("--quality-question", action="append", default=[], help="a quality question (repeat the flag)")
+    p.add_argument("--quality-question", action="append", default=[],
+                   help="a quality question (repeat the flag)")
     args = p.parse_args(argv)
     try:
         with Image.open(args.image) as image:
@@ -754,137 +902,22 @@ def cmd_score(argv):
     except (OSError, ValueError) as e:  # missing, unreadable, not an image, truncated
         raise cannot_read(args.image, e) from None
     out = score_batch(load_verifier(args), [image], [args.question], [args.quality_question])
-    for q, s in zip(args.question + args.quality_question, out["semantic_scores"][0] + out["quality_scores"][0]):
-        print(f"{s:.4f}  {q}")
+    questions = args.question + args.quality_question
+    for question, s in zip(questions, out["semantic_scores"][0] + out["quality_scores"][0]):
+        print(f"{s:.4f}  {question}")
     print(f"R = sqrt(mean(semantic) * mean(quality)) = {out['rewards'][0]:.4f}")
-
-
-# Random Qwen3-VL verifiers for benchmarks: `bench`, and `--verifier random:NAME` to serve one on a GPU next to
-# the trainer (alphagrpo.py bench). The tiny Qwen3-VL builder below also makes alphagrpo.py's toy reasoner.
-
-TOY_WORDS = ("red green blue yellow cyan magenta white black top bottom left right half image mostly bright dark "
-             "the a of is and with in on sky sun sea grass fire light shadow Yes No yes no Is The A Answer "
-             "Diagnosis Fix above below lower overhead at make paint fills burns covers hang clear calm fresh thick "
-             "ripe lawn snow clouds tomato leaf somewhere thing shape pattern picture wall cloth "
-             ": . , ? ! system user assistant").split()
-TOY_CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
-    "{% else %}{% for c in m['content'] %}"
-    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-def toy_tokenizer(words=TOY_WORDS):
-    """A word-level tokenizer over `words` with Qwen's special tokens and a Qwen-style chat template, built
-    offline with `tokenizers` (no download). The toy reasoner, the toy verifiers and the toy FLUX.2 klein's
-    text encoder share it."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                "<|image_pad|>", "<|video_pad|>", "[UNK]"]
-    tk = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + list(words))}, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.decoder = decoders.WordPiece(prefix="##")
-    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   unk_token="[UNK]", additional_special_tokens=specials[1:7],
-                                   chat_template=TOY_CHAT_TEMPLATE)
-
-
-def vlm_config(text: dict, vision: dict, image_px: int, words=TOY_WORDS):
-    """A Qwen3-VL config with the given text_config / vision_config fields, and its processor with a word-level
-    tokenizer over `words` built offline with `tokenizers` (no download). Every image is resized to
-    image_px^2, i.e. (image_px / 32)^2 image tokens. Returns (processor, config)."""
-    from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLProcessor
-    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
-
-    tok = toy_tokenizer(words)
-    vocab = tok.get_vocab()
-    size = {"shortest_edge": image_px**2, "longest_edge": image_px**2}
-    processor = Qwen3VLProcessor(
-        image_processor=Qwen2VLImageProcessor(size=size, patch_size=16, temporal_patch_size=2, merge_size=2),
-        video_processor=Qwen3VLVideoProcessor(size=size, patch_size=16, temporal_patch_size=2, merge_size=2),
-        tokenizer=tok, chat_template=TOY_CHAT_TEMPLATE)
-    hd = text.get("head_dim", 8)
-    text = {"vocab_size": len(vocab), "rope_parameters": {  # T/H/W split of the rotary dimensions (M-RoPE)
-        "rope_type": "default", "rope_theta": 5e6, "mrope_interleaved": True,
-        "mrope_section": [hd // 4, hd // 8, hd // 8]}, **text}
-    positions = max(vision["num_position_embeddings"], (image_px // 16) ** 2)  # of the vision tower's patches
-    config = Qwen3VLConfig(
-        text_config=text, vision_config={"patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2,
-                                         **vision, "num_position_embeddings": positions},
-        image_token_id=vocab["<|image_pad|>"], video_token_id=vocab["<|video_pad|>"],
-        vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"],
-        eos_token_id=vocab["<|im_end|>"], pad_token_id=vocab["<|endoftext|>"],
-        tie_word_embeddings=text.get("tie_word_embeddings", False))
-    return processor, config
-
-
-def make_vlm(text: dict, vision: dict, image_px: int, seed: int = 0, words=TOY_WORDS):
-    """A random Qwen3-VL (the reasoner's and the verifier's class) of the given sizes, and its processor
-    (vlm_config). Returns (processor, model)."""
-    import torch
-    from transformers import Qwen3VLForConditionalGeneration
-
-    processor, config = vlm_config(text, vision, image_px, words)
-    torch.manual_seed(seed)
-    return processor, Qwen3VLForConditionalGeneration(config)
-
-
-# The sizes of the text model and the vision tower; vocab 0 keeps the toy's.
-BENCH_SHAPES = {
-    "small": dict(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=512, vocab=0, vision_hidden=32,
-                  vision_depth=2, vision_heads=4, vision_intermediate=64),
-    "qwen3-vl-8b": dict(hidden=4096, layers=36, heads=32, kv_heads=8, intermediate=12288, vocab=151936,
-                        vision_hidden=1152, vision_depth=27, vision_heads=16, vision_intermediate=4304),
-}
-
-
-def random_verifier(shape: dict, image_px: int = 512, device: str = "auto", dtype: str = "auto", seed: int = 0,
-                    shared_prefix: bool = True) -> TransformersVerifier:
-    """A TransformersVerifier over a random Qwen3-VL of `shape`: the toy's processor and word-level tokenizer
-    (images resized to image_px^2, i.e. (image_px/32)^2 image tokens), the model built in memory on the device
-    (saving a multi-billion-parameter random model to disk would take longer than the benchmark)."""
-    import torch
-    from transformers import Qwen3VLForConditionalGeneration
-    from transformers.utils import logging as transformers_logging
-
-    hd = shape["hidden"] // shape["heads"]
-    mrope = [hd // 2 - 2 * (hd * 5 // 32), hd * 5 // 32, hd * 5 // 32]  # T/H/W, as Qwen3-VL splits its 64
-    text = dict(hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
-                num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
-                num_key_value_heads=shape["kv_heads"], head_dim=hd, max_position_embeddings=4096,
-                rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_interleaved": True,
-                                 "mrope_section": mrope})
-    if shape["vocab"]:
-        text["vocab_size"] = shape["vocab"]
-    vision = dict(depth=shape["vision_depth"], hidden_size=shape["vision_hidden"],
-                  num_heads=shape["vision_heads"], intermediate_size=shape["vision_intermediate"],
-                  out_hidden_size=shape["hidden"], num_position_embeddings=64, deepstack_visual_indexes=[0])
-    processor, config = vlm_config(text, vision, image_px)
-    device, dt = pick_device(device, dtype)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = Qwen3VLForConditionalGeneration._from_config(config, dtype=dt)
-    transformers_logging.disable_progress_bar()  # the processor's save/load bars would bury the figures
-    with tempfile.TemporaryDirectory() as tmp:
-        processor.save_pretrained(tmp)  # read back with from_pretrained, as a real verifier's is
-        v = TransformersVerifier(tmp, device, dtype, shared_prefix=shared_prefix, model=model)
-    v.name = "random Qwen3-VL (" + ", ".join(f"{k} {x}" for k, x in shape.items()) + ")"
-    return v
 
 
 def cmd_bench(argv):
     """Naive vs shared-prefix scoring of a random Qwen3-VL at a chosen shape, beside the one-pass floor, then
     latency over HTTP."""
     p = argparse.ArgumentParser(prog="reward_server.py bench", description=cmd_bench.__doc__)
-    p.add_argument("--shape", default="small", choices=sorted(BENCH_SHAPES), help="the model's sizes; each of "
-                   "them can be overridden by its own flag below")
+    p.add_argument("--shape", default="small", choices=sorted(BENCH_SHAPES),
+                   help="the model's sizes; each of them can be overridden by its own flag below")
     for key in BENCH_SHAPES["small"]:
         p.add_argument("--" + key.replace("_", "-"), type=int, default=None)
-    p.add_argument("--image-px", type=int, default=512, help="images are resized to this square: (px/32)^2 "
-                   "tokens")
+    p.add_argument("--image-px", type=int, default=512,
+                   help="images are resized to this square: (px/32)^2 tokens")
     p.add_argument("--questions", type=int, default=16, help="questions per image")
     p.add_argument("--images", type=int, default=4, help="images timed per path")
     p.add_argument("--clients", type=int, default=8, help="concurrent HTTP clients")
@@ -893,87 +926,96 @@ def cmd_bench(argv):
     p.add_argument("--dtype", default="auto")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    import random
-
     import torch
 
-    shape = {k: x if getattr(args, k) is None else getattr(args, k) for k, x in BENCH_SHAPES[args.shape].items()}
-    v = random_verifier(shape, args.image_px, args.device, args.dtype, args.seed)
+    defaults = BENCH_SHAPES[args.shape]  # each overridden by its flag, if given
+    shape = {key: defaults[key] if getattr(args, key) is None else getattr(args, key) for key in defaults}
+    verifier = random_verifier(shape, args.image_px, args.device, args.dtype, args.seed)
     rng = random.Random(args.seed)
     words = [w for w in TOY_WORDS if w.isalpha()]
     questions = [" ".join(["Is", "the", *rng.choices(words, k=rng.randint(4, 14)), "?"])
                  for _ in range(args.questions)]
     images = [Image.frombytes("RGB", (args.image_px,) * 2, rng.randbytes(3 * args.image_px ** 2))
               for _ in range(args.images)]
-    prefix = v.processor(text=[v.prefix_text], images=images[:1], return_tensors="pt")["input_ids"].shape[1]
-    suffixes = [len(v.suffix_ids(q)) for q in questions]
+    prefix_inputs = verifier.processor(text=[verifier.prefix_text], images=images[:1], return_tensors="pt")
+    suffixes = [len(verifier.suffix_ids(q)) for q in questions]
     print(f"bench: random Qwen3-VL, text {shape['layers']} x {shape['hidden']} (heads {shape['heads']}/"
           f"{shape['kv_heads']}), vision {shape['vision_depth']} x {shape['vision_hidden']}, "
-          f"{(args.image_px // 32) ** 2} image tokens, prefix {prefix} tokens, suffixes "
-          f"{min(suffixes)}-{max(suffixes)} tokens, {args.questions} questions per image, {v.device} "
-          f"{str(v.model.dtype).removeprefix('torch.')}", flush=True)
+          f"{(args.image_px // 32) ** 2} image tokens, prefix {prefix_inputs['input_ids'].shape[1]} tokens, "
+          f"suffixes {min(suffixes)}-{max(suffixes)} tokens, {args.questions} questions per image, "
+          f"{verifier.device} {str(verifier.model.dtype).removeprefix('torch.')}", flush=True)
     # the floor: system prompt + image + every question's suffix as one sequence, each token read once and
     # nothing computed twice, so no scoring path can do less work
-    floor_text = v.prefix_text + "".join(v.chat_text(q)[len(v.prefix_text):] for q in questions)
+    prefix_text = verifier.prefix_text
+    floor_text = prefix_text + "".join(verifier.chat_text(q)[len(prefix_text):] for q in questions)
 
     def floor(image):
-        inputs = v.processor(text=[floor_text], images=[image], return_tensors="pt").to(v.device)
+        inputs = verifier.processor(text=[floor_text], images=[image],
+                                    return_tensors="pt").to(verifier.device)
         with torch.inference_mode():
-            return v.model(**inputs, logits_to_keep=1).logits.float().cpu()  # .cpu() waits for the device
+            logits = verifier.model(**inputs, logits_to_keep=1).logits
+            return logits.float().cpu()  # .cpu() waits for the device
 
-    paths = {"naive": lambda image: v.score_naive(image, questions),  # its .tolist() waits for the device
-             "shared": lambda image: v.confidences(v.logits_shared([(image, questions)])[0]),
+    paths = {"naive": lambda image: verifier.score_naive(image, questions),  # .tolist() waits for the device
+             "shared": lambda image: verifier.confidences(verifier.logits_shared([(image, questions)])[0]),
              "floor": floor}
     seconds = dict.fromkeys(paths, 0.0)
     for path in paths.values():
         path(images[0])  # warm-up
     for image in images:  # the paths in turn, so that a busy machine slows them alike
         for name, path in paths.items():
-            t = time.perf_counter()
+            start = time.perf_counter()
             path(image)
-            seconds[name] += time.perf_counter() - t
+            seconds[name] += time.perf_counter() - start
     diff = max(abs(a - b) for a, b in zip(paths["naive"](images[0]), paths["shared"](images[0])))
 
     def load(shared: bool) -> dict:
-        v.shared_prefix = shared
-        server = Server(("127.0.0.1", 0), make_handler(v))
+        verifier.shared_prefix = shared
+        server = Server(("127.0.0.1", 0), make_handler(verifier))
         threading.Thread(target=server.serve_forever, daemon=True).start()
         url = f"http://127.0.0.1:{server.server_address[1]}/score"
         bodies = [json.dumps({"images": [base64.b64encode(png).decode()], "semantic_questions": [questions],
                               "quality_questions": [[]]}).encode() for png in map(png_bytes, images)]  # once
+        headers = {"Content-Type": "application/json"}
         latencies = []
         end = time.monotonic() + args.seconds
 
         def client(k):
-            with requests.Session() as s:
+            with requests.Session() as session:
                 while time.monotonic() < end:
-                    t = time.perf_counter()
-                    s.post(url, data=bodies[k % len(bodies)], headers={"Content-Type": "application/json"},
-                           timeout=600).raise_for_status()
-                    latencies.append(time.perf_counter() - t)
+                    sent = time.perf_counter()
+                    body = bodies[k % len(bodies)]
+                    session.post(url, data=body, headers=headers, timeout=600).raise_for_status()
+                    latencies.append(time.perf_counter() - sent)
                     k += 1
 
-        t = time.perf_counter()
+        start = time.perf_counter()
         with ThreadPoolExecutor(args.clients) as clients:
             list(clients.map(client, range(args.clients)))
-        wall = time.perf_counter() - t
+        wall = time.perf_counter() - start
         server.shutdown()
         server.server_close()
-        c = server.RequestHandlerClass.batcher.counters
-        q = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else latencies * 99
+        counters = server.RequestHandlerClass.batcher.counters
+        if len(latencies) > 1:
+            percentiles = statistics.quantiles(latencies, n=100, method="inclusive")
+        else:
+            percentiles = latencies * 99
         return {"requests/s": len(latencies) / wall, "questions/s": len(latencies) * len(questions) / wall,
-                **{f"latency p{k} (ms)": 1000 * q[k - 1] for k in (50, 90, 99)},
-                "requests answered": len(latencies), "requests per batch": c["requests"] / max(c["batches"], 1)}
+                **{f"latency p{k} (ms)": 1000 * percentiles[k - 1] for k in (50, 90, 99)},
+                "requests answered": len(latencies),
+                "requests per batch": counters["requests"] / max(counters["batches"], 1)}
 
     per_s = {name: len(images) * len(questions) / s for name, s in seconds.items()}
     rows = [("questions/s, one image per call", per_s["naive"], per_s["shared"])]
     if args.seconds > 0:
         naive = load(False)
         shared = load(True)
-        rows += [(f"HTTP, {args.clients} clients, {args.seconds:g} s: {k}", naive[k], shared[k]) for k in naive]
+        label = f"HTTP, {args.clients} clients, {args.seconds:g} s"
+        rows += [(f"{label}: {key}", naive[key], shared[key]) for key in naive]
     print(f"{'':50}{'naive':>10}{'shared':>10}{'ratio':>9}")
     for name, a, b in rows:
-        print(f"{name:50}{a:10.1f}{b:10.1f}" + (f"{b / a:8.2f}x" if "/s" in name or "latency" in name else ""))
+        ratio = f"{b / a:8.2f}x" if "/s" in name or "latency" in name else ""
+        print(f"{name:50}{a:10.1f}{b:10.1f}{ratio}")
     ms = {name: 1000 * s / len(images) for name, s in seconds.items()}
     print(f"floor, one forward pass over system prompt + image + all {len(questions)} questions as one "
           f"sequence: {ms['floor']:.1f} ms per image; shared prefix {ms['shared']:.1f} ms, "
@@ -984,28 +1026,30 @@ def cmd_bench(argv):
 # Offline decomposition (Sec. 4.2): prompts -> validated atomic yes/no questions, by an LLM
 
 DECOMPOSE_INSTRUCTION = """\
-You turn a text-to-image prompt into a checklist of atomic yes/no questions that a vision-language model answers \
-by looking at a generated image.
+You turn a text-to-image prompt into a checklist of atomic yes/no questions that a vision-language model \
+answers by looking at a generated image.
 
-Step 1, semantic questions: does the image follow the prompt? Cover every requirement of the prompt (usually 3 to \
-8 questions) and tag each with one dimension:
+Step 1, semantic questions: does the image follow the prompt? Cover every requirement of the prompt (usually \
+3 to 8 questions) and tag each with one dimension:
 Style (art style, medium), Environment (setting, weather, time of day), Viewpoint (camera angle, framing), \
-Existence (an object is present), Count (how many), Attribute (colour, shape, material, size), Action (what a \
-subject does), Spatial (relative position), Text (written text), Negative (something the prompt excludes is absent).
+Existence (an object is present), Count (how many), Attribute (colour, shape, material, size), Action (what \
+a subject does), Spatial (relative position), Text (written text), Negative (something the prompt excludes \
+is absent).
 
-Step 2, quality questions: is what step 1 asks about rendered well? Build on the objects of step 1 (usually 3 to 6 \
-questions) and tag each with one aspect:
-Geometry (plausible shapes, proportions), Anatomy (bodies, hands, faces), Texture (surfaces, materials), Coherence \
-(consistent parts, no stray artefacts), Lighting (light and shadows agree), Physics (support, contact, gravity, \
-reflections), Legibility (text is crisp and spelled right), Aesthetics (composition, focus).
+Step 2, quality questions: is what step 1 asks about rendered well? Build on the objects of step 1 (usually \
+3 to 6 questions) and tag each with one aspect:
+Geometry (plausible shapes, proportions), Anatomy (bodies, hands, faces), Texture (surfaces, materials), \
+Coherence (consistent parts, no stray artefacts), Lighting (light and shadows agree), Physics (support, \
+contact, gravity, reflections), Legibility (text is crisp and spelled right), Aesthetics (composition, \
+focus).
 
 Rules for every question:
 - It starts with Is, Are, Does, Do, Can, Has or Have and ends with "?".
-- "Yes" means the image is good: "Is the street free of cars?" for "no cars"; "Are the fingers well formed?", not \
-"Are the fingers distorted?".
+- "Yes" means the image is good: "Is the street free of cars?" for "no cars"; "Are the fingers well \
+formed?", not "Are the fingers distorted?".
 - One atomic fact: no "or", never two facts in one question.
-- Only what can be seen: turn abstract words into visible evidence ("Is there steam rising from the cup?", not \
-"Is the coffee hot?").
+- Only what can be seen: turn abstract words into visible evidence ("Is there steam rising from the cup?", \
+not "Is the coffee hot?").
 - Use only the tags above; skip a dimension the prompt does not touch.
 
 Answer with one JSON object and nothing else:
@@ -1014,20 +1058,21 @@ Answer with one JSON object and nothing else:
 DECOMPOSE_RETRY = "That answer is not valid ({error}). Answer again with only the JSON object."
 
 # the rule-based validation of decomposed questions (Sec. 4.2, "invalid questions are filtered")
-AUXILIARY_VERBS = ("is", "are", "does", "do", "did", "can", "could", "has", "have", "had", "was", "were", "will",
-                   "would", "should")
-NON_VISUAL_WORDS = ("smell", "smells", "taste", "tastes", "tasty", "delicious", "sounds", "loud", "noisy", "hear",
-                    "feel", "feels", "think", "believe", "fragrant")
-TEMPERATURES = ("hot", "cold", "warm", "cool", "freezing")  # not visual as the predicate: "Is the coffee hot?"
-DEFECT_WORDS = ("blurry", "blurred", "distorted", "deformed", "disfigured", "mutated", "malformed", "artifact",
-                "artifacts", "garbled", "misspelled", "extra", "missing", "warped", "glitch", "glitches")
+AUXILIARY_VERBS = ("is", "are", "does", "do", "did", "can", "could", "has", "have", "had", "was", "were",
+                   "will", "would", "should")
+NON_VISUAL_WORDS = ("smell", "smells", "taste", "tastes", "tasty", "delicious", "sounds", "loud", "noisy",
+                    "hear", "feel", "feels", "think", "believe", "fragrant")
+TEMPERATURES = ("hot", "cold", "warm", "cool", "freezing")  # not visual as predicate: "Is the coffee hot?"
+DEFECT_WORDS = ("blurry", "blurred", "distorted", "deformed", "disfigured", "mutated", "malformed",
+                "artifact", "artifacts", "garbled", "misspelled", "extra", "missing", "warped", "glitch",
+                "glitches")
 NEGATIONS = ("no", "not", "none", "without", "free", "absent", "empty", "nothing", "nor")
 ABSENCES = NEGATIONS + ("missing", "lacking", "lacks")  # a Negative question asks about an absence
 QUESTION_WORDS = (3, 30)  # length bounds, in words
 
 
 def check_question(q, tags: tuple, quality: bool) -> str | None:
-    """Why a decomposed question is invalid (not yes/no, not visual, not atomic, ...), or None if it is fine."""
+    """Why a decomposed question is invalid (not yes/no, not visual, not atomic, ...); None if valid."""
     if not isinstance(q, dict) or not isinstance(q.get("question"), str):
         return "not a {question, tag} object"
     text = q["question"].strip()
@@ -1053,23 +1098,24 @@ def check_question(q, tags: tuple, quality: bool) -> str | None:
 
 
 def validate_questions(qs, tags: tuple, quality: bool, seen: set) -> tuple[list, list]:
-    """-> (kept [{question, tag}], dropped [(question, reason)]); seen holds normalized questions (duplicates)."""
-    kept, dropped = [], []
+    """-> (kept [{question, tag}], dropped [(question, reason)]); seen: normalized questions kept so far."""
+    kept = []
+    dropped = []
     for q in qs if isinstance(qs, list) else []:
         reason = check_question(q, tags, quality)
-        key = " ".join(re.findall(r"[a-z0-9']+", q["question"].lower())) if reason is None else None
-        if reason is None and key in seen:
+        if reason is None:
+            key = " ".join(re.findall(r"[a-z0-9']+", q["question"].lower()))
+            if key not in seen:
+                seen.add(key)
+                kept.append({"question": q["question"].strip(), "tag": q["tag"]})
+                continue
             reason = "duplicate"
-        if reason:
-            dropped.append((q.get("question") if isinstance(q, dict) else q, reason))
-        else:
-            seen.add(key)
-            kept.append({"question": q["question"].strip(), "tag": q["tag"]})
+        dropped.append((q.get("question") if isinstance(q, dict) else q, reason))
     return kept, dropped
 
 
 def parse_llm_json(text: str) -> dict:
-    """The decomposition answer as a dict; tolerates a <think> block and a ```json fence. Raises ValueError."""
+    """The LLM's decomposition answer as a dict, past a <think> block or ```json fence; else ValueError."""
     text = text.split("</think>")[-1].strip()
     fence = re.search(r"```(?:json)?\s*(.*?)```", text, re.DOTALL)
     text = fence.group(1) if fence else text[text.find("{"):text.rfind("}") + 1]
@@ -1077,8 +1123,8 @@ def parse_llm_json(text: str) -> dict:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"not JSON: {e}") from None
-    if not isinstance(obj, dict) or not all(isinstance(obj.get(k), list)
-                                            for k in ("semantic_questions", "quality_questions")):
+    keys = ("semantic_questions", "quality_questions")
+    if not isinstance(obj, dict) or not all(isinstance(obj.get(k), list) for k in keys):
         raise ValueError("the JSON object needs 'semantic_questions' and 'quality_questions' lists")
     return obj
 
@@ -1100,36 +1146,25 @@ def make_llm(args):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = pick_device(args.device)[0]
-    tok = AutoTokenizer.from_pretrained(args.llm)
+    tokenizer = AutoTokenizer.from_pretrained(args.llm)
     model = AutoModelForCausalLM.from_pretrained(args.llm, dtype="auto").to(device).eval()
 
     def ask(messages):
-        inputs = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                         return_dict=True).to(device)
+        inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                               return_dict=True).to(device)
         with torch.inference_mode():
             out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
-        return tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     return ask
 
 
-def cmd_decompose(argv):
-    """Decompose prompts into DVReward questions with an LLM (Sec. 4.2, offline)."""
-    p = argparse.ArgumentParser(prog="reward_server.py decompose", description=cmd_decompose.__doc__)
-    p.add_argument("input", help="plain-text prompts (one a line) or JSONL rows with a 'prompt' (other fields "
-                   "kept)")
-    p.add_argument("--llm", required=True, help="a causal LM path / hub id, or an OpenAI-compatible URL .../v1")
-    p.add_argument("--model", default="", help="model name at an OpenAI-compatible --llm")
-    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", ""))
-    p.add_argument("--out", required=True, help="output JSONL (the trainer's prompts.jsonl format)")
-    p.add_argument("--workers", type=int, default=8, help="prompts in flight at an OpenAI-compatible --llm")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--max-new-tokens", type=int, default=1024)
-    args = p.parse_args(argv)
+def read_prompt_rows(path: str) -> tuple[list, list]:
+    """-> ([(line number, row)], problems): plain-text prompts (one a line) or JSONL rows with a 'prompt'."""
     try:
-        with open(args.input, encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             lines = f.readlines()
     except (OSError, UnicodeDecodeError) as e:  # missing, a folder, not readable, not UTF-8
-        raise cannot_read(args.input, e) from None
+        raise cannot_read(path, e) from None
     rows = []
     problems = []
     for n, line in enumerate(lines, 1):
@@ -1142,14 +1177,32 @@ def cmd_decompose(argv):
         if isinstance(row, dict) and isinstance(row.get("prompt"), str) and row["prompt"].strip():
             rows.append((n, {**row, "prompt": row["prompt"].strip()}))
         else:
-            problems.append(f"{args.input}:{n}: not a JSON object with a non-empty 'prompt'; row skipped")
+            problems.append(f"{path}:{n}: not a JSON object with a non-empty 'prompt'; row skipped")
+    return rows, problems
+
+
+def cmd_decompose(argv):
+    """Decompose prompts into DVReward questions with an LLM (Sec. 4.2, offline)."""
+    p = argparse.ArgumentParser(prog="reward_server.py decompose", description=cmd_decompose.__doc__)
+    p.add_argument("input", help="plain-text prompts (one a line) or JSONL rows with a 'prompt' (other "
+                   "fields kept)")
+    p.add_argument("--llm", required=True,
+                   help="a causal LM path / hub id, or an OpenAI-compatible URL .../v1")
+    p.add_argument("--model", default="", help="model name at an OpenAI-compatible --llm")
+    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", ""))
+    p.add_argument("--out", required=True, help="output JSONL (the trainer's prompts.jsonl format)")
+    p.add_argument("--workers", type=int, default=8, help="prompts in flight at an OpenAI-compatible --llm")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-new-tokens", type=int, default=1024)
+    args = p.parse_args(argv)
+    rows, problems = read_prompt_rows(args.input)
     ask = make_llm(args)
 
     def decompose(job):  # -> (line number, output row or None, why None, dropped [(question, reason)])
         n, row = job
         messages = [{"role": "system", "content": DECOMPOSE_INSTRUCTION},
                     {"role": "user", "content": f"Prompt: {row['prompt']}"}]
-        for attempt in range(2):  # one retry, told what was wrong
+        for _ in range(2):  # one retry, told what was wrong
             answer = ask(messages)
             try:
                 parsed = parse_llm_json(answer)
@@ -1161,25 +1214,28 @@ def cmd_decompose(argv):
         else:
             return n, None, f"the LLM answer is not valid JSON after a retry ({error})", []
         seen = set()
-        sem, dropped = validate_questions(parsed["semantic_questions"], SEMANTIC_TAGS, False, seen)
-        qual, dropped_q = validate_questions(parsed["quality_questions"], QUALITY_TAGS, True, seen)
-        out = {"prompt": row["prompt"], "semantic_questions": sem, "quality_questions": qual}
+        semantic, dropped = validate_questions(parsed["semantic_questions"], SEMANTIC_TAGS, False, seen)
+        quality, dropped_quality = validate_questions(parsed["quality_questions"], QUALITY_TAGS, True, seen)
+        out = {"prompt": row["prompt"], "semantic_questions": semantic, "quality_questions": quality}
         out.update({k: v for k, v in row.items() if k not in out})
-        return n, out if sem else None, "no valid semantic question left", dropped + dropped_q
+        if not semantic:
+            out = None
+        return n, out, "no valid semantic question left", dropped + dropped_quality
 
     written = 0
     total = 0
     reasons = {}  # why a question was dropped -> how many
-    workers = args.workers if args.llm.startswith(("http://", "https://")) else 1  # a local model: one at a time
+    workers = args.workers if args.llm.startswith(("http://", "https://")) else 1  # local: one at a time
     with ThreadPoolExecutor(max(workers, 1)) as pool, open(args.out, "w", encoding="utf-8") as f:
         for n, out, problem, dropped in pool.map(decompose, rows):
             for q, reason in dropped:
                 print(f"{args.input}:{n}: dropped {q!r}: {reason}", file=sys.stderr)
                 reasons[reason] = reasons.get(reason, 0) + 1
-            total += len(dropped) + (len(out["semantic_questions"]) + len(out["quality_questions"]) if out else 0)
+            total += len(dropped)
             if out is None:
                 problems.append(f"{args.input}:{n}: {problem}; row skipped")
             else:
+                total += len(out["semantic_questions"]) + len(out["quality_questions"])
                 f.write(json.dumps(out, ensure_ascii=False) + "\n")
                 written += 1
     if problems:
@@ -1198,8 +1254,8 @@ def main(argv=None):
     command = COMMANDS[argv.pop(0)] if argv and argv[0] in COMMANDS else cmd_serve  # default: serve
     try:
         return command(argv)
-    except (ApiError, OSError) as e:  # a question the verifier rejects, an endpoint that keeps failing, a file
-        raise SystemExit(f"reward_server.py: {e}") from None  # or a port the command cannot use: one line
+    except (ApiError, OSError) as e:  # a question the verifier rejects, an endpoint that keeps failing,
+        raise SystemExit(f"reward_server.py: {e}") from None  # a file or port it cannot use: one line
 
 
 if __name__ == "__main__":
