@@ -919,8 +919,8 @@ def collect_rewards_and_fpr(g: Group, args: Args):
 
 
 def assign_advantages(groups: list, args: Args, world: int = 1) -> float:
-    """Group-relative advantages, each task normalized within its own groups. With std_mode 'batch' the std
-    is over all groups of the step, on every rank. Returns the share of zero-std groups here."""
+    """Group-relative advantages (Sec. 3), each task normalized within its own groups. With std_mode 'batch'
+    the std is over all groups of the step, on every rank. Returns this rank's share of zero-std groups."""
     zero = []  # per group: its rewards were all equal
     for task in ("rt2i", "srr"):
         task_groups = [g for g in groups if g.task == task]
@@ -1011,11 +1011,12 @@ def make_optimizer(policy: Policy, args: Args) -> torch.optim.Optimizer:
 
 
 def update(policy: Policy, optimizer, groups: list, args: Args, rng: random.Random, world: int = 1) -> list:
-    """`updates_per_rollout` optimizer steps, each on a disjoint share of the step's groups. The shares are
-    drawn over the group indices with the same rng on every rank, so they do not depend on the number of
-    processes. The loss is the mean over the share's groups on all ranks: each rank backpropagates its sum
-    divided by the global count, then the gradients are summed (all-reduce). A group dropped by FPR is in no
-    share, so it leaves both the loss and its denominator. Returns the per-group stats."""
+    """Minimize the unified objective (Sec. 4.1): `updates_per_rollout` optimizer steps, each on a
+    disjoint share of the step's groups. The shares are drawn over the group indices with the same rng on
+    every rank, so they do not depend on the number of processes. The loss is the mean over the share's
+    groups on all ranks: each rank backpropagates its sum divided by the global count, then the gradients
+    are summed (all-reduce). A group dropped by FPR is in no share, so it leaves both the loss and its
+    denominator. Returns the per-group stats."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     order = list(range(args.groups_per_step))
     rng.shuffle(order)
@@ -1060,6 +1061,7 @@ def train(args: Args, policy: Policy | None = None) -> str:
     rank, world, device = setup_distributed()
     # the run's folder and prompts, every cheap check done before a model loads
     out, rows, eval_rows = prepare_run(args, rank, world, check_renderer=policy is None)
+    tags = question_tags(rows)  # every metrics row has a score_<tag> for each
     policy = policy or load_policy(args, out, device, rank, world)
     optimizer = make_optimizer(policy, args)
     start = load_checkpoint(args.resume, policy, optimizer, args) if args.resume else 0
@@ -1096,7 +1098,7 @@ def train(args: Args, policy: Policy | None = None) -> str:
             if args.eval_every and (step % args.eval_every == 0 or last):
                 grid = os.path.join(out, "eval", f"step_{step:06d}.png")
                 evaluation = evaluate(policy, eval_rows, args, client, grid, rank, world)
-            log_step(step, groups, stats, zero_std_frac, timers, evaluation, rows, args, out, rank, world)
+            log_step(step, groups, stats, zero_std_frac, timers, evaluation, tags, args, out, rank, world)
             if rank == 0 and args.save_every and ((step + 1) % args.save_every == 0 or last):
                 save_checkpoint(policy, optimizer, args, step + 1, out)  # after the step's metrics row
     except RewardError as e:
@@ -1664,7 +1666,7 @@ def record_run(args: Args, out: str, start: int, world: int):
 
 
 def log_step(step: int, groups: list, stats: list, zero_std_frac: float, timers: dict, evaluation: dict,
-             rows: list, args: Args, out: str, rank: int = 0, world: int = 1):
+             tags: list, args: Args, out: str, rank: int = 0, world: int = 1):
     """Gather the step's numbers from every rank; rank 0 appends the metrics row, prints a line per evaluation
     (so the console shows the run learning), and draws the sample grid and the curves."""
     summaries = [summarize(g) for g in groups]
@@ -1675,8 +1677,6 @@ def log_step(step: int, groups: list, stats: list, zero_std_frac: float, timers:
         torch.distributed.all_gather_object(everyone, local)
     if rank != 0:
         return
-    tags = sorted({q["tag"] for r in rows for k in ("semantic_questions", "quality_questions")
-                   for q in r[k] if q["tag"]})
     row = metrics_row(step, [s for e in everyone for s in e["summaries"]],
                       [s for e in everyone for s in e["stats"]],
                       sum(e["zero"] for e in everyone) / world, everyone[0]["timers"], tags, args)
@@ -1688,11 +1688,17 @@ def log_step(step: int, groups: list, stats: list, zero_std_frac: float, timers:
         tqdm.write(f"step {step}: " + ", ".join(f"{k} {row[k]:.3f}" for k in shown if row[k] is not None))
     last = step == args.steps - 1
     if args.sample_every and (step % args.sample_every == 0 or last):
-        tiles = [t for g in groups[:4] for t in group_tiles(g)]
-        cols = max(len(group_tiles(g)) for g in groups[:4])
-        save_grid(os.path.join(out, "samples", f"step_{step:06d}.png"), tiles, cols=cols)
+        grid_rows = [group_tiles(g) for g in groups[:4]]
+        tiles = [t for grid_row in grid_rows for t in grid_row]
+        save_grid(os.path.join(out, "samples", f"step_{step:06d}.png"), tiles, cols=max(map(len, grid_rows)))
     if last or (args.sample_every and step % args.sample_every == 0):
         plot_curves(os.path.join(out, "metrics.jsonl"), os.path.join(out, "curves.png"))
+
+
+def question_tags(rows: list) -> list:
+    """The DVReward tags of a prompt set's questions, sorted: the metrics' score_<tag> keys."""
+    return sorted({q["tag"] for r in rows for k in ("semantic_questions", "quality_questions")
+                   for q in r[k] if q["tag"]})
 
 
 def question_row(args: Args, prompt: str, question: list) -> dict | None:
