@@ -59,6 +59,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import zlib
@@ -85,8 +86,9 @@ from reward_server import TOY_WORDS, ToyVerifier, make_vlm, toy_tokenizer
 
 
 def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, std_mode: str = "group",
-                     eps: float = 1e-4, batch_std: float | None = None):
-    """A_i = (R_i - mean_group(R)) / (std + eps), one scalar per trajectory (Sec. 3, GRPO).
+                     eps: float = 1e-4, batch_std: float | None = None, adv_clip: float = math.inf):
+    """A_i = clip((R_i - mean_group(R)) / (std + eps), -adv_clip, adv_clip), one scalar per trajectory
+    (Sec. 3, GRPO), shared by its text and its image (Sec. 4.1): clipped here, once, so both halves see it.
 
     rewards, group_ids: (N,). std is the population std (ddof=0, + 1e-4 as Flow-GRPO) of the group
     ('group') or of all N rewards ('batch'; batch_std overrides it, e.g. with all ranks' rewards). A group
@@ -105,7 +107,9 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, std_mode: s
             continue
         std = r.std(unbiased=False) if std_mode == "group" else batch_std
         A[m] = (r - r.mean()) / (std + eps)
-    return A.float(), zero_std
+    # Flow-GRPO clips only the image's advantage (and so does the official code): then the text and the
+    # image of one trajectory would be driven by different numbers
+    return A.clamp(-adv_clip, adv_clip).float(), zero_std
 
 
 def sde_step(v: torch.Tensor, x: torch.Tensor, sigma, sigma_next, noise_level: float, second_sigma: float,
@@ -185,12 +189,14 @@ def text_loss(logp, old_logp, ref_logp, A, mask, clip_low: float, clip_high: flo
     return loss, clipfrac.detach(), kl.detach()
 
 
-def image_loss(logp, old_logp, A, clip: float, adv_clip: float = 5.0, kl=None, beta: float = 0.0):
+def image_loss(logp, old_logp, A, clip: float, kl=None, beta: float = 0.0):
     """Flow-GRPO image loss (Sec. 3, Eq. of L_img): the density ratio of each trained step, clipped.
 
-    logp, old_logp: (G, W) element-averaged log-probs of the W trained steps; A: (G,); kl: (G, W) or None.
-    Mean over trained steps and samples. Returns (loss, clipfrac)."""
-    A = A.clamp(-adv_clip, adv_clip)[:, None]  # (G, 1)
+    logp, old_logp: (G, W) element-averaged log-probs of the W trained steps; A: (G,), the same advantages
+    as the text's (already clipped where they are assigned); kl: (G, W) or None.
+    Mean over trained steps and samples (the paper sums the steps: lambda carries that factor).
+    Returns (loss, clipfrac)."""
+    A = A[:, None]  # (G, 1)
     r = torch.exp(logp - old_logp)  # (G, W)
     per_step = torch.max(-A * r, -A * r.clamp(1 - clip, 1 + clip))
     clipped = ((r < 1 - clip) & (A < 0)) | ((r > 1 + clip) & (A > 0))
@@ -267,7 +273,7 @@ class Args:
     num_steps: int = 4
     """T, sampling steps of the rollout sampler."""
     eval_num_steps: int = 4
-    """Steps of the deterministic ODE sampler (SRR initial images, `sample`, evaluation)."""
+    """Steps of the deterministic ODE sampler at inference (`sample`, `eval`, the evaluations in training)."""
     sde_window: int = 2
     """W, consecutive steps sampled by the SDE and trained; all other steps are ODE (official code)."""
     sde_window_start_max: int = 0
@@ -292,7 +298,8 @@ class Args:
     """Image ratio clip; tiny because the log-prob is a per-element mean (Flow-GRPO: 1e-4 at 64x64x16
     latents; the toy's 4x4x16 latents average 256x fewer elements, so its ratios move ~16x more)."""
     adv_clip: float = 5.0
-    """Image advantages are clipped to [-adv_clip, adv_clip] (Flow-GRPO)."""
+    """Advantages are clipped to [-adv_clip, adv_clip] where they are assigned, so the text and the image of a
+    trajectory share one number (Flow-GRPO and the official code clip the image's alone)."""
     beta_text: float = 0.0
     """beta_text, weight of the k3 KL to the reference (LoRA off) on the text."""
     beta_image: float = 0.0
@@ -300,7 +307,12 @@ class Args:
     kl_flow_grpo_form: bool = False
     """Use Flow-GRPO's image KL, mean((mu - mu_ref)^2) / (2 std_t^2), without the 1/|dt|."""
     lam: float = 1.0
-    """lambda in L = L_text + lambda * L_img (official code: lambda = 1 / text_loss_weight)."""
+    """lambda in L = L_text + lambda * L_img for RT2I groups. Our L_img is the mean over the W trained steps
+    where the paper sums them, so lambda = 1 here is the paper's 1 / W. Official code: lambda = 1 /
+    text_loss_weight, and its RT2I configs keep text_loss_weight = 1."""
+    lam_srr: float = 0.0
+    """lambda for SRR groups; 0: W, the group's number of trained steps, so that lambda * L_img is the sum
+    over the steps, as the paper writes it and as the official SRR configs weigh it (weight 1 / K)."""
     seq_level_ratio: bool = False
     """Sequence-level (GSPO) text ratio instead of per-token."""
     std_mode: str = "batch"
@@ -349,6 +361,10 @@ class Args:
     # Self-Reflective Refinement (Sec. 4.1)
     srr_candidates: int = 2
     """K initial images rendered per SRR prompt (ODE, no reasoning); the worst is kept."""
+    srr_init_steps: int = 0
+    """Steps of the ODE sampler that draws SRR's initial images; 0: --num-steps, the refinements' count (the
+    official code draws both at its SRR count, 40). A stronger sampler for the initial images than for the
+    refinements makes FPR fail refinements that are as good, biasing improved_frac down."""
     srr_pick: str = "min"
     """'min': keep the lowest-reward candidate (official); 'sample': draw one, favouring low rewards."""
     srr_refine: str = "auto"
@@ -378,7 +394,6 @@ PRESETS = {
         prompts="prompts.jsonl", dtype="bfloat16", steps=1000, resolution=512, num_steps=8, eval_num_steps=28,
         sde_window=2, sde_window_start_max=2, guidance_scale=4.0, max_new_tokens=256, max_text_tokens=512,
         image_clip=1e-4, lr=3e-4, reasoner_lr=5e-5, lora_rank=64, lora_alpha=128.0,
-        lam=2.0,  # = W trained steps: the official text_loss_weight = 1 / K
         group_size=16, groups_per_step=4, srr_candidates=4, std_mode="group", gradient_checkpointing=True,
     ),
     # Real checkpoints on one 80 GB GPU (settings of Flow-GRPO's SD3.5 config and the official code): the
@@ -389,7 +404,6 @@ PRESETS = {
         eval_num_steps=40, sde_window=4, sde_window_start_max=3, guidance_scale=4.5, max_new_tokens=256,
         max_text_tokens=256, reasoner_lr=5e-5,
         image_clip=1e-4, lr=5e-5, lora_rank=32, lora_alpha=64.0, gradient_checkpointing=True,
-        lam=4.0,  # = W trained steps: the official text_loss_weight = 1 / K
         group_size=8, groups_per_step=4, srr_candidates=4, srr_strength=0.7,
     ),
 }
@@ -575,10 +589,13 @@ class ImageRollout:
 class Renderer:
     """pi_img: a diffusers flow-matching model driven by our own sampler. The interface the algorithm uses:
     noise(), sigmas(), encode() (text, and a reference image where the model can edit), velocity(), decode(),
-    encode_image(). Latents x are (B, C, h, w) in the space the sampler steps in. Two models fill it:
-    KleinRenderer (FLUX.2 klein) below, and SD3Renderer (Stable Diffusion 3.5) in the appendix."""
+    encode_image(). Latents x are (B, C, h, w) in the space the sampler steps in; one latent cell is `scale`
+    pixels a side. Images are --resolution squares, except an edit, drawn at its source's aspect ratio
+    (`edit_size`). Two models fill it: KleinRenderer (FLUX.2 klein) below, and SD3Renderer (Stable Diffusion
+    3.5) in the appendix."""
 
     can_edit = False  # True where the reference image can join the context (SRR refined in context)
+    distilled = False  # True for step-distilled models, which take no guidance
 
     def __init__(self, pipe, device, args: Args):
         self.pipe = pipe.to(device)
@@ -597,9 +614,30 @@ class Renderer:
         self.dtype = self.transformer.dtype
         self.args = args
 
-    def noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """x_T ~ N(0, I), (n, C, h, w), drawn on the CPU so that every device gets the same samples."""
-        return torch.randn((n, *self.latent_shape), generator=generator).to(self.device)
+    def latent_hw(self, size: tuple | None = None) -> tuple[int, int]:
+        """(h, w) of the latents of an image of size (H, W) pixels; None: the --resolution square."""
+        H, W = size or (self.args.resolution, self.args.resolution)
+        return H // self.scale, W // self.scale
+
+    def edit_size(self, image: Image.Image) -> tuple[int, int]:
+        """(H, W) of an edit of `image`: its aspect ratio at about --resolution^2 pixels, in whole latent
+        patches (multiples of 16), so a scorer that resizes the edit to its source does not stretch it."""
+        res = self.args.resolution
+        k = math.sqrt(res * res / (image.width * image.height))
+        m = self.multiple
+        return tuple(max(m, round(side * k / m) * m) for side in (image.height, image.width))
+
+    def noise(self, n: int, generator: torch.Generator, size: tuple | None = None) -> torch.Tensor:
+        """x_T ~ N(0, I), (n, C, h, w) for images of `size` (H, W) pixels (None: the --resolution square),
+        drawn on the CPU so that every device gets the same samples."""
+        shape = (n, self.latent_channels, *self.latent_hw(size))
+        return torch.randn(shape, generator=generator).to(self.device)
+
+    def guided(self, guidance: float | None) -> bool:
+        """Whether classifier-free guidance runs: as the pipelines decide it, only at a scale above 1 on a
+        model that takes guidance. At 1 (or below) the transformer sees the conditional batch alone."""
+        g = self.args.guidance_scale if guidance is None else guidance
+        return g > 1 and not self.distilled
 
     def cfg(self, v: torch.Tensor, guidance: float | None) -> torch.Tensor:
         """Classifier-free guidance over a [unconditional; conditional] batch, in float32."""
@@ -607,10 +645,10 @@ class Renderer:
         g = self.args.guidance_scale if guidance is None else guidance
         return v_uncond + g * (v_cond - v_uncond)
 
-    def pixels(self, image: Image.Image) -> torch.Tensor:
-        """PIL image -> (1, 3, H, W) in [-1, 1] at the training resolution, as the pipelines preprocess it."""
-        res = self.args.resolution
-        pixels = self.pipe.image_processor.preprocess(image.convert("RGB"), height=res, width=res)
+    def pixels(self, image: Image.Image, size: tuple, resize_mode: str = "default") -> torch.Tensor:
+        """PIL image -> (1, 3, H, W) in [-1, 1] at size (H, W), through the pipeline's own image processor."""
+        pixels = self.pipe.image_processor.preprocess(image.convert("RGB"), height=size[0], width=size[1],
+                                                      resize_mode=resize_mode)
         return pixels.to(self.device)
 
     def to_pil(self, img: torch.Tensor) -> list:
@@ -634,9 +672,9 @@ class KleinRenderer(Renderer):
 
     def __init__(self, pipe, device, args: Args):
         super().__init__(pipe, device, args)
-        side = args.resolution // (2 * self.pipe.vae_scale_factor)
-        self.latent_shape = (self.transformer.config.in_channels, side, side)
-        self.ids = self.pipe._prepare_latent_ids(torch.zeros(1, 1, side, side))[0].to(device)  # (h*w, 4)
+        self.scale = 2 * self.pipe.vae_scale_factor  # the VAE's 8x, then the 2x2 patchify
+        self.multiple = self.scale
+        self.latent_channels = self.transformer.config.in_channels
         n = self.pipe.text_encoder.config.num_hidden_layers
         self.text_layers = (n // 4, n // 2, 3 * n // 4)  # (9, 18, 27) for klein's 36-layer Qwen3
         bn = self.vae.bn
@@ -646,12 +684,14 @@ class KleinRenderer(Renderer):
         # distilled klein models (4 steps) take no guidance; base models use CFG like SD3
         self.distilled = bool(self.pipe.config.get("is_distilled", False))
 
-    def sigmas(self, num_steps: int) -> torch.Tensor:
-        """The pipeline's schedule: linspace(1, 1/T) shifted by mu, which grows with the token count."""
+    def sigmas(self, num_steps: int, size: tuple | None = None) -> torch.Tensor:
+        """The pipeline's schedule: linspace(1, 1/T) shifted by mu, which grows with the token count h*w of an
+        image of `size` (None: the --resolution square)."""
         import numpy as np
         from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
 
-        mu = compute_empirical_mu(self.latent_shape[1] * self.latent_shape[2], num_steps)
+        h, w = self.latent_hw(size)
+        mu = compute_empirical_mu(h * w, num_steps)
         self.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu, device="cpu")
         return self.scheduler.sigmas.float().cpu()
 
@@ -676,12 +716,12 @@ class KleinRenderer(Renderer):
         """v_theta(x_t, t, c [, reference]) with classifier-free guidance, in float32. x: (B, C, h, w)."""
         emb, txt_ids, ref, ref_ids = cond
         B, C, h, w = x.shape
-        cond_only = guidance == 1.0 or self.distilled
-        if cond_only:
+        guided = self.guided(guidance)
+        if not guided:  # the conditional half of each [negative; positive] pair
             emb = emb[B:]
         tokens = x.flatten(2).transpose(1, 2)  # (B, h*w, C)
-        tokens = tokens if cond_only else torch.cat([tokens, tokens])
-        ids = self.ids
+        tokens = torch.cat([tokens, tokens]) if guided else tokens
+        ids = self.pipe._prepare_latent_ids(x[:1])[0].to(x.device)  # (h*w, 4): (time 0, row, column, layer 0)
         if ref is not None:  # the reference's tokens follow the noisy ones, in every row of the batch
             tokens = torch.cat([tokens, ref.expand(len(tokens), -1, -1).to(tokens.dtype)], 1)
             ids = torch.cat([ids, ref_ids])
@@ -690,7 +730,7 @@ class KleinRenderer(Renderer):
         v = self.transformer(hidden_states=tokens.to(self.dtype), timestep=t, guidance=None,
                              encoder_hidden_states=emb, txt_ids=txt_ids, img_ids=ids, return_dict=False)[0]
         v = v[:, :h * w]  # (B or 2B, h*w, C): the reference's outputs are dropped
-        v = v.float() if cond_only else self.cfg(v, guidance)
+        v = self.cfg(v, guidance) if guided else v.float()
         return v.transpose(1, 2).reshape(B, C, h, w)
 
     @torch.no_grad()
@@ -700,9 +740,18 @@ class KleinRenderer(Renderer):
         return self.to_pil(self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0])
 
     @torch.no_grad()
-    def encode_image(self, image: Image.Image) -> torch.Tensor:
-        """PIL image -> normalized latents (1, 128, h, w), the posterior's mode, as the pipeline's image=."""
-        z = self.vae.encode(self.pixels(image).to(self.vae.dtype)).latent_dist.mode().float()
+    def encode_image(self, image: Image.Image, size: tuple | None = None) -> torch.Tensor:
+        """PIL image -> normalized latents (1, 128, h, w), the posterior's mode. size None: as the pipeline's
+        image= takes a reference, at the image's own aspect ratio and size (at most 1024^2 pixels, cropped to
+        multiples of 16); size (H, W): resized to it, as the start of an SDEdit."""
+        mode = "default"
+        if size is None:
+            if image.width * image.height > 1024 * 1024:
+                image = self.pipe.image_processor._resize_to_target_area(image, 1024 * 1024)
+            m = self.multiple
+            size = (max(m, image.height // m * m), max(m, image.width // m * m))
+            mode = "crop"
+        z = self.vae.encode(self.pixels(image, size, mode).to(self.vae.dtype)).latent_dist.mode().float()
         return (self.pipe._patchify_latents(z) - self.bn_mean) / self.bn_std
 
 
@@ -866,7 +915,9 @@ def initial_candidates(policy: Policy, row: dict, args: Args, gen: torch.Generat
     renderer = policy.renderer
     cond = renderer.encode([row["prompt"]] * args.srr_candidates)
     x_T = renderer.noise(args.srr_candidates, gen)
-    x0, _, _ = render(renderer, cond, x_T, renderer.sigmas(args.eval_num_steps), range(0), 0.0)
+    # as many steps as the refinements take (official code), so FPR compares images of the same sampler
+    sigmas = renderer.sigmas(args.srr_init_steps or args.num_steps)
+    x0, _, _ = render(renderer, cond, x_T, sigmas, range(0), 0.0)
     images = renderer.decode(x0)
     sem, qual = questions(row)
     return images, client.submit(images, [sem] * len(images), [qual] * len(images))
@@ -936,7 +987,7 @@ def assign_advantages(groups: list, args: Args, world: int = 1) -> float:
         if not task_groups:
             continue
         ids = torch.cat([torch.full((len(g.rewards),), k) for k, g in enumerate(task_groups)])
-        A, zero_std = group_advantages(r, ids, args.std_mode, batch_std=batch_std)
+        A, zero_std = group_advantages(r, ids, args.std_mode, batch_std=batch_std, adv_clip=args.adv_clip)
         for k, g in enumerate(task_groups):
             g.advantages = A[ids == k]
             zero.append(bool(zero_std[ids == k].all()))
@@ -981,11 +1032,12 @@ def group_loss(policy: Policy, g: Group, args: Args):
     l_text, text_clipfrac, text_kl = text_loss(logp_text, g.text.old_logp, g.text.ref_logp, A, g.text.mask,
                                                args.text_clip_low, args.text_clip_high, args.beta_text,
                                                args.seq_level_ratio)
-    l_img, image_clipfrac = image_loss(logp_img, g.image.old_logp, A, args.image_clip, args.adv_clip, kl,
-                                       args.beta_image)
+    l_img, image_clipfrac = image_loss(logp_img, g.image.old_logp, A, args.image_clip, kl, args.beta_image)
     # Joint objective. The official code backpropagates text_loss_weight * K * L_text once and each of the
-    # K image steps' losses separately, i.e. a gradient of K * (w * L_text + mean_k L_img_k): lambda = 1 / w.
-    loss = l_text + args.lam * l_img
+    # K image steps' losses separately, i.e. a gradient of K * (w * L_text + mean_k L_img_k): lambda = 1 / w,
+    # with w = 1 in its RT2I configs and 1 / K in its SRR ones (Args.lam, Args.lam_srr).
+    lam = args.lam if g.task == "rt2i" else (args.lam_srr or logp_img.shape[1])
+    loss = l_text + lam * l_img
     stats = {"text_loss": l_text.item(), "image_loss": l_img.item(), "text_clipfrac": float(text_clipfrac),
              "image_clipfrac": float(image_clipfrac), "text_kl": None, "image_kl": None}
     if args.beta_text > 0:
@@ -1136,17 +1188,21 @@ def draw(policy: Policy, args: Args, prompt: str, gen: torch.Generator, reasonin
 
 @torch.no_grad()
 def refine(policy: Policy, args: Args, prompt: str, image: Image.Image, gen: torch.Generator,
-           reasoning: bool = True, instruction: str = REFLECT_INSTRUCTION):
+           reasoning: bool = True, instruction: str = REFLECT_INSTRUCTION, size: tuple | None = None):
     """One SRR round: the reasoner looks at `image` with `instruction` (reflect mode; EDIT_INSTRUCTION makes
     the round an edit of a source image), then the renderer redraws conditioned on the image, as training does
-    (`refinement_inputs`: in context for klein, SDEdit for SD3). Returns (PIL image, text)."""
+    (`refinement_inputs`: in context for klein, SDEdit for SD3), at `size` (H, W), by default the image's
+    aspect ratio (`edit_size`: a --resolution square in training). Returns (PIL image, text)."""
     renderer = policy.renderer
-    sigmas = renderer.sigmas(args.eval_num_steps)
+    size = size or renderer.edit_size(image)
+    sigmas = renderer.sigmas(args.eval_num_steps, size)
     text = ""
     if reasoning:
         text = policy.reasoner.generate(instruction.format(prompt=prompt), image, 1).texts[0]
-    cond, start, x = refinement_inputs(renderer, args, [renderer_text(prompt, text)],
-                                       renderer.encode_image(image), renderer.noise(1, gen), sigmas)
+    # in context: the reference as the pipeline encodes it (its own size); SDEdit: the start, at the edit's
+    x_init = renderer.encode_image(image, None if refines_in_context(renderer, args) else size)
+    cond, start, x = refinement_inputs(renderer, args, [renderer_text(prompt, text)], x_init,
+                                       renderer.noise(1, gen, size), sigmas)
     x0, _, _ = render(renderer, cond, x, sigmas, range(0), 0.0, start=start)
     return renderer.decode(x0)[0], text
 
@@ -1200,7 +1256,7 @@ def main(argv=None):
         elif command == "train":
             out = train(args)
             if int(os.environ.get("RANK", 0)) == 0:
-                print(f"done: {out}/metrics.jsonl")
+                print(run_summary(out))
         elif command == "bench":
             bench(args, **extra)
         elif command == "eval":
@@ -1402,11 +1458,12 @@ class SD3Renderer(Renderer):
 
     def __init__(self, pipe, device, args: Args):
         super().__init__(pipe, device, args)
-        side = args.resolution // self.pipe.vae_scale_factor
-        self.latent_shape = (self.transformer.config.in_channels, side, side)
+        self.scale = self.pipe.vae_scale_factor
+        self.multiple = self.scale * self.transformer.config.patch_size  # latents are patchified 2x2
+        self.latent_channels = self.transformer.config.in_channels
 
-    def sigmas(self, num_steps: int) -> torch.Tensor:
-        """The scheduler's shifted sigmas (T+1,), from 1 to 0 (SD3.5: shift 3)."""
+    def sigmas(self, num_steps: int, size: tuple | None = None) -> torch.Tensor:
+        """The scheduler's shifted sigmas (T+1,), from 1 to 0 (SD3.5: shift 3, whatever the size)."""
         self.scheduler.set_timesteps(num_steps, device="cpu")
         return self.scheduler.sigmas.float().cpu()
 
@@ -1423,18 +1480,19 @@ class SD3Renderer(Renderer):
 
     def velocity(self, x: torch.Tensor, sigma: float, cond: tuple,
                  guidance: float | None = None) -> torch.Tensor:
-        """v_theta(x_t, t, c) with classifier-free guidance, in float32. x: (B, C, h, w). guidance 1.0 runs
-        the conditional half only."""
+        """v_theta(x_t, t, c) with classifier-free guidance (when `guided`), in float32. x: (B, C, h, w)."""
         emb, pooled = cond
-        if guidance == 1.0:  # conditional only: the second half of each [negative; positive] pair
-            emb, pooled = emb[len(x):], pooled[len(x):]
-        x_in = (torch.cat([x, x]) if len(emb) == 2 * len(x) else x).to(self.dtype)
+        guided = self.guided(guidance)
+        if not guided:  # the conditional half of each [negative; positive] pair
+            emb = emb[len(x):]
+            pooled = pooled[len(x):]
+        x_in = (torch.cat([x, x]) if guided else x).to(self.dtype)
         t = torch.full((len(x_in),), float(sigma) * self.scheduler.config.num_train_timesteps,
                        device=x.device)
         # t in fp32, as diffusers
         v = self.transformer(hidden_states=x_in, timestep=t, encoder_hidden_states=emb,
                              pooled_projections=pooled, return_dict=False)[0]
-        return v.float() if guidance == 1.0 else self.cfg(v, guidance)
+        return self.cfg(v, guidance) if guided else v.float()
 
     @torch.no_grad()
     def decode(self, x: torch.Tensor) -> list:
@@ -1444,9 +1502,11 @@ class SD3Renderer(Renderer):
                                            return_dict=False)[0])
 
     @torch.no_grad()
-    def encode_image(self, image: Image.Image) -> torch.Tensor:
-        """PIL image -> latents (1, C, h, w), deterministic (the posterior's mode)."""
-        z = self.vae.encode(self.pixels(image).to(self.vae.dtype)).latent_dist.mode().float()
+    def encode_image(self, image: Image.Image, size: tuple | None = None) -> torch.Tensor:
+        """PIL image -> latents (1, C, h, w) at size (H, W) (None: the --resolution square), deterministic
+        (the posterior's mode): the start of an SDEdit."""
+        size = size or (self.args.resolution, self.args.resolution)
+        z = self.vae.encode(self.pixels(image, size).to(self.vae.dtype)).latent_dist.mode().float()
         return (z - self.vae.config.shift_factor) * self.vae.config.scaling_factor
 
 
@@ -1688,11 +1748,36 @@ def log_step(step: int, groups: list, stats: list, zero_std_frac: float, timers:
         tqdm.write(f"step {step}: " + ", ".join(f"{k} {row[k]:.3f}" for k in shown if row[k] is not None))
     last = step == args.steps - 1
     if args.sample_every and (step % args.sample_every == 0 or last):
-        grid_rows = [group_tiles(g) for g in groups[:4]]
-        tiles = [t for grid_row in grid_rows for t in grid_row]
-        save_grid(os.path.join(out, "samples", f"step_{step:06d}.png"), tiles, cols=max(map(len, grid_rows)))
+        grid_rows = [(f"{g.task}: {g.row['prompt']}", group_tiles(g)) for g in groups[:4]]
+        save_grid(os.path.join(out, "samples", f"step_{step:06d}.png"), grid_rows,
+                  cols=max(len(tiles) for _, tiles in grid_rows))
     if last or (args.sample_every and step % args.sample_every == 0):
         plot_curves(os.path.join(out, "metrics.jsonl"), os.path.join(out, "curves.png"))
+
+
+def run_summary(out: str) -> str:
+    """What a finished run shows, for the console: the first and the last 10 steps' means of the reward (and
+    of the plan accuracy and the SRR keys where the run has them), the evaluation at its first and last step,
+    and where the files are. The last step alone is one noisy batch."""
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    n = min(10, len(rows))
+    lines = [f"done: {len(rows)} steps in {out}/metrics.jsonl; mean of the first {n} -> the last {n} steps:"]
+    for key in ("reward_mean", "plan_accuracy_implicit", "improved_frac", "fpr_frac", "skipped_frac"):
+        first = mean_or_none([r.get(key) for r in rows[:n]])
+        last = mean_or_none([r.get(key) for r in rows[-n:]])
+        if first is not None and last is not None:
+            lines.append(f"  {key:<28} {first:.3f} -> {last:.3f}")
+    evaluated = [r for r in rows if r.get("eval_reward") is not None]
+    if evaluated:
+        a, b = evaluated[0], evaluated[-1]
+        lines.append(f"evaluation on the test prompts, step {a['step']} -> step {b['step']}:")
+        for key in ("eval_reward", "eval_plan_accuracy", "eval_plan_accuracy_implicit"):
+            if a.get(key) is not None and b.get(key) is not None:
+                lines.append(f"  {key:<28} {a[key]:.3f} -> {b[key]:.3f}")
+    lines.append(f"curves: {out}/curves.png; samples: {out}/samples/; evaluation grids: {out}/eval/; "
+                 f"checkpoints: {out}/checkpoints/")
+    return "\n".join(lines)
 
 
 def question_tags(rows: list) -> list:
@@ -1721,7 +1806,7 @@ def save_rounds(out: str, prompt: str, rounds: list):
     for r in rounds:
         label = f"round {r['round']}" + (f"  R {r['reward']:.2f}" if r["reward"] is not None else "")
         tiles.append((Image.open(os.path.join(out, r["image"])), label, r["text"]))
-    save_grid(os.path.join(out, "side_by_side.png"), tiles, cols=len(rounds))
+    save_grid(os.path.join(out, "side_by_side.png"), [(prompt, tiles)], cols=len(rounds))
     print(f"wrote {out}/side_by_side.png")
 
 
@@ -1750,18 +1835,39 @@ def setup_distributed():
     return torch.distributed.get_rank(), world, torch.device(f"cuda:{local}" if cuda else "cpu")
 
 
-def save_grid(path: str, tiles: list, cols: int):
-    """A PNG grid of (image, label, text) tiles: rewards and the reasoning (SRR: the
-    reflection) under each."""
-    cell = 128
-    rows = math.ceil(len(tiles) / cols)
-    grid = Image.new("RGB", (cols * cell, rows * (cell + 36)), "white")
+def save_grid(path: str, rows: list, cols: int):
+    """A PNG that reads alone: rows of (title, tiles), the title (the prompt) above its tiles, each tile an
+    (image, label, text) with the reward and the reasoning (SRR: the reflection) under the image. A row of
+    fewer than `cols` tiles may share a line with the next (the evaluation's one-image rows); a longer one
+    wraps."""
+    cell, band = 128, 36  # tile side; the height of the title band and of the text under a tile
+    lines = [[]]  # lines of (first column, title, tiles)
+    for title, tiles in rows:
+        for i in range(0, len(tiles), cols):
+            chunk = tiles[i:i + cols]
+            used = sum(len(t) for _, _, t in lines[-1])
+            if used + len(chunk) > cols:
+                lines.append([])
+                used = 0
+            lines[-1].append((used, title if i == 0 else "", chunk))
+    height = cell + 2 * band
+    grid = Image.new("RGB", (cols * cell, len(lines) * height), "white")
     draw = ImageDraw.Draw(grid)
-    for n, (im, label, text) in enumerate(tiles):
-        x0, y0 = (n % cols) * cell, (n // cols) * (cell + 36)
-        grid.paste(im.resize((cell, cell), Image.NEAREST), (x0, y0))
-        for line, (s, color) in enumerate([(label, "black"), (text[:24], "gray"), (text[24:48], "gray")]):
-            draw.text((x0 + 2, y0 + cell + 1 + 11 * line), s, fill=color)
+    for n, line in enumerate(lines):
+        y0 = n * height
+        for col, title, tiles in line:
+            x0 = col * cell
+            # the title wrapped to the row's width, about 6 px a character; a third line would not fit
+            wrapped = textwrap.wrap(title, max(1, len(tiles) * cell // 6 - 1)) or [""]
+            wrapped = wrapped[:2] if len(wrapped) <= 2 else [wrapped[0], wrapped[1][:-3] + "..."]
+            for k, s in enumerate(wrapped):
+                draw.text((x0 + 2, y0 + 2 + 14 * k), s, fill="navy")
+            for j, (im, label, text) in enumerate(tiles):
+                x = x0 + j * cell
+                grid.paste(im.resize((cell, cell), Image.NEAREST), (x, y0 + band))
+                under = [(label, "black"), (text[:20], "gray"), (text[20:40], "gray")]
+                for k, (s, color) in enumerate(under):
+                    draw.text((x + 2, y0 + band + cell + 1 + 11 * k), s, fill=color)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     grid.save(path)
 
@@ -1835,7 +1941,9 @@ def evaluate(policy: Policy, rows: list, args: Args, client, path: str, rank=0, 
         tiles.append((image, rows[k]["prompt"]))
         plans.append((plan, rows[k].get("target"), rows[k].get("kind")))
     rewards = [f.result()["rewards"][0] for f in futures]
-    tiles = [(im, f"R {r:.2f}", p) for (im, p), r in zip(tiles, rewards)]
+    # one row per prompt: the prompt above its image, the reward and the plan under it
+    tiles = [(prompt, [(im, f"R {r:.2f}", plan)])
+             for (im, prompt), (plan, _, _), r in zip(tiles, plans, rewards)]
     if world > 1:
         everyone = [None] * world
         torch.distributed.all_gather_object(everyone, (rewards, plans))
@@ -2394,7 +2502,8 @@ def toy_renderer_prior(renderer: Renderer, vae_steps: int, vae_lr: float, steps:
     targets = toy_targets()
     images = [toy_image(t, renderer.args.resolution) for t in targets]
     # (8, 3, H, W) in [-1, 1]
-    pixels = torch.cat([renderer.pixels(im) for im in images]).to(renderer.vae.dtype)
+    size = (renderer.args.resolution, renderer.args.resolution)
+    pixels = torch.cat([renderer.pixels(im, size) for im in images]).to(renderer.vae.dtype)
 
     def vae_loss(step):  # x -> z (the posterior's mode, as encode_image takes it) -> x, z near unit scale
         x = pixels[rng.choices(range(len(targets)), k=batch)]
@@ -2459,6 +2568,7 @@ def toy_world_dir(args: Args) -> str:
     return os.path.join(root, "toy-" + hashlib.sha256(key.encode()).hexdigest()[:16])
 
 
+@torch.enable_grad()  # `sample` and `eval` load the policy under no_grad; the priors are trained
 def build_toy_world(folder: str) -> tuple[str, str]:
     """The toy reasoner and renderer with their priors, built into `folder` unless it holds them already.
     Returns (reasoner path, renderer path)."""
@@ -2690,28 +2800,34 @@ BENCHMARKS = {
                     score=["python evaluation/evaluate_images.py {tree} "
                            "--outfile {tree}_scores/results.jsonl --model-path <OBJECT_DETECTOR_FOLDER>",
                            "python evaluation/summary_scores.py {tree}_scores/results.jsonl"]),
+    # DPG-Bench's dist_eval.sh launches PROCESSES=8 processes unless told: one per GPU here
     "dpg": dict(read=read_dpg, samples=(4, 4), repo="github.com/TencentQQGYLab/ELLA (dpg_bench/)",
-                needs="accelerate, pandas, modelscope and its mPLUG-large VQA model (fetched on first use); "
-                      "PROCESSES=<number of GPUs> (default 8)",
-                score=["PIC_NUM={samples} bash dpg_bench/dist_eval.sh {tree} {resolution}"]),
+                needs="accelerate, pandas, modelscope and its mPLUG-large VQA model (fetched on first use)",
+                score=["PROCESSES=$(nvidia-smi -L | wc -l) PIC_NUM={samples} bash dpg_bench/dist_eval.sh "
+                       "{tree} {resolution}"]),
+    # WISE's two releases number the same 1000 prompts differently (668 ids hold another prompt): each release
+    # has its own command, and the other one's would judge every image against another prompt
     "wise": dict(read=read_wise, samples=(1, 1), repo="github.com/PKU-YuanGroup/WISE",
-                 needs="score with the release you drew: WISE_Verified (data_verified/) with a vLLM server "
-                       "of Qwen3.5-35B-A3B at $VLLM_API_BASE (first command), the original WISE "
-                       "(WISE_legacy/data/) with the OpenAI API and gpt-4o-2024-05-13 (second command)",
-                 score=["IMAGE_DIR={tree} bash eval_qwen.sh",
-                        "cd WISE_legacy && for c in cultural_common_sense spatio-temporal_reasoning "
-                        "natural_science; do python gpt_eval.py --json_path data/$c.json --image_dir {tree} "
-                        "--output_dir {tree}/Results/$c --api_key $OPENAI_API_KEY --model gpt-4o-2024-05-13 "
-                        "--result_full {tree}/Results/${{c}}_full_results.json "
-                        "--result_scores {tree}/Results/${{c}}_scores.jsonl; "
-                        "done && python Calculate.py {tree}/Results/cultural_common_sense_scores.jsonl "
-                        "{tree}/Results/natural_science_scores.jsonl "
-                        "{tree}/Results/spatio-temporal_reasoning_scores.jsonl --category all"]),
+                 needs={"verified": "WISE_Verified (data_verified/): a vLLM server of Qwen3.5-35B-A3B at "
+                                    "$VLLM_API_BASE",
+                        "legacy": "the original WISE (WISE_legacy/data/): the OpenAI API, gpt-4o-2024-05-13"},
+                 score={"verified": ["IMAGE_DIR={tree} bash eval_qwen.sh"],
+                        "legacy": [
+                            "cd WISE_legacy && for c in cultural_common_sense spatio-temporal_reasoning "
+                            "natural_science; do python gpt_eval.py --json_path data/$c.json "
+                            "--image_dir {tree} --output_dir {tree}/Results/$c --api_key $OPENAI_API_KEY "
+                            "--model gpt-4o-2024-05-13 "
+                            "--result_full {tree}/Results/${{c}}_full_results.json "
+                            "--result_scores {tree}/Results/${{c}}_scores.jsonl; "
+                            "done && python Calculate.py {tree}/Results/cultural_common_sense_scores.jsonl "
+                            "{tree}/Results/natural_science_scores.jsonl "
+                            "{tree}/Results/spatio-temporal_reasoning_scores.jsonl --category all"]}),
+    # TIIF-Bench's test and testmini sets hold different prompts under the same file names: the questions
+    # (--jsonl_dir) must be the drawn set's
     "tiif": dict(read=read_tiif, samples=(1, 1), repo="github.com/A113N-W3I/TIIF-Bench",
-                 needs="an OpenAI-compatible VLM (GPT-4o, or Qwen2.5-VL-72B served by vLLM); --jsonl_dir "
-                       "must be the eval prompts of the set drawn (testmini_eval_prompts for "
-                       "testmini_prompts); pandas, openpyxl",
-                 score=["python eval/eval_with_vlm.py --jsonl_dir data/test_eval_prompts --image_dir {tree} "
+                 needs="an OpenAI-compatible VLM (GPT-4o, or Qwen2.5-VL-72B served by vLLM); pandas, "
+                       "openpyxl",
+                 score=["python eval/eval_with_vlm.py --jsonl_dir {questions} --image_dir {tree} "
                         "--eval_model {model} --output_dir {tree}_scores --api_key $API_KEY "
                         "--base_url $BASE_URL --model gpt-4o",
                         "python eval/summary_results.py --input_dir {tree}_scores",
@@ -2721,12 +2837,54 @@ BENCHMARKS = {
     "gedit": dict(read=read_gedit, samples=(1, 1), repo="github.com/stepfun-ai/Step1X-Edit (GEdit-Bench/)",
                   needs="datasets (the scorer reloads stepfun-ai/GEdit-Bench from the Hub), megfile, pandas; "
                         "a GPT-4.1 key in secret_t2.env, or --backbone qwen25vl with "
-                        "Qwen2.5-VL-72B-Instruct-AWQ",
+                        "Qwen2.5-VL-72B-Instruct-AWQ; first fix line 75 of test_gedit_score.py, which "
+                        "iterates the dataset dict instead of its split (Step1X-Edit issue #76): "
+                        "dataset = load_dataset(\"stepfun-ai/GEdit-Bench\")[\"train\"]",
                   score=["cd GEdit-Bench && python test_gedit_score.py --model_name {model} "
                          "--save_path {tree} --backbone gpt4o",
                          "cd GEdit-Bench && python calculate_statistics.py --model_name {model} "
                          "--save_path {tree} --backbone gpt4o --language en"]),
 }
+
+
+def drawn_set(benchmark: str, data: str) -> str | None:
+    """Which of a benchmark's prompt sets `data` holds, where its scorer's command depends on it: TIIF-Bench's
+    'test' or 'testmini' (data/test_prompts or data/testmini_prompts, by the folder's name) and WISE's
+    release, 'verified' (data_verified/*_verified.json, merge.json) or 'legacy' (WISE_legacy/data/*.json), by
+    the files' names. None for the other benchmarks, or when the name does not tell."""
+    if benchmark == "tiif":
+        folder = data if os.path.isdir(data) else os.path.dirname(os.path.abspath(data))
+        return {"test_prompts": "test", "testmini_prompts": "testmini"}.get(os.path.basename(
+            os.path.normpath(folder)))
+    if benchmark == "wise":
+        names = [os.path.basename(f) for f in files_in(data, ".json", "WISE's --data")
+                 if f == data or not f.endswith("_rewrite.json")]
+        verified = [n.endswith("_verified.json") or n == "merge.json" for n in names]
+        return "verified" if all(verified) else "legacy" if not any(verified) else None
+    return None
+
+
+def scorer_commands(benchmark: str, data: str, tree: str, K: int, resolution: int) -> tuple[list, str]:
+    """The official scorer's commands for one round's tree (an absolute path: WISE's and GEdit-Bench's scripts
+    change directory first) and the set drawn from `data`, and what they need. Returns (commands, needs)."""
+    bench = BENCHMARKS[benchmark]
+    which = drawn_set(benchmark, data)
+    score = bench["score"]
+    needs = bench["needs"]
+    if isinstance(score, dict):  # one command per release (WISE)
+        if which is None:
+            raise ValueError(f"{data}: WISE files of both releases (*_verified.json and the original names); "
+                             "draw one release at a time, each has its own scorer")
+        score = score[which]
+        needs = needs[which]
+    # TIIF-Bench: the questions of the drawn set; a folder of another name gets a placeholder that fails
+    # loudly when run
+    questions = {"test": "data/test_eval_prompts", "testmini": "data/testmini_eval_prompts"}.get(
+        which, "<EVAL_PROMPTS_OF_THE_SET_DRAWN>")
+    tree = shlex.quote(os.path.abspath(tree))
+    commands = [c.format(tree=tree, samples=K, resolution=resolution, model=MODEL_NAME, questions=questions)
+                for c in score]
+    return commands, needs
 
 
 def save_atomic(path: str, data):
@@ -2806,10 +2964,10 @@ def evaluate_benchmark(args: Args, benchmark: str, data: str, refine_rounds: int
                    "images_per_round": sum(len(it["images"]) for it in items),
                    "already_done": len(items) - len(todo), "drawn": 0},
         "trees": [os.path.basename(t) for t in trees],
-        "scorer": {"repository": bench["repo"], "needs": bench["needs"], "commands": {
-            os.path.basename(t): [c.format(tree=shlex.quote(os.path.abspath(t)), samples=K,
-                                           resolution=args.resolution, model=MODEL_NAME)
-                                  for c in bench["score"]] for t in trees}},
+        "scorer": {"repository": bench["repo"], "set": drawn_set(benchmark, data),
+                   "needs": scorer_commands(benchmark, data, trees[0], K, args.resolution)[1],
+                   "commands": {os.path.basename(t): scorer_commands(benchmark, data, t, K,
+                                                                     args.resolution)[0] for t in trees}},
     }
     check_models(args, out)
     os.makedirs(out, exist_ok=True)
@@ -2830,13 +2988,15 @@ def evaluate_benchmark(args: Args, benchmark: str, data: str, refine_rounds: int
         for j in range(K):
             gen = seed_torch_and_group_rng(args, j, seeds[it["id"]])
             image = source
+            # every round of an edit at the source's aspect ratio (the scorer resizes it to the source's size)
+            size = policy.renderer.edit_size(source) if source is not None else None
             for k in range(len(trees)):
                 if k == 0 and source is None:  # text-to-image: plan, then draw
                     image, text = draw(policy, args, it["prompt"], gen, reasoning)
                 else:
                     # GEdit-Bench's round 0 edits the source image; every later round refines the last image
                     image, text = refine(policy, args, it["prompt"], image, gen, reasoning,
-                                         EDIT_INSTRUCTION if k == 0 else REFLECT_INSTRUCTION)
+                                         EDIT_INSTRUCTION if k == 0 else REFLECT_INSTRUCTION, size)
                 rounds[k].append(image)
                 texts.append({"id": it["id"], "sample": j, "round": k, "text": text})
         for tree, images in zip(trees, rounds):  # the images last: an item counts as done once they exist
@@ -2851,7 +3011,8 @@ def evaluate_benchmark(args: Args, benchmark: str, data: str, refine_rounds: int
     manifest["counts"]["drawn"] = len(todo)
     save_atomic(manifest_path, json.dumps(manifest, indent=1))
     print(f"{benchmark}: {len(todo)} prompts drawn, {len(items) - len(todo)} already done, {len(trees)} "
-          f"round(s) in {out}/round_*; score them in a clone of {bench['repo']}, e.g. round 0:")
+          f"round(s) in {out}/round_*; score them in a clone of {bench['repo']} (it needs "
+          f"{manifest['scorer']['needs']}), e.g. round 0:")
     for c in manifest["scorer"]["commands"]["round_0"]:
         print("  " + c)
     return out
@@ -2881,10 +3042,11 @@ class RandomRewards:
         pass
 
 
-def memory_plan(policy_parts: dict, args: Args) -> list:
+def memory_plan(policy_parts: dict, args: Args, distilled: bool = False) -> list:
     """Rows (component, parameters, GB) of the GPU memory plan for one group of G trajectories. Frozen
     weights in args.dtype; LoRA weights, grads and AdamW moments in fp32 (16 bytes a parameter); activations
-    with gradient checkpointing: one saved (tokens, hidden) input per block and trained step, x2 for CFG."""
+    with gradient checkpointing: one saved (tokens, hidden) input per block and trained step, x2 where CFG
+    runs (guidance above 1 on a model that is not step-distilled, as `Renderer.guided`)."""
     w = 2 if args.dtype == "bfloat16" else 4
     def numel(m):  # parameters (tied ones once) and the buffers that are saved, without LoRA
         saved = m.state_dict().keys()
@@ -2896,13 +3058,17 @@ def memory_plan(policy_parts: dict, args: Args) -> list:
     rows.append(("LoRA weights + grads + AdamW (fp32)", lora, lora * 16 / 1e9))
     t = policy_parts["renderer.transformer"].config
     klein = "num_single_layers" in t
-    # tokens: image patches (klein editing: twice, the reference's too) + text (SD3: CLIP's 77 + T5's)
-    tokens = (args.resolution // 16) ** 2 * (2 if klein and args.task != "rt2i" else 1) + args.max_text_tokens
+    # tokens: image patches (SRR refined in context on klein: twice, the reference's too) + text (SD3: CLIP's
+    # 77 + T5's)
+    in_context = klein and args.task != "rt2i" and args.srr_refine != "sdedit"
+    tokens = (args.resolution // 16) ** 2 * (2 if in_context else 1) + args.max_text_tokens
     tokens += 0 if klein else 77
     hidden = t.num_attention_heads * t.attention_head_dim
     blocks = t.num_layers + t.num_single_layers if klein else t.num_layers
-    act = 2 * args.group_size * tokens * hidden * w * blocks * args.sde_window
-    rows.append((f"renderer activations ({args.sde_window} trained steps, CFG)", None, act / 1e9))
+    cfg = args.guidance_scale > 1 and not distilled
+    act = (2 if cfg else 1) * args.group_size * tokens * hidden * w * blocks * args.sde_window
+    rows.append((f"renderer activations ({args.sde_window} trained steps{', CFG' if cfg else ''})", None,
+                 act / 1e9))
     r = policy_parts["reasoner"].config.text_config
     seq = 128 + args.max_new_tokens
     # saved layer inputs + fp32 logits and their log-softmax
@@ -2946,7 +3112,7 @@ def dry_run(args: Args):
         parts.update({"renderer.text_encoder (CLIP-L)": pipe.text_encoder,
                       "renderer.text_encoder_2 (CLIP-G)": pipe.text_encoder_2,
                       "renderer.text_encoder_3 (T5)": pipe.text_encoder_3})
-    rows = memory_plan(parts, args)
+    rows = memory_plan(parts, args, policy.renderer.distilled)
     where = "random weights on " + torch.cuda.get_device_name() if cuda else "meta device"
     print(f"--dry-run of the {args.preset} preset ({where}"
           f"), G={args.group_size}, {args.resolution}px, W={args.sde_window}, {args.dtype}")
