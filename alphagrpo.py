@@ -299,7 +299,9 @@ class Args:
     latents; the toy's 4x4x16 latents average 256x fewer elements, so its ratios move ~16x more)."""
     adv_clip: float = 5.0
     """Advantages are clipped to [-adv_clip, adv_clip] where they are assigned, so the text and the image of a
-    trajectory share one number (Flow-GRPO and the official code clip the image's alone)."""
+    trajectory share one number (Flow-GRPO and the official code clip the image's alone). It fires only with
+    the batch-wide std (a group's own std keeps |A| <= sqrt(G - 1)), and where it fires the group's
+    advantages no longer sum to 0."""
     beta_text: float = 0.0
     """beta_text, weight of the k3 KL to the reference (LoRA off) on the text."""
     beta_image: float = 0.0
