@@ -2866,9 +2866,10 @@ def drawn_set(benchmark: str, data: str) -> str | None:
     return None
 
 
-def scorer_commands(benchmark: str, data: str, tree: str, K: int, resolution: int) -> tuple[list, str]:
-    """The official scorer's commands for one round's tree (an absolute path: WISE's and GEdit-Bench's scripts
-    change directory first) and the set drawn from `data`, and what they need. Returns (commands, needs)."""
+def scorer_commands(benchmark: str, data: str, trees: list, K: int, resolution: int) -> tuple[dict, str]:
+    """The official scorer's commands for each round's tree (absolute paths: WISE's and GEdit-Bench's scripts
+    change directory first) and the set drawn from `data`, and what they need.
+    Returns ({tree's folder name: commands}, needs)."""
     bench = BENCHMARKS[benchmark]
     which = drawn_set(benchmark, data)
     score = bench["score"]
@@ -2883,9 +2884,9 @@ def scorer_commands(benchmark: str, data: str, tree: str, K: int, resolution: in
     # loudly when run
     questions = {"test": "data/test_eval_prompts", "testmini": "data/testmini_eval_prompts"}.get(
         which, "<EVAL_PROMPTS_OF_THE_SET_DRAWN>")
-    tree = shlex.quote(os.path.abspath(tree))
-    commands = [c.format(tree=tree, samples=K, resolution=resolution, model=MODEL_NAME, questions=questions)
-                for c in score]
+    commands = {os.path.basename(t): [c.format(tree=shlex.quote(os.path.abspath(t)), samples=K,
+                                               resolution=resolution, model=MODEL_NAME, questions=questions)
+                                      for c in score] for t in trees}
     return commands, needs
 
 
@@ -2956,6 +2957,7 @@ def evaluate_benchmark(args: Args, benchmark: str, data: str, refine_rounds: int
             raise ValueError(f"{out} holds images made with other settings ({changed}): use another --out")
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    commands, needs = scorer_commands(benchmark, data, trees, K, args.resolution)
     manifest = {
         "benchmark": benchmark, "checkpoint": arguments["checkpoint"] or None, "commit": commit,
         "arguments": arguments,
@@ -2966,10 +2968,8 @@ def evaluate_benchmark(args: Args, benchmark: str, data: str, refine_rounds: int
                    "images_per_round": sum(len(it["images"]) for it in items),
                    "already_done": len(items) - len(todo), "drawn": 0},
         "trees": [os.path.basename(t) for t in trees],
-        "scorer": {"repository": bench["repo"], "set": drawn_set(benchmark, data),
-                   "needs": scorer_commands(benchmark, data, trees[0], K, args.resolution)[1],
-                   "commands": {os.path.basename(t): scorer_commands(benchmark, data, t, K,
-                                                                     args.resolution)[0] for t in trees}},
+        "scorer": {"repository": bench["repo"], "set": drawn_set(benchmark, data), "needs": needs,
+                   "commands": commands},
     }
     check_models(args, out)
     os.makedirs(out, exist_ok=True)

@@ -2417,7 +2417,7 @@ def test_scorer_commands_fit_the_drawn_set(tmp_path, monkeypatch):
     tiif = bench_data(tmp_path / "a", "tiif")
     mini = tmp_path / "a" / "testmini_prompts"
     tiif.rename(mini)
-    cmd = lambda b, d: ag.scorer_commands(b, str(d), "out/round_0", 1, 32)[0]
+    cmd = lambda b, d: ag.scorer_commands(b, str(d), ["out/round_0"], 1, 32)[0]["round_0"]
     assert "--jsonl_dir data/testmini_eval_prompts " in cmd("tiif", mini)[0]
     assert "--jsonl_dir data/testmini_eval_prompts " in cmd("tiif", next(mini.iterdir()))[0]  # one file of the set
     mini.rename(tiif)
@@ -2443,7 +2443,7 @@ def test_scorer_commands_fit_the_drawn_set(tmp_path, monkeypatch):
         data = {"wise": tmp_path / "b" / "data"}.get(benchmark) or bench_data(tmp_path / benchmark, benchmark)
         if benchmark == "wise":
             (wise / "cultural_common_sense.json").unlink()
-        for c in ag.scorer_commands(benchmark, str(data), "out/round_0", 1, 32)[0]:
+        for c in ag.scorer_commands(benchmark, str(data), ["out/round_0"], 1, 32)[0]["round_0"]:
             assert str(tmp_path / "out" / "round_0") in c and " out/round_0" not in c, c
 
 
