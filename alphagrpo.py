@@ -5,8 +5,8 @@ Decompositional Verifiable Reward" (https://huangrh99.github.io/AlphaGRPO/). Rea
 the method comes first and in the paper's order (Sec. 3 preliminaries -> Sec. 4.1 AlphaGRPO and FPR ->
 arguments -> models -> rollouts -> the objective -> the loop -> inference -> main); the comments name the
 section or equation that each line computes. An APPENDIX after `main` holds what a reader of the method can
-skip: the command line, model loading, the second renderer (SD3.5), the reward client, metrics, checkpoints,
-the toy models and their priors, benchmark outputs, the memory plan, dry run and bench.
+skip: the command line, model loading, the decoupled policy's renderers (klein, SD3.5), the reward client,
+metrics, checkpoints, the toy models and their priors, benchmark outputs, the memory plan, dry run and bench.
 
 What is implemented
 - The unified trajectory o = (y, x_T..x_0) (Sec. 4.1): a reasoner writes text y, then a renderer draws the
@@ -18,20 +18,25 @@ What is implemented
   (Sec. 4.1), the refinement generated with the initial image in context; rewards from the DVReward server
   (`reward_server.py`, Sec. 4.2) over HTTP, asynchronously.
 
-The policy is "decoupled unified": no AR-diffusion unified model (BAGEL, Show-o2) ships in transformers
-or diffusers, so a Qwen3-VL instruct model reasons and FLUX.2 klein draws and edits (Stable Diffusion 3.5,
-which cannot edit, is the Flow-GRPO-comparable alternative). Both get a small LoRA and one optimizer;
-`Reasoner` and `Renderer` are the whole interface a BAGEL adapter would fill. The toy preset builds the
-same classes at tiny sizes with a short supervised prior, so every code path runs on a laptop CPU.
+Two policies behind one interface (`Reasoner`, `Renderer`). Unified (`--policy unified`, the paper's
+setting): one Cosmos3 network reasons and draws; its understanding stream is the Qwen3-VL language model that
+writes the reasoning (transformers) and the context its generation stream denoises the image from (diffusers),
+the same tensors in both, so one LoRA learns from the text loss and from the image loss. Decoupled (the
+default): a Qwen3-VL reasoner beside FLUX.2 klein (which edits in context) or Stable Diffusion 3.5 (which
+cannot, the Flow-GRPO-comparable one). The toy preset builds the same classes at tiny sizes with a short
+supervised prior, so every code path runs on a laptop CPU.
 
-Left out: full fine-tuning, FSDP/DeepSpeed, BAGEL itself, the benchmarks' scorers (`eval` writes their
-input trees), re-implementing the official code's top-p sampling (off-policy: see README).
+Left out: full fine-tuning, FSDP/DeepSpeed, BAGEL itself (not in transformers or diffusers; Cosmos3 is the
+same design), the benchmarks' scorers (`eval` writes their input trees), re-implementing the official code's
+top-p sampling (off-policy: see README).
 
 Launch
     python alphagrpo.py                         # the toy world on the CPU, with its own toy reward server
     python alphagrpo.py --task srr              # Self-Reflective Refinement with FPR, in context
+    python alphagrpo.py --policy unified        # one network reasons and draws (a tiny Cosmos3)
     python reward_server.py --verifier Qwen/Qwen3-VL-8B-Instruct --port 8000           # on a GPU
     python alphagrpo.py --preset klein --reward-url http://127.0.0.1:8000              # on an 80 GB GPU
+    python alphagrpo.py --preset cosmos3 --reward-url http://127.0.0.1:8000            # unified, 80 GB
     python alphagrpo.py sample --prompt "a calm sea below" --refine-rounds 2 --checkpoint runs/toy-rt2i-TIME
     python alphagrpo.py eval --benchmark geneval --data geneval/prompts/evaluation_metadata.jsonl --out DIR
     python alphagrpo.py bench --preset klein    # GPU figures at real shapes, random weights (README)
@@ -233,6 +238,10 @@ class Args:
     preset: str = "toy"
     """'toy' (the toy world: tiny models with a cached prior, CPU), 'klein' (Qwen3-VL + FLUX.2 klein,
     recommended) or 'sd35' (Qwen3-VL + Stable Diffusion 3.5 medium, comparable with Flow-GRPO)."""
+    policy: str = "decoupled"
+    """'unified': one network reasons and draws (Cosmos3: the reasoner's language model is the generator's
+    understanding stream, as BAGEL in the paper); 'decoupled': a reasoner (Qwen3-VL) and a separate renderer
+    (FLUX.2 klein or SD3.5). Picks the toy world's models; a real preset's checkpoint says which it is."""
     task: str = "rt2i"
     """'rt2i' reasoning text-to-image, 'srr' self-reflective refinement, 'mix' both (Sec. 4.1)."""
     steps: int = 80
@@ -400,6 +409,17 @@ PRESETS = {
     ),
     # Real checkpoints on one 80 GB GPU (settings of Flow-GRPO's SD3.5 config and the official code): the
     # preset to compare with Flow-GRPO. SD3.5 cannot edit: its SRR refines by SDEdit.
+    # The unified policy on one 80 GB GPU: Cosmos3-Nano (16B: a Qwen3-VL-8B that reasons, a generation stream
+    # of the same size that draws) names both halves. Its pipeline's defaults: 35 steps, CFG 6; the sampler
+    # settings otherwise follow klein's (README: G 8 fits 80 GB at 512 px with checkpointing).
+    "cosmos3": dict(
+        policy="unified", reasoner="nvidia/Cosmos3-Nano", renderer="nvidia/Cosmos3-Nano",
+        prompts="prompts.jsonl",
+        dtype="bfloat16", steps=1000, resolution=512, num_steps=10, eval_num_steps=35, sde_window=2,
+        sde_window_start_max=2, guidance_scale=6.0, max_new_tokens=256, max_text_tokens=512, image_clip=1e-4,
+        lr=3e-4, reasoner_lr=5e-5, lora_rank=32, lora_alpha=64.0, group_size=8, groups_per_step=4,
+        srr_candidates=4, std_mode="group", gradient_checkpointing=True,
+    ),
     "sd35": dict(
         reasoner="Qwen/Qwen3-VL-4B-Instruct", renderer="stabilityai/stable-diffusion-3.5-medium",
         prompts="prompts.jsonl", dtype="bfloat16", steps=1000, resolution=512, num_steps=10,
@@ -430,7 +450,7 @@ REFLECT_INSTRUCTION = (
 
 
 # --------------------------------------------------------------------------------------------------
-# The models: a hand-written LoRA, the reasoner (transformers), the renderers (diffusers)
+# The models: a hand-written LoRA, the reasoner (transformers), the renderer (diffusers), one network
 # --------------------------------------------------------------------------------------------------
 
 
@@ -593,8 +613,9 @@ class Renderer:
     noise(), sigmas(), encode() (text, and a reference image where the model can edit), velocity(), decode(),
     encode_image(). Latents x are (B, C, h, w) in the space the sampler steps in; one latent cell is `scale`
     pixels a side. Images are --resolution squares, except an edit, drawn at its source's aspect ratio
-    (`edit_size`). Two models fill it: KleinRenderer (FLUX.2 klein) below, and SD3Renderer (Stable Diffusion
-    3.5) in the appendix."""
+    (`edit_size`). Three models fill it: CosmosRenderer below (the unified policy: the reasoner's own
+    network draws), and the decoupled policy's KleinRenderer (FLUX.2 klein) and SD3Renderer (SD3.5) in the
+    appendix."""
 
     can_edit = False  # True where the reference image can join the context (SRR refined in context)
     distilled = False  # True for step-distilled models, which take no guidance
@@ -649,8 +670,9 @@ class Renderer:
 
     def pixels(self, image: Image.Image, size: tuple, resize_mode: str = "default") -> torch.Tensor:
         """PIL image -> (1, 3, H, W) in [-1, 1] at size (H, W), through the pipeline's own image processor."""
-        pixels = self.pipe.image_processor.preprocess(image.convert("RGB"), height=size[0], width=size[1],
-                                                      resize_mode=resize_mode)
+        processor = getattr(self.pipe, "image_processor", None) or self.pipe.video_processor  # Cosmos3: video
+        pixels = processor.preprocess(image.convert("RGB"), height=size[0], width=size[1],
+                                      resize_mode=resize_mode)
         return pixels.to(self.device)
 
     def to_pil(self, img: torch.Tensor) -> list:
@@ -659,102 +681,154 @@ class Renderer:
         return [Image.fromarray(a) for a in img.permute(0, 2, 3, 1).cpu().numpy()]
 
 
-class KleinRenderer(Renderer):
-    """FLUX.2 klein (`Flux2KleinPipeline`): a Qwen3 text encoder read at three hidden layers, a transformer
-    over latent tokens. x is the pipeline's normalized latent: the VAE's 32 channels patchified 2x2 into 128,
-    then standardized by the VAE's batch-norm statistics, (B, 128, h, w); it is packed into h*w tokens with
-    4-axis position ids (time, row, column, layer) only for the transformer. A reference image (SRR's initial
-    image) enters as more tokens of the same kind at time 10: the model sees it and redraws from noise."""
+def share_understanding_stream(transformer: nn.Module, model: nn.Module):
+    """Make one network of the two classes (the unified policy): Cosmos3's transformer (diffusers) holds an
+    understanding stream that *is* a Qwen3-VL language model (transformers'
+    Cosmos3OmniForConditionalGeneration reads it from the same checkpoint). Replace the transformer's copy
+    with the reasoner's own modules and parameters, so that the weights exist once and the reasoner's LoRA
+    (already on q/k/v/o and the MLP) is in both: the text loss and the image loss reach the same tensors.
+    The generation stream keeps its own."""
+    lm = model.model.language_model
+    pairs = [("embed_tokens", lm.embed_tokens), ("norm", lm.norm), ("lm_head", model.lm_head)]
+    for block, layer in zip(transformer.layers, lm.layers, strict=True):
+        a, b = block.self_attn, layer.self_attn
+        pairs += [(a.to_q, b.q_proj), (a.to_k, b.k_proj), (a.to_v, b.v_proj), (a.to_out, b.o_proj),
+                  (a.norm_q, b.q_norm), (a.norm_k, b.k_norm), (block.mlp, layer.mlp),
+                  (block.input_layernorm, layer.input_layernorm),
+                  (block.post_attention_layernorm, layer.post_attention_layernorm)]
+    pairs = [(getattr(transformer, p) if isinstance(p, str) else p, q) for p, q in pairs]
+    for ours, theirs in pairs:
+        mine = {n: t.shape for n, t in ours.named_parameters()}
+        shared = {n.replace("base.", ""): t.shape for n, t in theirs.named_parameters() if ".lora_" not in n
+                  and not n.startswith("lora_")}
+        if mine != shared:
+            raise ValueError(f"the generator's understanding stream does not match the reasoner's language "
+                             f"model ({type(ours).__name__} {mine} vs {type(theirs).__name__} {shared})")
+    with torch.no_grad():
+        transformer.embed_tokens.weight = lm.embed_tokens.weight
+        transformer.norm.weight = lm.norm.weight
+        transformer.lm_head.weight = model.lm_head.weight
+    for block, layer in zip(transformer.layers, lm.layers):
+        a, b = block.self_attn, layer.self_attn
+        # Linear layers as modules (their LoRA with them), norms as parameters (each class keeps its own code)
+        a.to_q, a.to_k, a.to_v, a.to_out, block.mlp = b.q_proj, b.k_proj, b.v_proj, b.o_proj, layer.mlp
+        a.norm_q.weight, a.norm_k.weight = b.q_norm.weight, b.k_norm.weight
+        block.input_layernorm.weight = layer.input_layernorm.weight
+        block.post_attention_layernorm.weight = layer.post_attention_layernorm.weight
+
+
+class CosmosRenderer(Renderer):
+    """The unified policy's image half: Cosmos3 (`Cosmos3OmniPipeline`), a BAGEL-style mixture of
+    transformers.
+    Understanding tokens (the chat-templated prompt and reasoning) run through the Qwen3-VL language model,
+    causally; generation tokens (2x2 patches of Wan VAE latents) run through their own projections and MLP and
+    attend to all of it, predicting the velocity noise - x_0. The understanding stream is the reasoner's own
+    (`share_understanding_stream`): one network reasons and draws. Each call is one packed sequence of one
+    sample, so a batch of B is B calls (2B with CFG), as the pipeline runs it. x: (B, C, h, w), the pipeline's
+    normalized latents. A reference image (SRR's initial image) joins the sequence as a clean vision item
+    before the noisy one (no timestep embedding, not predicted); the layout is ours (README)."""
 
     can_edit = True
-    # attention (double-stream q/k/v/out and their text twins; single-stream fused qkv+mlp and out) and MLP
-    # projections, named as diffusers' FLUX.2 LoRA loader reads them (Flow-Factory's and DiffSynth's targets)
-    lora_targets = ("to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out,"
-                    "linear_in,linear_out,to_qkv_mlp_proj,attn.to_out")
+    # the generation stream's attention and MLP (the understanding stream's LoRA is the reasoner's)
+    lora_targets = ("add_q_proj,add_k_proj,add_v_proj,to_add_out,mlp_moe_gen.gate_proj,mlp_moe_gen.up_proj,"
+                    "mlp_moe_gen.down_proj")
 
-    def __init__(self, pipe, device, args: Args):
+    def __init__(self, pipe, device, args: Args, reasoner_model: nn.Module):
+        share_understanding_stream(pipe.transformer, reasoner_model)
         super().__init__(pipe, device, args)
-        self.scale = 2 * self.pipe.vae_scale_factor  # the VAE's 8x, then the 2x2 patchify
-        self.multiple = self.scale
-        self.latent_channels = self.transformer.config.in_channels
-        n = self.pipe.text_encoder.config.num_hidden_layers
-        self.text_layers = (n // 4, n // 2, 3 * n // 4)  # (9, 18, 27) for klein's 36-layer Qwen3
-        bn = self.vae.bn
-        self.bn_mean = bn.running_mean.view(1, -1, 1, 1).float().to(device)
-        bn_var = bn.running_var.view(1, -1, 1, 1).float().to(device)
-        self.bn_std = torch.sqrt(bn_var + self.vae.config.batch_norm_eps)
-        # distilled klein models (4 steps) take no guidance; base models use CFG like SD3
-        self.distilled = bool(self.pipe.config.get("is_distilled", False))
+        c = self.transformer.config
+        self.scale = self.pipe.vae_scale_factor_spatial  # pixels per latent cell
+        self.multiple = self.scale * c.latent_patch_size  # pixels per token
+        self.latent_channels = c.latent_channel
+        self.mean = torch.tensor(self.vae.config.latents_mean).view(1, -1, 1, 1).float().to(device)
+        self.std = torch.tensor(self.vae.config.latents_std).view(1, -1, 1, 1).float().to(device)
+        self.timestep = {}  # sigma -> the scheduler's integer timestep
 
     def sigmas(self, num_steps: int, size: tuple | None = None) -> torch.Tensor:
-        """The pipeline's schedule: linspace(1, 1/T) shifted by mu, which grows with the token count h*w of an
-        image of `size` (None: the --resolution square)."""
-        import numpy as np
-        from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
-
-        h, w = self.latent_hw(size)
-        mu = compute_empirical_mu(h * w, num_steps)
-        self.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu, device="cpu")
-        return self.scheduler.sigmas.float().cpu()
+        """The pipeline's schedule (UniPC's flow sigmas, shifted; the same at every size), and its timesteps
+        floor(1000 sigma), which the transformer is called with."""
+        if self.pipe.config.use_native_flow_schedule:
+            import numpy as np
+            n = self.scheduler.config.num_train_timesteps
+            self.scheduler.set_timesteps(num_steps, sigmas=np.linspace(1 - 1 / n, 0, num_steps + 1)[:-1])
+        else:
+            self.scheduler.set_timesteps(num_steps, device="cpu")
+        sigmas = self.scheduler.sigmas.float().cpu()
+        self.timestep.update(zip(sigmas.tolist(), self.scheduler.timesteps.tolist()))
+        return sigmas
 
     @torch.no_grad()
     def encode(self, texts: list[str], reference: torch.Tensor | None = None) -> tuple:
-        """[negative; positive] Qwen3 embeddings (2B, S, 3 D) with their position ids, and the reference's
-        tokens (1, h*w, 128) and ids (h*w, 4), or None."""
-        n = len(texts)
-        emb, txt_ids = self.pipe.encode_prompt(prompt=[""] * n + texts, device=self.device,
-                                               max_sequence_length=self.args.max_text_tokens,
-                                               text_encoder_out_layers=self.text_layers)
-        ref = ref_ids = None
-        # the reference (1, C, h, w) from encode_image is context, never trained; its tokens sit at time
-        # coordinate 10, as the pipeline's image= argument puts them
-        if reference is not None:
-            ref = reference.detach().flatten(2).transpose(1, 2).to(self.dtype)
-            ref_ids = self.pipe._prepare_image_ids([reference])[0].to(self.device)
-        return emb, txt_ids[0], ref, ref_ids
+        """Nothing to run ahead: the understanding stream reads the tokens inside every call. Returns (texts,
+        reference (1, C, h, w) or None, the packed sequences, built once per text and size by `pack`)."""
+        return list(texts), None if reference is None else reference.detach(), {}
+
+    def pack(self, packs: dict, text: str, negative: bool, hw: tuple, reference: torch.Tensor | None) -> dict:
+        """The transformer's static inputs for one sample, built by the pipeline's own helpers as its
+        text-to-image call builds them (chat template, resolution sentence, EOS, <|vision_start|>; 3-D rotary
+        positions): text, then [the clean reference,] the noisy image."""
+        key = (text, negative, hw)
+        if key not in packs:
+            p, dev = self.pipe, self.device
+            H, W = hw[0] * self.scale, hw[1] * self.scale
+            ids = p.tokenize_prompt(text, None, num_frames=1, height=H, width=W)[1 if negative else 0]
+            seg = p._prepare_text_segment(ids, device=dev)
+            offset, curr = seg["vision_start_temporal_offset"], seg["und_len"]
+            items = ([reference] if reference is not None else []) + [torch.zeros(1, 1, 1, *hw)]
+            packed = {k: seg[k] for k in ("input_ids", "text_indexes", "und_len")}
+            lists = {k: [] for k in ("position_ids", "vision_token_shapes", "vision_sequence_indexes",
+                                     "vision_mse_loss_indexes", "vision_noisy_frame_indexes")}
+            lists["position_ids"].append(seg["text_mrope_ids"])
+            for item in items:
+                clean = item is reference
+                vis = p._prepare_vision_segment(item.view(1, -1, 1, *item.shape[-2:]), clean, offset, None,
+                                                curr, dev, condition_frame_indexes=[0] if clean else [])
+                lists["position_ids"].append(vis["vision_mrope_ids"])
+                for k in lists:
+                    if k != "position_ids":
+                        lists[k] += vis[k] if isinstance(vis[k], list) else [vis[k]]
+                offset = math.ceil(vis["vision_mrope_ids"].max().item()) + 1
+                curr += vis["num_vision_tokens"]
+            packed["position_ids"] = torch.cat(lists.pop("position_ids"), 1)
+            packed["vision_sequence_indexes"] = torch.cat(lists.pop("vision_sequence_indexes"))
+            packed["vision_mse_loss_indexes"] = torch.cat(lists.pop("vision_mse_loss_indexes"))
+            packs[key] = {**packed, **lists, "sequence_length": curr,
+                          "noisy_tokens": vis["num_noisy_vision_tokens"]}
+        return packs[key]
 
     def velocity(self, x: torch.Tensor, sigma: float, cond: tuple,
                  guidance: float | None = None) -> torch.Tensor:
         """v_theta(x_t, t, c [, reference]) with classifier-free guidance, in float32. x: (B, C, h, w)."""
-        emb, txt_ids, ref, ref_ids = cond
+        texts, ref, packs = cond
         B, C, h, w = x.shape
-        guided = self.guided(guidance)
-        if not guided:  # the conditional half of each [negative; positive] pair
-            emb = emb[B:]
-        tokens = x.flatten(2).transpose(1, 2)  # (B, h*w, C)
-        tokens = torch.cat([tokens, tokens]) if guided else tokens
-        ids = self.pipe._prepare_latent_ids(x[:1])[0].to(x.device)  # (h*w, 4): (time 0, row, column, layer 0)
-        if ref is not None:  # the reference's tokens follow the noisy ones, in every row of the batch
-            tokens = torch.cat([tokens, ref.expand(len(tokens), -1, -1).to(tokens.dtype)], 1)
-            ids = torch.cat([ids, ref_ids])
-        # the pipeline's timestep: sigma * 1000 rounded to the latents' dtype, then / 1000
-        t = torch.full((len(tokens),), float(sigma) * 1000, device=x.device).to(self.dtype) / 1000
-        v = self.transformer(hidden_states=tokens.to(self.dtype), timestep=t, guidance=None,
-                             encoder_hidden_states=emb, txt_ids=txt_ids, img_ids=ids, return_dict=False)[0]
-        v = v[:, :h * w]  # (B or 2B, h*w, C): the reference's outputs are dropped
-        v = self.cfg(v, guidance) if guided else v.float()
-        return v.transpose(1, 2).reshape(B, C, h, w)
+        t = self.timestep.get(float(sigma), int(float(sigma) * 1000))
+        items = [] if ref is None else [ref.view(1, C, 1, *ref.shape[-2:]).to(self.dtype)]
+        vs = []
+        for i in range(B):
+            v = []
+            for negative in (True, False) if self.guided(guidance) else (False,):
+                packed = dict(self.pack(packs, texts[i], negative, (h, w), ref))
+                timesteps = torch.full((packed.pop("noisy_tokens"),), t, device=x.device)
+                noisy = x[i].view(1, C, 1, h, w).to(self.dtype)
+                preds = self.transformer(**packed, vision_tokens=items + [noisy], vision_timesteps=timesteps,
+                                         return_dict=False)[0]
+                v.append(preds[-1][0, :, 0].float())  # (C, h, w): the noisy item's
+            vs.append(self.cfg(torch.stack(v), guidance)[0] if len(v) == 2 else v[0])
+        return torch.stack(vs)
 
     @torch.no_grad()
     def decode(self, x: torch.Tensor) -> list:
-        """Normalized latents (B, 128, h, w) -> un-standardize, unpatchify to (B, 32, 2h, 2w), VAE decode."""
-        z = self.pipe._unpatchify_latents(x.float() * self.bn_std + self.bn_mean)
-        return self.to_pil(self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0])
+        """Normalized latents (B, C, h, w) -> the VAE's (B, C, 1, h, w) -> pixels (one frame)."""
+        z = (x.float() * self.std + self.mean)[:, :, None]
+        return self.to_pil(self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0][:, :, 0])
 
     @torch.no_grad()
     def encode_image(self, image: Image.Image, size: tuple | None = None) -> torch.Tensor:
-        """PIL image -> normalized latents (1, 128, h, w), the posterior's mode. size None: as the pipeline's
-        image= takes a reference, at the image's own aspect ratio and size (at most 1024^2 pixels, cropped to
-        multiples of 16); size (H, W): resized to it, as the start of an SDEdit."""
-        mode = "default"
-        if size is None:
-            if image.width * image.height > 1024 * 1024:
-                image = self.pipe.image_processor._resize_to_target_area(image, 1024 * 1024)
-            m = self.multiple
-            size = (max(m, image.height // m * m), max(m, image.width // m * m))
-            mode = "crop"
-        z = self.vae.encode(self.pixels(image, size, mode).to(self.vae.dtype)).latent_dist.mode().float()
-        return (self.pipe._patchify_latents(z) - self.bn_mean) / self.bn_std
+        """PIL image -> normalized latents (1, C, h, w), the posterior's mode, at `size` (H, W); None: at the
+        image's aspect ratio (`edit_size`), as the refinement that sees it is drawn."""
+        px = self.pixels(image, size or self.edit_size(image))[:, :, None].to(self.vae.dtype)
+        z = self.vae.encode(px).latent_dist.mode()[:, :, 0].float()
+        return (z - self.mean) / self.std
 
 
 @torch.no_grad()
@@ -1119,16 +1193,18 @@ def train(args: Args, policy: Policy | None = None) -> str:
     policy = policy or load_policy(args, out, device, rank, world)
     optimizer = make_optimizer(policy, args)
     start = load_checkpoint(args.resume, policy, optimizer, args) if args.resume else 0
+    models = f"{type(policy.reasoner.model).__name__} + {type(policy.renderer.pipe).__name__}"
     if rank == 0:
-        record_run(args, out, start, world)
+        record_run(args, out, start, world, models)
     if args.dry_run and not args.reward_url:
         server, client = None, RandomRewards()  # the dry run's random rewards need no server
     else:
         server, client = connect_reward_server(args)
     sigmas = policy.renderer.sigmas(args.num_steps)  # (T+1,) the rollout sampler's schedule
     if rank == 0:
-        print(f"training {args.preset}/{args.task}, steps {start}..{args.steps - 1}, {world} process(es) on "
-              f"{policy.device}; reward server {args.reward_url}; writing {out}")
+        print(f"training {args.preset}/{args.task} ({args.policy}: {models}), steps {start}.."
+              f"{args.steps - 1}, {world} process(es) on {policy.device}; reward server {args.reward_url}; "
+              f"writing {out}")
     try:
         for step in tqdm(range(start, args.steps), desc="train", dynamic_ncols=True, disable=rank != 0):
             t_step = time.perf_counter()
@@ -1275,10 +1351,10 @@ def main(argv=None):
 
 
 # ==================================================================================================
-# APPENDIX. What a reader of the method can skip: the command line, model loading, the second renderer
-# (Stable Diffusion 3.5), the reward client's HTTP and retries, prompt-file checking, run plumbing, metrics
-# and evaluation, checkpoints, the toy models and their priors, benchmark outputs, and the memory plan,
-# dry run and bench.
+# APPENDIX. What a reader of the method can skip: the command line, model loading, the decoupled policy's
+# renderers (FLUX.2 klein, Stable Diffusion 3.5), the reward client's HTTP and retries, prompt-file checking,
+# run plumbing, metrics and evaluation, checkpoints, the toy models and their priors, benchmark outputs, and
+# the memory plan, dry run and bench.
 # ==================================================================================================
 
 
@@ -1343,6 +1419,7 @@ def parse_args(argv=None) -> tuple[str, Args, dict]:
         p.error(f"--preset must be one of {sorted(PRESETS)}, not {preset!r}")
     args = Args(**{**PRESETS[preset], **given})
     for name, allowed in [("task", ("rt2i", "srr", "mix")), ("std_mode", ("group", "batch")),
+                          ("policy", ("unified", "decoupled")),
                           ("srr_pick", ("min", "sample")), ("srr_refine", ("auto", "edit", "sdedit")),
                           ("fpr_value", ("init", "group-min")),
                           ("dtype", ("float32", "bfloat16"))]:
@@ -1380,7 +1457,7 @@ def quiet_library_logs():
 
 
 def renderer_kind(path: str) -> str:
-    """'klein' or 'sd3', from the class its model_index.json names (a small file, read
+    """'klein', 'sd3' or 'cosmos3', from the class its model_index.json names (a small file, read
     before any model loads)."""
     from diffusers import DiffusionPipeline
 
@@ -1389,7 +1466,8 @@ def renderer_kind(path: str) -> str:
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"cannot read the renderer {path!r} (--renderer): no pipeline's model_index.json "
                          f"there ({type(e).__name__}: {e})") from None
-    kinds = {"Flux2KleinPipeline": "klein", "StableDiffusion3Pipeline": "sd3"}
+    kinds = {"Flux2KleinPipeline": "klein", "StableDiffusion3Pipeline": "sd3",
+             "Cosmos3OmniPipeline": "cosmos3"}
     if name not in kinds:
         raise ValueError(f"{path}: unknown renderer kind {name!r}; AlphaGRPO drives {' or '.join(kinds)}")
     return kinds[name]
@@ -1406,13 +1484,37 @@ def model_paths(args: Args) -> tuple[str, str, bool]:
 
 
 def check_models(args: Args, out: str):
-    """The cheap checks, before any model loads (or downloads): the renderer's kind, and that it can refine
-    SRR as asked."""
-    _, renderer, toy = model_paths(args)
-    kind = "klein" if toy and not args.renderer else renderer_kind(renderer)
-    if args.srr_refine == "edit" and kind != "klein":
-        raise ValueError("--srr-refine edit needs a renderer that takes a reference image (FLUX.2 klein); "
-                         "Stable Diffusion 3 can only refine by --srr-refine sdedit")
+    """The cheap checks, before any model loads (or downloads): the renderer's kind fits --policy, it can
+    refine SRR as asked, and (unified) the reasoner's language model has the shapes of the generator's
+    understanding stream, which it replaces (`share_understanding_stream`)."""
+    from diffusers import Cosmos3OmniTransformer
+    from transformers import AutoConfig
+
+    reasoner, renderer, toy = model_paths(args)
+    if toy and not args.renderer:
+        return  # the toy world's models fit by construction (and may not be built yet)
+    kind = renderer_kind(renderer)
+    if (kind == "cosmos3") != (args.policy == "unified"):
+        raise ValueError(f"--policy {args.policy} with a {kind} renderer: the unified policy is one Cosmos3 "
+                         f"checkpoint (--reasoner and --renderer both name it), the decoupled one a FLUX.2 "
+                         f"klein or SD3 renderer beside a Qwen3-VL reasoner")
+    if args.srr_refine == "edit" and kind == "sd3":
+        raise ValueError("--srr-refine edit needs a renderer that takes a reference image (FLUX.2 klein or "
+                         "Cosmos3); Stable Diffusion 3 can only refine by --srr-refine sdedit")
+    if kind == "cosmos3":
+        try:
+            text = AutoConfig.from_pretrained(reasoner).get_text_config()
+            gen = Cosmos3OmniTransformer.load_config(renderer, subfolder="transformer")
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read the configs of {reasoner!r} and {renderer!r}: {e}") from None
+        keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "vocab_size", "hidden_act")
+        diff = [f"{k} {getattr(text, k, None)} vs {gen.get(k)}" for k in keys
+                if getattr(text, k, None) != gen.get(k)]
+        if diff:
+            raise ValueError(f"the reasoner {reasoner!r} is not the understanding stream of the generator "
+                             f"{renderer!r} ({', '.join(diff)}): the unified policy needs both from one "
+                             f"checkpoint")
 
 
 def load_policy(args: Args, out: str, device=None, rank: int = 0, world: int = 1) -> Policy:
@@ -1423,10 +1525,10 @@ def load_policy(args: Args, out: str, device=None, rank: int = 0, world: int = 1
     reasoner_path, renderer_path, toy = model_paths(args)
     # The toy models are fixed artifacts, like real checkpoints: the same weights whatever --seed says.
     if toy and rank == 0:
-        build_toy_world(toy_world_dir(args))
+        build_toy_world(toy_world_dir(args), args.policy)
     if world > 1:
         torch.distributed.barrier()  # the other ranks load what rank 0 wrote
-    from diffusers import Flux2KleinPipeline, StableDiffusion3Pipeline
+    from diffusers import Cosmos3OmniPipeline, Flux2KleinPipeline, StableDiffusion3Pipeline
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     try:
@@ -1436,19 +1538,125 @@ def load_policy(args: Args, out: str, device=None, rank: int = 0, world: int = 1
         raise ValueError(f"cannot load the reasoner {reasoner_path!r} (--reasoner): {e}") from None
     kind = renderer_kind(renderer_path)
     try:
-        pipeline = Flux2KleinPipeline if kind == "klein" else StableDiffusion3Pipeline
-        pipe = pipeline.from_pretrained(renderer_path, dtype=dtype, low_cpu_mem_usage=False)
+        if kind == "cosmos3":  # its guardrail needs the cosmos_guardrail package; our prompts are the user's
+            pipe = Cosmos3OmniPipeline.from_pretrained(renderer_path, dtype=dtype, safety_checker=None,
+                                                       enable_safety_checker=False)
+        else:
+            pipeline = Flux2KleinPipeline if kind == "klein" else StableDiffusion3Pipeline
+            pipe = pipeline.from_pretrained(renderer_path, dtype=dtype, low_cpu_mem_usage=False)
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot load the renderer {renderer_path!r} (--renderer; SD3.5 is gated: accept "
                          f"its licence and `hf auth login`): {e}") from None
     torch.manual_seed(args.seed)  # the LoRA init
+    if kind == "cosmos3":  # one network: the reasoner's LoRA first, then its modules become the stream's
+        reasoner = Reasoner(processor, model, device, args)
+        return Policy(reasoner, CosmosRenderer(pipe, device, args, reasoner.model), device)
     renderer = KleinRenderer(pipe, device, args) if kind == "klein" else SD3Renderer(pipe, device, args)
     return Policy(Reasoner(processor, model, device, args), renderer, device)
 
 
 # --------------------------------------------------------------------------------------------------
-# Stable Diffusion 3.5: the second renderer, behind the same interface (its SRR refines by SDEdit)
+# The decoupled policy's renderers, behind the same interface: FLUX.2 klein (which edits in context, as the
+# unified model refines) and Stable Diffusion 3.5 (its SRR refines by SDEdit)
 # --------------------------------------------------------------------------------------------------
+
+
+class KleinRenderer(Renderer):
+    """FLUX.2 klein (`Flux2KleinPipeline`): a Qwen3 text encoder read at three hidden layers, a transformer
+    over latent tokens. x is the pipeline's normalized latent: the VAE's 32 channels patchified 2x2 into 128,
+    then standardized by the VAE's batch-norm statistics, (B, 128, h, w); it is packed into h*w tokens with
+    4-axis position ids (time, row, column, layer) only for the transformer. A reference image (SRR's initial
+    image) enters as more tokens of the same kind at time 10: the model sees it and redraws from noise."""
+
+    can_edit = True
+    # attention (double-stream q/k/v/out and their text twins; single-stream fused qkv+mlp and out) and MLP
+    # projections, named as diffusers' FLUX.2 LoRA loader reads them (Flow-Factory's and DiffSynth's targets)
+    lora_targets = ("to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out,"
+                    "linear_in,linear_out,to_qkv_mlp_proj,attn.to_out")
+
+    def __init__(self, pipe, device, args: Args):
+        super().__init__(pipe, device, args)
+        self.scale = 2 * self.pipe.vae_scale_factor  # the VAE's 8x, then the 2x2 patchify
+        self.multiple = self.scale
+        self.latent_channels = self.transformer.config.in_channels
+        n = self.pipe.text_encoder.config.num_hidden_layers
+        self.text_layers = (n // 4, n // 2, 3 * n // 4)  # (9, 18, 27) for klein's 36-layer Qwen3
+        bn = self.vae.bn
+        self.bn_mean = bn.running_mean.view(1, -1, 1, 1).float().to(device)
+        bn_var = bn.running_var.view(1, -1, 1, 1).float().to(device)
+        self.bn_std = torch.sqrt(bn_var + self.vae.config.batch_norm_eps)
+        # distilled klein models (4 steps) take no guidance; base models use CFG like SD3
+        self.distilled = bool(self.pipe.config.get("is_distilled", False))
+
+    def sigmas(self, num_steps: int, size: tuple | None = None) -> torch.Tensor:
+        """The pipeline's schedule: linspace(1, 1/T) shifted by mu, which grows with the token count h*w of an
+        image of `size` (None: the --resolution square)."""
+        import numpy as np
+        from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+
+        h, w = self.latent_hw(size)
+        mu = compute_empirical_mu(h * w, num_steps)
+        self.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu, device="cpu")
+        return self.scheduler.sigmas.float().cpu()
+
+    @torch.no_grad()
+    def encode(self, texts: list[str], reference: torch.Tensor | None = None) -> tuple:
+        """[negative; positive] Qwen3 embeddings (2B, S, 3 D) with their position ids, and the reference's
+        tokens (1, h*w, 128) and ids (h*w, 4), or None."""
+        n = len(texts)
+        emb, txt_ids = self.pipe.encode_prompt(prompt=[""] * n + texts, device=self.device,
+                                               max_sequence_length=self.args.max_text_tokens,
+                                               text_encoder_out_layers=self.text_layers)
+        ref = ref_ids = None
+        # the reference (1, C, h, w) from encode_image is context, never trained; its tokens sit at time
+        # coordinate 10, as the pipeline's image= argument puts them
+        if reference is not None:
+            ref = reference.detach().flatten(2).transpose(1, 2).to(self.dtype)
+            ref_ids = self.pipe._prepare_image_ids([reference])[0].to(self.device)
+        return emb, txt_ids[0], ref, ref_ids
+
+    def velocity(self, x: torch.Tensor, sigma: float, cond: tuple,
+                 guidance: float | None = None) -> torch.Tensor:
+        """v_theta(x_t, t, c [, reference]) with classifier-free guidance, in float32. x: (B, C, h, w)."""
+        emb, txt_ids, ref, ref_ids = cond
+        B, C, h, w = x.shape
+        guided = self.guided(guidance)
+        if not guided:  # the conditional half of each [negative; positive] pair
+            emb = emb[B:]
+        tokens = x.flatten(2).transpose(1, 2)  # (B, h*w, C)
+        tokens = torch.cat([tokens, tokens]) if guided else tokens
+        ids = self.pipe._prepare_latent_ids(x[:1])[0].to(x.device)  # (h*w, 4): (time 0, row, column, layer 0)
+        if ref is not None:  # the reference's tokens follow the noisy ones, in every row of the batch
+            tokens = torch.cat([tokens, ref.expand(len(tokens), -1, -1).to(tokens.dtype)], 1)
+            ids = torch.cat([ids, ref_ids])
+        # the pipeline's timestep: sigma * 1000 rounded to the latents' dtype, then / 1000
+        t = torch.full((len(tokens),), float(sigma) * 1000, device=x.device).to(self.dtype) / 1000
+        v = self.transformer(hidden_states=tokens.to(self.dtype), timestep=t, guidance=None,
+                             encoder_hidden_states=emb, txt_ids=txt_ids, img_ids=ids, return_dict=False)[0]
+        v = v[:, :h * w]  # (B or 2B, h*w, C): the reference's outputs are dropped
+        v = self.cfg(v, guidance) if guided else v.float()
+        return v.transpose(1, 2).reshape(B, C, h, w)
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor) -> list:
+        """Normalized latents (B, 128, h, w) -> un-standardize, unpatchify to (B, 32, 2h, 2w), VAE decode."""
+        z = self.pipe._unpatchify_latents(x.float() * self.bn_std + self.bn_mean)
+        return self.to_pil(self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0])
+
+    @torch.no_grad()
+    def encode_image(self, image: Image.Image, size: tuple | None = None) -> torch.Tensor:
+        """PIL image -> normalized latents (1, 128, h, w), the posterior's mode. size None: as the pipeline's
+        image= takes a reference, at the image's own aspect ratio and size (at most 1024^2 pixels, cropped to
+        multiples of 16); size (H, W): resized to it, as the start of an SDEdit."""
+        mode = "default"
+        if size is None:
+            if image.width * image.height > 1024 * 1024:
+                image = self.pipe.image_processor._resize_to_target_area(image, 1024 * 1024)
+            m = self.multiple
+            size = (max(m, image.height // m * m), max(m, image.width // m * m))
+            mode = "crop"
+        z = self.vae.encode(self.pixels(image, size, mode).to(self.vae.dtype)).latent_dist.mode().float()
+        return (self.pipe._patchify_latents(z) - self.bn_mean) / self.bn_std
 
 
 class SD3Renderer(Renderer):
@@ -1718,13 +1926,15 @@ def prepare_run(args: Args, rank: int, world: int, check_renderer: bool = True) 
     return out, rows, eval_rows
 
 
-def record_run(args: Args, out: str, start: int, world: int):
-    """OUT/args.json with the code's git commit; on resume, metrics.jsonl keeps the rows before `start`."""
+def record_run(args: Args, out: str, start: int, world: int, models: str = ""):
+    """OUT/args.json with the code's git commit and the models' classes; on resume, metrics.jsonl keeps the
+    rows before `start`."""
     keep_metrics_before(os.path.join(out, "metrics.jsonl"), start)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
     with open(os.path.join(out, "args.json"), "w") as f:
-        json.dump({**dataclasses.asdict(args), "git_commit": commit, "world_size": world}, f, indent=1)
+        json.dump({**dataclasses.asdict(args), "git_commit": commit, "world_size": world, "models": models},
+                  f, indent=1)
 
 
 def log_step(step: int, groups: list, stats: list, zero_std_frac: float, timers: dict, evaluation: dict,
@@ -2082,7 +2292,7 @@ def save_checkpoint(policy: Policy, optimizer, args: Args, step: int, out: str) 
 
 
 # What the LoRA weights alone depend on (`sample --checkpoint` checks only these).
-MODEL_ARGS = ("preset", "reasoner", "renderer", "lora_rank", "lora_alpha", "reasoner_lora_targets",
+MODEL_ARGS = ("preset", "policy", "reasoner", "renderer", "lora_rank", "lora_alpha", "reasoner_lora_targets",
               "renderer_lora_targets")
 
 
@@ -2234,6 +2444,17 @@ SHAPES = {
                           norm_num_groups=4, sample_size=32),
         "qwen3": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=4, num_attention_heads=2,
                       num_key_value_heads=1, head_dim=8, max_position_embeddings=1024),
+        # Cosmos3's Wan 2.2-style VAE with 4 latent channels and two downsamplings (x the 2x2 input patchify:
+        # 8x, where the real one is 16x), so that 32 px is 4x4 latents, 2x2 tokens, as the toy klein's
+        "wan_vae": dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1,
+                        temperal_downsample=[False, True], scale_factor_spatial=8),
+        # The unified toy's heads: 32 dimensions, not 8. Cosmos3 rotates image rows and columns by the 2nd
+        # and 3rd of a head's frequency pairs, text by all of them; with 4 pairs at base 5e6 rows turn 0.02
+        # rad and the generator cannot tell top from bottom, at base 10 every pair turns with the text
+        # position and it cannot find the words (measured, README). 16 pairs give rows 0.38 rad and leave
+        # slow pairs for the words.
+        "unified_text": dict(head_dim=32, rope_parameters=dict(
+            rope_type="default", rope_theta=5e6, mrope_interleaved=True, mrope_section=[8, 4, 4])),
     },
     "sd35": {
         "text": dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
@@ -2271,6 +2492,18 @@ SHAPES = {
 
 
 SHAPES["klein"].update(text=SHAPES["sd35"]["text"], vision=SHAPES["sd35"]["vision"])  # the same reasoner
+# Cosmos3-Nano: its transformer's config.json (a Qwen3-VL-8B text stream, 36 layers of 4096, and a generation
+# stream of the same shapes), Qwen3-VL-8B's vision tower, Wan 2.2's VAE (48 channels, 16x with the patchify)
+SHAPES["cosmos3"] = {
+    "text": dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                 num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
+                 rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20],
+                                  "mrope_interleaved": True}),
+    "vision": dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096,
+                   num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24]),
+    "wan_vae": dict(base_dim=160, decoder_base_dim=256, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                    temperal_downsample=[False, True, True], scale_factor_spatial=16),
+}
 
 
 def make_sd3(shapes: dict, seed: int = 0):
@@ -2340,12 +2573,23 @@ def make_klein(shapes: dict, seed: int = 0):
                               transformer=transformer, is_distilled=False)
 
 
-def build_toy_vlm(path: str, seed: int = 0, hidden: int = 32, layers: int = 2, image_px: int = 64) -> str:
+def build_toy_vlm(path: str, seed: int = 0, hidden: int = 32, layers: int = 2, image_px: int = 64,
+                  cosmos: bool = False) -> str:
     """The toy reasoner / verifier, saved with save_pretrained (so from_pretrained, the real loading code,
-    reads it back). hidden/layers/image_px give bigger random models for benchmarks. Returns path."""
+    reads it back). hidden/layers/image_px give bigger random models for benchmarks; cosmos saves it as
+    Cosmos3OmniForConditionalGeneration (Qwen3-VL's architecture under Cosmos3's name). Returns path."""
+    from transformers import Cosmos3OmniConfig, Cosmos3OmniForConditionalGeneration
+
     text = {**SHAPES["toy"]["text"], "hidden_size": hidden, "intermediate_size": 2 * hidden,
             "num_hidden_layers": layers, "head_dim": hidden // 4}
+    if cosmos:
+        text.update(SHAPES["toy"]["unified_text"])
     processor, model = make_vlm(text, {**SHAPES["toy"]["vision"], "out_hidden_size": hidden}, image_px, seed)
+    if cosmos:
+        config = {k: v for k, v in model.config.to_dict().items() if k not in ("model_type", "architectures")}
+        state = model.state_dict()
+        model = Cosmos3OmniForConditionalGeneration(Cosmos3OmniConfig(**config))
+        model.load_state_dict(state)
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
@@ -2371,6 +2615,45 @@ def build_toy_klein(path: str, seed: int = 0) -> str:
     return path
 
 
+def make_cosmos3(text: dict, vae: dict, tokenizer, seed: int = 0):
+    """A random Cosmos3OmniPipeline whose understanding stream has the shapes of the Qwen3-VL text config
+    `text` (a dict), with the VAE `vae` (AutoencoderKLWan's fields, Wan 2.2's residual form with a 2x2 input
+    patchify), UniPC on flow sigmas, and no safety checker (it needs the cosmos_guardrail package)."""
+    from diffusers import (AutoencoderKLWan, Cosmos3OmniPipeline, Cosmos3OmniTransformer,
+                           UniPCMultistepScheduler)
+
+    torch.manual_seed(seed)
+    z = vae["z_dim"]
+    transformer = Cosmos3OmniTransformer(
+        head_dim=text["head_dim"], hidden_size=text["hidden_size"],
+        intermediate_size=text["intermediate_size"],
+        num_attention_heads=text["num_attention_heads"], num_hidden_layers=text["num_hidden_layers"],
+        num_key_value_heads=text["num_key_value_heads"], vocab_size=text["vocab_size"],
+        rms_norm_eps=text.get("rms_norm_eps", 1e-6), rope_theta=text["rope_parameters"]["rope_theta"],
+        rope_axes_dim=text["rope_parameters"]["mrope_section"], latent_channel=z, patch_latent_dim=4 * z)
+    vae = AutoencoderKLWan(is_residual=True, in_channels=12, out_channels=12, patch_size=2, **vae,
+                           latents_mean=[0.0] * z, latents_std=[1.0] * z)
+    with torch.device("cpu"):  # its tables, even when the models are built on the meta device
+        scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                            flow_shift=1.0)
+    return Cosmos3OmniPipeline(transformer=transformer, text_tokenizer=tokenizer, vae=vae,
+                               scheduler=scheduler, safety_checker=None, enable_safety_checker=False)
+
+
+def build_toy_cosmos3(path: str, reasoner: str, seed: int = 0) -> str:
+    """The unified toy's generator: a tiny Cosmos3 whose understanding stream is the toy reasoner at
+    `reasoner` (its weights, copied in: one checkpoint, as the real ones), saved with save_pretrained."""
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    model = AutoModelForImageTextToText.from_pretrained(reasoner)
+    text = model.config.get_text_config().to_dict()
+    pipe = make_cosmos3(text, SHAPES["toy"]["wan_vae"], AutoTokenizer.from_pretrained(reasoner), seed)
+    share_understanding_stream(pipe.transformer, model)
+    linear_decoder(pipe.vae)
+    pipe.save_pretrained(path)
+    return path
+
+
 def linear_decoder(vae):
     """Hand-set weights, so that the toy task can be learnt in 20 CPU steps (README): zero the VAE decoder's
     residual branches (ResNet conv2, attention output): it becomes a near-linear map from latents to pixels,
@@ -2378,7 +2661,7 @@ def linear_decoder(vae):
     to near-grey)."""
     with torch.no_grad():
         for name, m in vae.decoder.named_modules():
-            if name.endswith(("conv2", "to_out.0")):
+            if name.endswith(("conv2", "to_out.0", "attentions.0.proj")):  # the last: Wan's attention output
                 m.weight.zero_()
                 m.bias.zero_()
         vae.decoder.conv_out.weight.mul_(3.0)
@@ -2493,12 +2776,13 @@ def toy_reasoner_prior(reasoner: Reasoner, steps: int, warmup: int, lr: float, g
 
 
 def toy_renderer_prior(renderer: Renderer, vae_steps: int, vae_lr: float, steps: int, lr: float, batch: int,
-                       caption_dropout: float, seed: int) -> tuple[float, float]:
+                       caption_dropout: float, seed: int, frozen: list = ()) -> tuple[float, float]:
     """Drawing prior: an autoencoder run of the VAE (the toy's random encoder is no inverse of its decoder,
     and SRR encodes images), then flow matching of the transformer on synthetic images with explicit captions,
     alone or with the plan, or an open request with the plan; a quarter of the batches with another target's
     image in context, as SRR's in-context refinement sees the initial image (klein's editing). Caption dropout
-    keeps the unconditional velocity that CFG needs. Returns the last (VAE, flow) losses."""
+    keeps the unconditional velocity that CFG needs. `frozen`: parameters not trained (the unified policy's
+    shared understanding stream, which the reasoner's prior trained). Returns the last (VAE, flow) losses."""
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     targets = toy_targets()
@@ -2510,6 +2794,7 @@ def toy_renderer_prior(renderer: Renderer, vae_steps: int, vae_lr: float, steps:
     def vae_loss(step):  # x -> z (the posterior's mode, as encode_image takes it) -> x, z near unit scale
         x = pixels[rng.choices(range(len(targets)), k=batch)]
         # (no clamp on x_hat: saturated pixels would get no gradient)
+        x = x[:, :, None] if isinstance(renderer, CosmosRenderer) else x  # Wan's VAE: (B, 3, frames, H, W)
         z = renderer.vae.encode(x).latent_dist.mode()
         return ((renderer.vae.decode(z, return_dict=False)[0] - x) ** 2).mean() + 0.1 * (z.std() - 1) ** 2
 
@@ -2539,8 +2824,11 @@ def toy_renderer_prior(renderer: Renderer, vae_steps: int, vae_lr: float, steps:
         v = renderer.velocity((1 - sigma) * x0 + sigma * eps, sigma, cond, guidance=1.0)
         return ((v - (eps - x0)) ** 2).mean()
 
-    weights = [p for n, p in renderer.transformer.named_parameters() if ".lora_" not in n]
-    return loss_vae, fit(weights, lr, steps, flow_loss)
+    frozen = {id(p) for p in frozen}
+    weights = [p for n, p in renderer.transformer.named_parameters()
+               if ".lora_" not in n and id(p) not in frozen]
+    with lora_disabled(renderer.transformer):  # its B is zero: the same outputs, a third of the matmuls
+        return loss_vae, fit(weights, lr, steps, flow_loss)
 
 
 def strip_lora(model: nn.Module):
@@ -2557,11 +2845,14 @@ def toy_world_dir(args: Args) -> str:
     import diffusers
     import transformers
 
+    renderer = (make_cosmos3, build_toy_cosmos3, share_understanding_stream, CosmosRenderer) if \
+        args.policy == "unified" else (make_klein, build_toy_klein, KleinRenderer)
     code = [inspect.getsource(f) for f in (
-        toy_tokenizer, make_vlm, make_klein, build_toy_vlm, build_toy_klein, linear_decoder, Reasoner,
-        Renderer, KleinRenderer, LoRALinear, toy_targets, toy_open_request, toy_image, fit,
-        toy_reasoner_prior, toy_renderer_prior, build_toy_world)]
+        toy_tokenizer, make_vlm, build_toy_vlm, linear_decoder, Reasoner, Renderer, *renderer, LoRALinear,
+        toy_targets, toy_open_request, toy_image, fit, toy_reasoner_prior, toy_renderer_prior,
+        build_toy_world)]
     read = {k: getattr(Args(), k) for k in ("resolution", "num_steps", "max_text_tokens", "dtype")}
+    read["policy"] = args.policy
     data = [SHAPES["toy"], TOY_WORDS, TOY_COLOURS, TOY_REGIONS, TOY_EXPLICIT, TOY_FILLER, TOY_BUILD, read]
     versions = [torch.__version__, transformers.__version__, diffusers.__version__]
     key = json.dumps(data + [RT2I_INSTRUCTION, REFLECT_INSTRUCTION, code, versions], default=str)
@@ -2571,9 +2862,12 @@ def toy_world_dir(args: Args) -> str:
 
 
 @torch.enable_grad()  # `sample` and `eval` load the policy under no_grad; the priors are trained
-def build_toy_world(folder: str) -> tuple[str, str]:
-    """The toy reasoner and renderer with their priors, built into `folder` unless it holds them already.
-    Returns (reasoner path, renderer path)."""
+def build_toy_world(folder: str, policy: str = "decoupled") -> tuple[str, str]:
+    """The toy reasoner and renderer with their priors, built into `folder` unless it holds them already: a
+    Qwen3-VL and a FLUX.2 klein (decoupled), or one Cosmos3 (unified: the same reasoner, as
+    Cosmos3OmniForConditionalGeneration, and a generator whose understanding stream it is; the reasoner's
+    prior trains the shared weights, the renderer's prior the generation stream alone). Returns (reasoner
+    path, renderer path)."""
     paths = os.path.join(folder, "reasoner"), os.path.join(folder, "renderer")
     root = os.path.dirname(folder)
     os.makedirs(root, exist_ok=True)
@@ -2589,15 +2883,18 @@ def build_toy_world(folder: str) -> tuple[str, str]:
     b = TOY_BUILD
     tmp = tempfile.mkdtemp(prefix=f".building-{os.getpid()}-", dir=root)  # renamed when complete
     try:
-        args = Args(**PRESETS["toy"], device="cpu", seed=b["seed"])
-        reasoner = build_toy_vlm(os.path.join(tmp, "reasoner"))
-        renderer = build_toy_klein(os.path.join(tmp, "renderer"))
+        args = Args(**PRESETS["toy"], device="cpu", seed=b["seed"], policy=policy)
+        unified = policy == "unified"
+        reasoner = build_toy_vlm(os.path.join(tmp, "reasoner"), cosmos=unified)
+        renderer = (build_toy_cosmos3(os.path.join(tmp, "renderer"), reasoner) if unified else
+                    build_toy_klein(os.path.join(tmp, "renderer")))
         policy = load_policy(dataclasses.replace(args, reasoner=reasoner, renderer=renderer), tmp)
         plan_loss = toy_reasoner_prior(policy.reasoner, b["reasoner_steps"], b["reasoner_warmup"],
                                        b["reasoner_lr"], b["guess_share"], b["reasoner_batch"], b["seed"])
         vae_loss, flow_loss = toy_renderer_prior(policy.renderer, b["vae_steps"], b["vae_lr"],
                                                  b["renderer_steps"], b["renderer_lr"], b["batch"],
-                                                 b["caption_dropout"], b["seed"])
+                                                 b["caption_dropout"], b["seed"],
+                                                 frozen=list(policy.reasoner.model.parameters()))
         for model in (policy.reasoner.model, policy.renderer.transformer):
             strip_lora(model)
         policy.reasoner.model.save_pretrained(os.path.join(tmp, "reasoner"))
@@ -3050,28 +3347,36 @@ def memory_plan(policy_parts: dict, args: Args, distilled: bool = False) -> list
     with gradient checkpointing: one saved (tokens, hidden) input per block and trained step, x2 where CFG
     runs (guidance above 1 on a model that is not step-distilled, as `Renderer.guided`)."""
     w = 2 if args.dtype == "bfloat16" else 4
-    def numel(m):  # parameters (tied ones once) and the buffers that are saved, without LoRA
+    seen = set()  # the unified policy's shared weights are in two parts: counted in the first
+
+    def numel(m, lora=False):  # parameters (tied ones once) and the buffers that are saved; LoRA or not
         saved = m.state_dict().keys()
         tensors = list(m.named_parameters()) + [b for b in m.named_buffers() if b[0] in saved]
-        return sum(t.numel() for n, t in tensors if ".lora_" not in n)
+        new = [t for n, t in tensors if (".lora_" in n) == lora and id(t) not in seen]
+        seen.update(map(id, new))
+        return sum(t.numel() for t in new)
 
-    rows = [(name, numel(m), numel(m) * w / 1e9) for name, m in policy_parts.items()]
-    lora = sum(p.numel() for m in policy_parts.values() for n, p in m.named_parameters() if ".lora_" in n)
+    rows = [(name, n, n * w / 1e9) for name, n in ((k, numel(m)) for k, m in policy_parts.items())]
+    lora = sum(numel(m, lora=True) for m in policy_parts.values())
     rows.append(("LoRA weights + grads + AdamW (fp32)", lora, lora * 16 / 1e9))
-    t = policy_parts["renderer.transformer"].config
-    klein = "num_single_layers" in t
-    # tokens: image patches (SRR refined in context on klein: twice, the reference's too) + text (SD3: CLIP's
-    # 77 + T5's)
-    in_context = klein and args.task != "rt2i" and args.srr_refine != "sdedit"
-    tokens = (args.resolution // 16) ** 2 * (2 if in_context else 1) + args.max_text_tokens
-    tokens += 0 if klein else 77
-    hidden = t.num_attention_heads * t.attention_head_dim
-    blocks = t.num_layers + t.num_single_layers if klein else t.num_layers
+    part = {k.split(" ")[0]: m for k, m in policy_parts.items()}  # "reasoner", "renderer.transformer", ...
+    t = part["renderer.transformer"].config
+    in_context = args.task != "rt2i" and args.srr_refine != "sdedit"  # SRR's reference: as many tokens again
     cfg = args.guidance_scale > 1 and not distilled
+    if "latent_patch_size" in t:  # Cosmos3: text and image tokens, every one through both streams' layers
+        px = part["renderer.vae"].config.scale_factor_spatial * t.latent_patch_size  # pixels a token
+        tokens = (args.resolution // px) ** 2 * (2 if in_context else 1) + args.max_text_tokens
+        hidden, blocks = t.hidden_size, t.num_hidden_layers
+    else:  # tokens: image patches (klein in context: the reference's too) + text (SD3: CLIP's 77 + T5's)
+        klein = "num_single_layers" in t
+        tokens = (args.resolution // 16) ** 2 * (2 if in_context and klein else 1) + args.max_text_tokens
+        tokens += 0 if klein else 77
+        hidden = t.num_attention_heads * t.attention_head_dim
+        blocks = t.num_layers + t.num_single_layers if klein else t.num_layers
     act = (2 if cfg else 1) * args.group_size * tokens * hidden * w * blocks * args.sde_window
     rows.append((f"renderer activations ({args.sde_window} trained steps{', CFG' if cfg else ''})", None,
                  act / 1e9))
-    r = policy_parts["reasoner"].config.text_config
+    r = part["reasoner"].config.text_config
     seq = 128 + args.max_new_tokens
     # saved layer inputs + fp32 logits and their log-softmax
     act = (args.group_size * seq * r.hidden_size * w * r.num_hidden_layers
@@ -3084,18 +3389,29 @@ def random_policy(args: Args, device: torch.device) -> Policy:
     """The preset's reasoner and renderer at their real shapes (SHAPES), random weights built straight on
     `device` in args.dtype (the meta device allocates nothing), with LoRA. Nothing downloads."""
     shapes = SHAPES[args.preset]
+    unified = args.policy == "unified"
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(getattr(torch, args.dtype))  # build straight in the weights' dtype, on the device
     try:
         with torch.device(device):
-            processor, model = make_vlm(shapes["text"], shapes["vision"], image_px=args.resolution)
-            pipe = make_klein(shapes) if args.preset in ("klein", "toy") else make_sd3(shapes)
+            text = shapes["text"]
+            if unified and args.preset == "toy":
+                text = {**text, **shapes["unified_text"]}
+            processor, model = make_vlm(text, shapes["vision"], image_px=args.resolution)
+            if unified:
+                text = {**model.config.text_config.to_dict(), **shapes["text"]}
+                pipe = make_cosmos3(text, SHAPES["cosmos3" if args.preset == "cosmos3" else "toy"]["wan_vae"],
+                                    processor.tokenizer)
+            else:
+                pipe = make_klein(shapes) if args.preset in ("klein", "toy") else make_sd3(shapes)
     finally:
         torch.set_default_dtype(default_dtype)
     torch.manual_seed(args.seed)
-    # adds LoRA
+    reasoner = Reasoner(processor, model, device, args)  # adds LoRA, then the renderer adds its own
+    if unified:
+        return Policy(reasoner, CosmosRenderer(pipe, device, args, reasoner.model), device)
     renderer = (KleinRenderer if args.preset in ("klein", "toy") else SD3Renderer)(pipe, device, args)
-    return Policy(Reasoner(processor, model, device, args), renderer, device)
+    return Policy(reasoner, renderer, device)
 
 
 def dry_run(args: Args):
@@ -3108,7 +3424,11 @@ def dry_run(args: Args):
     model = policy.reasoner.model
     pipe = policy.renderer.pipe
     parts = {"reasoner": model, "renderer.transformer": pipe.transformer, "renderer.vae": pipe.vae}
-    if isinstance(policy.renderer, KleinRenderer):
+    if isinstance(policy.renderer, CosmosRenderer):  # one network: the reasoner is its understanding stream
+        parts = {"reasoner (understanding stream + vision)": model,
+                 "renderer.transformer (generation stream)": pipe.transformer,
+                 "renderer.vae (Wan 2.2)": pipe.vae}
+    elif isinstance(policy.renderer, KleinRenderer):
         parts["renderer.text_encoder (Qwen3)"] = pipe.text_encoder
     else:
         parts.update({"renderer.text_encoder (CLIP-L)": pipe.text_encoder,
@@ -3144,11 +3464,25 @@ def dry_run(args: Args):
 
 @torch.no_grad()
 def stock_pipeline(renderer: Renderer, cond: tuple, x_T: torch.Tensor, steps: int) -> torch.Tensor:
-    """The diffusers pipeline itself (StableDiffusion3Pipeline or Flux2KleinPipeline) from our x_T and text
-    embeddings, at our steps and CFG; its final latents in our sampler's space. Text-to-image only."""
+    """The diffusers pipeline itself (StableDiffusion3Pipeline, Flux2KleinPipeline or Cosmos3OmniPipeline)
+    from our x_T and text embeddings (Cosmos3: texts), at our steps and CFG; its final latents in our
+    sampler's space. Text-to-image only."""
     G = len(x_T)
     res = renderer.args.resolution
     pipe = renderer.pipe
+    if isinstance(renderer, CosmosRenderer):  # one sample a call; its UniPC at first order is our Euler step
+        from diffusers import UniPCMultistepScheduler
+
+        kept = pipe.scheduler
+        pipe.scheduler = UniPCMultistepScheduler.from_config(kept.config, solver_order=1,
+                                                             disable_corrector=list(range(steps)))
+        try:
+            return torch.stack([pipe(text, num_frames=1, height=res, width=res, num_inference_steps=steps,
+                                     guidance_scale=renderer.args.guidance_scale, latents=x[None, :, None],
+                                     output_type="latent").video.reshape(x.shape).float()
+                                for text, x in zip(cond[0], x_T)])
+        finally:
+            pipe.scheduler = kept
     common = dict(latents=x_T.to(renderer.dtype), num_inference_steps=steps, height=res, width=res,
                   guidance_scale=renderer.args.guidance_scale, output_type="latent",
                   prompt_embeds=cond[0][G:], negative_prompt_embeds=cond[0][:G])

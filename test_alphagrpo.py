@@ -2494,3 +2494,232 @@ def test_grids_show_each_rows_prompt(tmp_path):
     # the evaluation's one-image rows share a line
     ag.save_grid(str(tmp_path / "e.png"), [(f"prompt {k}", [tile]) for k in range(5)], cols=4)
     assert Image.open(tmp_path / "e.png").size == (4 * cell, 2 * (cell + 2 * band))
+
+
+# --------------------------------------------------------------------------------------------------
+# The unified policy: one Cosmos3 network reasons (transformers) and draws (diffusers)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def cosmos_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cosmos3")
+    reasoner = ag.build_toy_vlm(str(root / "reasoner"), cosmos=True)
+    return reasoner, ag.build_toy_cosmos3(str(root / "renderer"), reasoner)
+
+
+GENERATION_STREAM = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "norm_added", "moe_gen", "proj_in.",
+                     "proj_out.", "time_embedder", "k_norm_und_for_gen")
+
+
+def understanding_logits(transformer, ids):
+    """Text logits through the diffusers transformer's own decoder stack (its understanding path, no generation
+    tokens) and lm_head: text positions are the same on the three rotary axes."""
+    h = transformer.embed_tokens(ids)
+    pos = torch.arange(len(ids), dtype=torch.float32)[None].expand(3, -1)
+    cos, sin = (t.squeeze(0) for t in transformer.rotary_emb(pos[:, None], ids.device, h.dtype))
+    for layer in transformer.layers:
+        h, _ = layer(h, h[:0], (cos, sin, cos[:0], sin[:0]))
+    return transformer.lm_head(transformer.norm(h))
+
+
+def test_unified_policy_is_one_network(cosmos_dirs):
+    """Every understanding-stream parameter of the diffusers transformer is the reasoner's own tensor (one
+    storage: the weights exist once), the generation stream's are its own, and with non-zero LoRA the text
+    logits through the transformer's decoder stack equal the reasoner's exactly."""
+    policy, args = make_policy(cosmos_dirs, policy="unified")
+    randomize_lora(policy)
+    model, tr = policy.reasoner.model, policy.renderer.transformer
+    assert type(model).__name__ == "Cosmos3OmniForConditionalGeneration"
+    mine = {p.data_ptr() for p in model.parameters()}
+    for n, p in tr.named_parameters():
+        assert (p.data_ptr() in mine) == (not any(s in n for s in GENERATION_STREAM)), n
+    total = len({p.data_ptr() for p in [*model.parameters(), *tr.parameters()]})
+    assert total == len(list(model.parameters())) + sum(1 for n, _ in tr.named_parameters()
+                                                         if any(s in n for s in GENERATION_STREAM))
+    ids = torch.tensor(policy.reasoner.processor.tokenizer("the bottom half is green")["input_ids"])
+    with torch.no_grad():
+        ours = understanding_logits(tr, ids)
+        theirs = model(input_ids=ids[None]).logits[0]
+        assert torch.equal(ours, theirs)
+        with ag.lora_disabled(model):  # the LoRA is in both: switched off in one, off in the other
+            assert not torch.allclose(understanding_logits(tr, ids), ours)
+
+
+def test_unified_lora_learns_from_both_halves(cosmos_dirs):
+    """The shared LoRA gets gradients from the text's log-probs and from the image's velocity; the generation
+    stream's LoRA from the velocity alone; one optimizer step on the text loss moves the velocity too."""
+    policy, args = make_policy(cosmos_dirs, policy="unified", group_size=2)
+    randomize_lora(policy)
+    shared, gen = policy.reasoner.lora_params, policy.renderer.lora_params
+    assert not {id(p) for p in shared} & {id(p) for p in gen}
+    named = {n: p for n, p in policy.reasoner.model.named_parameters() if ".lora_B" in n}
+    # the image reads the text through every layer's keys and values, and layer 0's output feeds layer 1's
+    feeds_image = [p for n, p in named.items() if "k_proj" in n or "v_proj" in n or ".layers.0." in n]
+    g = rollout(policy, args)
+    r = policy.renderer
+    x, cond = r.noise(2, torch.Generator().manual_seed(3)), r.encode(["the bottom half is green"] * 2)
+    opt = ag.make_optimizer(policy, args)
+    for half in ("text", "image"):
+        opt.zero_grad(set_to_none=True)
+        if half == "text":
+            (-(policy.reasoner.token_logprobs(g.text) * g.text.mask).sum()).backward()
+        else:
+            r.velocity(x, 0.8, cond).square().sum().backward()
+        reached = named.values() if half == "text" else feeds_image
+        assert len(reached) >= 9 and all(p.grad is not None and p.grad.abs().sum() > 0 for p in reached)
+        assert all(p.grad is None for p in gen) == (half == "text")
+        assert half == "text" or all(p.grad.abs().sum() > 0 for p in gen if p.shape[1] == args.lora_rank)
+    with torch.no_grad():
+        v_before = r.velocity(x, 0.8, cond)
+    opt.zero_grad(set_to_none=True)
+    (-(policy.reasoner.token_logprobs(g.text) * g.text.mask).sum()).backward()
+    opt.step()
+    with torch.no_grad():
+        assert (r.velocity(x, 0.8, cond) - v_before).abs().max() > 1e-6
+
+
+def stock_cosmos(renderer, prompt, x_T, steps, guidance):
+    """Cosmos3OmniPipeline itself, text-to-image, from the same latents, with its UniPC scheduler at first order
+    without the corrector (an Euler step); returns its latents (C, h, w) and the kwargs of its transformer calls."""
+    from diffusers import UniPCMultistepScheduler
+
+    pipe = renderer.pipe
+    kept = pipe.scheduler
+    pipe.scheduler = UniPCMultistepScheduler.from_config(kept.config, solver_order=1,
+                                                         disable_corrector=list(range(steps)))
+    calls = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda m, a, kw: calls.append(kw), with_kwargs=True)
+    res = renderer.args.resolution
+    try:
+        out = pipe(prompt, num_frames=1, height=res, width=res, num_inference_steps=steps, guidance_scale=guidance,
+                   latents=x_T[None, :, None], output_type="latent").video
+    finally:
+        hook.remove()
+        pipe.scheduler = kept
+    return out.reshape(x_T.shape), calls
+
+
+def test_unified_sampler_equals_the_cosmos3_pipeline(cosmos_dirs):
+    """Our ODE sampler (noise 0) is Cosmos3OmniPipeline's text-to-image (schedule, integer timesteps, CFG on two
+    calls, one frame), and the transformer is called with exactly the packed inputs the pipeline builds."""
+    policy, args = make_policy(cosmos_dirs, policy="unified", num_steps=4, guidance_scale=3.0)
+    randomize_lora(policy)
+    r = policy.renderer
+    x_T = r.noise(1, torch.Generator().manual_seed(0))
+    prompt = "the bottom half is green"
+    ours_calls = []
+    hook = r.transformer.register_forward_pre_hook(lambda m, a, kw: ours_calls.append(kw), with_kwargs=True)
+    with torch.no_grad():
+        ours = ag.render(r, r.encode([prompt]), x_T, r.sigmas(4), range(0), 0.0)[0][0]
+    hook.remove()
+    theirs, calls = stock_cosmos(r, prompt, x_T[0], 4, 3.0)
+    assert ours.abs().max() > 0.1
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert len(ours_calls) == len(calls) == 8  # unconditional and conditional, 4 steps
+    for a, b in zip(ours_calls, calls):  # our order: negative first, as the pipeline's CFG pair is (cond, uncond)
+        pass
+    ours_by_len = sorted(ours_calls, key=lambda kw: (kw["und_len"], float(kw["vision_timesteps"][0])))
+    calls_by_len = sorted(calls, key=lambda kw: (kw["und_len"], float(kw["vision_timesteps"][0])))
+    for a, b in zip(ours_by_len, calls_by_len):
+        assert set(a) <= set(b)
+        for k in a:
+            va, vb = a[k], b[k]
+            if torch.is_tensor(va):
+                assert torch.equal(va.to(vb.dtype), vb) if k != "vision_tokens" else True, k
+            elif k == "vision_tokens":
+                torch.testing.assert_close(va[0].float(), vb[0].float(), atol=1e-5, rtol=1e-5)
+            elif k == "vision_noisy_frame_indexes":
+                assert all(torch.equal(p, q) for p, q in zip(va, vb)), k
+            else:
+                assert va == vb, k
+    # guidance 1 skips the unconditional call, as the pipeline does
+    assert len(stock_cosmos(r, prompt, x_T[0], 2, 1.0)[1]) == 2
+
+
+def test_unified_refinement_sees_the_initial_image(cosmos_dirs):
+    """SRR in context: the initial image is a clean vision item in the same sequence (no timestep embedding, no
+    prediction), and the noisy item's velocity depends on it, with gradients reaching the shared weights."""
+    policy, args = make_policy(cosmos_dirs, policy="unified")
+    r = policy.renderer
+    x = r.noise(2, torch.Generator().manual_seed(0))
+    refs = [r.encode_image(Image.new("RGB", (32, 32), c)) for c in ((255, 0, 0), (0, 0, 255))]
+    v = [r.velocity(x, 0.8, r.encode(["fix the colour"] * 2, reference=ref)) for ref in refs]
+    v_none = r.velocity(x, 0.8, r.encode(["fix the colour"] * 2))
+    assert (v[0] - v[1]).abs().max() > 1e-5 and (v[0] - v_none).abs().max() > 1e-5
+    packed = r.pack({}, "fix the colour", False, (4, 4), refs[0])
+    assert [len(i) for i in packed["vision_noisy_frame_indexes"]] == [0, 1]  # the reference is clean
+    assert packed["noisy_tokens"] == 4 and len(packed["vision_mse_loss_indexes"]) == 4
+    assert packed["sequence_length"] == packed["und_len"] + 8
+
+
+@pytest.mark.parametrize("task,temperature", [("rt2i", 0.7), ("srr", 0.7), ("srr", 1.0)])
+def test_unified_first_update_ratio_is_exactly_one(cosmos_dirs, task, temperature):
+    """RT2I and SRR (in context), at a temperature other than 1: the first update's text and image log-probs
+    are the stored ones, with non-zero LoRA on both streams."""
+    policy, args = make_policy(cosmos_dirs, policy="unified", group_size=3, temperature=temperature)
+    randomize_lora(policy)
+    g = rollout(policy, args, task=task)
+    assert (g.image.cond[1] is not None) == (task == "srr")
+    with torch.no_grad():
+        text, image = current_logps(policy, g, args)
+    assert torch.equal(text * g.text.mask, g.text.old_logp * g.text.mask)
+    assert torch.equal(image, g.image.old_logp)
+    loss, stats = ag.group_loss(policy, g, args)
+    assert stats["text_clipfrac"] == 0 and stats["image_clipfrac"] == 0
+    with torch.no_grad(), ag.lora_disabled(policy.renderer.transformer):  # the shared LoRA is in the reasoner
+        assert not torch.allclose(policy.reasoner.token_logprobs(g.text) * g.text.mask, g.text.old_logp * g.text.mask)
+
+
+def test_unified_lora_export_loads_in_both_classes_and_merges(cosmos_dirs, tmp_path):
+    """The renderer export names every LoRA module of the diffusers transformer (shared stream under its diffusers
+    names, generation stream), the reasoner's PEFT adapter the same shared weights under transformers' names;
+    merged by hand into fresh copies of both stock classes, each reproduces our outputs."""
+    from diffusers import Cosmos3OmniTransformer
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    policy, args = make_policy(cosmos_dirs, policy="unified", lora_rank=4, lora_alpha=12.0)
+    randomize_lora(policy, scale=0.2)
+    ag.export_lora(policy, args, str(tmp_path))
+    sd = load_file(str(tmp_path / "renderer" / "pytorch_lora_weights.safetensors"))
+    base = Cosmos3OmniTransformer.from_pretrained(cosmos_dirs[1], subfolder="transformer")
+    wrapped = {n for n, m in policy.renderer.transformer.named_modules() if isinstance(m, ag.LoRALinear)}
+    assert {k[len("transformer."):].rsplit(".lora_", 1)[0] for k in sd} == wrapped
+    assert "layers.0.self_attn.to_q" in wrapped and "layers.0.self_attn.add_q_proj" in wrapped
+    merge_exported_lora(sd, dict(base.named_modules()), rank=4)
+    r = policy.renderer
+    x, cond = r.noise(1, torch.Generator().manual_seed(0)), r.encode(["a red top"])
+    with torch.no_grad():
+        ours = r.velocity(x, 0.7, cond)
+        r.transformer, kept = base, r.transformer
+        merged = r.velocity(x, 0.7, cond)
+        r.transformer = kept
+    torch.testing.assert_close(ours, merged, atol=1e-5, rtol=1e-5)
+    adapter = load_file(str(tmp_path / "reasoner" / "adapter_model.safetensors"))
+    stock = AutoModelForImageTextToText.from_pretrained(cosmos_dirs[0])
+    modules = dict(stock.named_modules())
+    scale = args.lora_alpha / args.lora_rank
+    with torch.no_grad():
+        for k, a in adapter.items():
+            if k.endswith("lora_A.weight"):
+                name = k[len("base_model.model."):-len(".lora_A.weight")]
+                modules[name].weight += scale * adapter[k.replace("lora_A", "lora_B")] @ a
+        ids = torch.tensor([[3, 5, 7, 9]])
+        torch.testing.assert_close(stock(input_ids=ids).logits, policy.reasoner.model(input_ids=ids).logits,
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_unified_checks_come_before_any_model_loads(cosmos_dirs, toy_dirs, klein_dirs, tmp_path, monkeypatch):
+    """--policy that does not fit the renderer, and a reasoner that is not the generator's understanding stream,
+    stop with a clear error before a model loads."""
+    monkeypatch.setattr(ag, "load_policy", lambda *a, **k: pytest.fail("a model was loaded before the checks"))
+    with pytest.raises(SystemExit, match="--policy decoupled with a cosmos3 renderer"):
+        ag.main(["--reasoner", cosmos_dirs[0], "--renderer", cosmos_dirs[1], "--out", str(tmp_path / "a")])
+    with pytest.raises(SystemExit, match="--policy unified with a klein renderer"):
+        ag.main(["--policy", "unified", "--reasoner", klein_dirs[0], "--renderer", klein_dirs[1],
+                 "--out", str(tmp_path / "b")])
+    bigger = ag.build_toy_vlm(str(tmp_path / "bigger"), hidden=64, cosmos=True)
+    with pytest.raises(SystemExit, match="is not the understanding stream .*hidden_size 64 vs 32"):
+        ag.main(["--policy", "unified", "--reasoner", bigger, "--renderer", cosmos_dirs[1],
+                 "--out", str(tmp_path / "c")])
