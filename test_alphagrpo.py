@@ -2617,8 +2617,7 @@ def test_unified_sampler_equals_the_cosmos3_pipeline(cosmos_dirs):
     assert ours.abs().max() > 0.1
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
     assert len(ours_calls) == len(calls) == 8  # unconditional and conditional, 4 steps
-    for a, b in zip(ours_calls, calls):  # our order: negative first, as the pipeline's CFG pair is (cond, uncond)
-        pass
+    # the same calls in both (our CFG pair runs the negative first): matched by prompt length and timestep
     ours_by_len = sorted(ours_calls, key=lambda kw: (kw["und_len"], float(kw["vision_timesteps"][0])))
     calls_by_len = sorted(calls, key=lambda kw: (kw["und_len"], float(kw["vision_timesteps"][0])))
     for a, b in zip(ours_by_len, calls_by_len):
@@ -2644,9 +2643,15 @@ def test_unified_refinement_sees_the_initial_image(cosmos_dirs):
     r = policy.renderer
     x = r.noise(2, torch.Generator().manual_seed(0))
     refs = [r.encode_image(Image.new("RGB", (32, 32), c)) for c in ((255, 0, 0), (0, 0, 255))]
+    ag.make_optimizer(policy, args)  # the LoRA weights require grad
     v = [r.velocity(x, 0.8, r.encode(["fix the colour"] * 2, reference=ref)) for ref in refs]
-    v_none = r.velocity(x, 0.8, r.encode(["fix the colour"] * 2))
+    with torch.no_grad():
+        v_none = r.velocity(x, 0.8, r.encode(["fix the colour"] * 2))
     assert (v[0] - v[1]).abs().max() > 1e-5 and (v[0] - v_none).abs().max() > 1e-5
+    (v[0] - v[1]).square().sum().backward()  # what differs between the references: through the shared stream
+    shared_k = [p for n, p in policy.reasoner.model.named_parameters() if "k_proj.lora_B" in n]
+    assert shared_k and all(p.grad is not None and p.grad.abs().sum() > 0 for p in shared_k)
+    assert not refs[0].requires_grad  # the initial image is context, never trained
     packed = r.pack({}, "fix the colour", False, (4, 4), refs[0])
     assert [len(i) for i in packed["vision_noisy_frame_indexes"]] == [0, 1]  # the reference is clean
     assert packed["noisy_tokens"] == 4 and len(packed["vision_mse_loss_indexes"]) == 4
