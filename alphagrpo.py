@@ -133,8 +133,9 @@ def sde_step(v: torch.Tensor, x: torch.Tensor, sigma, sigma_next, noise_level: f
     sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(shape)
     sigma_next = torch.as_tensor(sigma_next, dtype=torch.float32, device=x.device).reshape(shape)
     dt = sigma_next - sigma
-    # std_t = a * sqrt(t / (1 - t)); at t = 1 the denominator's t becomes second_sigma (1 - t would be 0)
-    t_denominator = torch.where(sigma == 1, torch.full_like(sigma, second_sigma), sigma)
+    # std_t = a * sqrt(t / (1 - t)); at the first step the denominator's t becomes second_sigma: at t = 1
+    # (klein, SD3) 1 - t would be 0, and at Cosmos3's first t = 1 - 1e-6 std_t would be 1000 a, pure noise
+    t_denominator = torch.minimum(sigma, torch.full_like(sigma, second_sigma))
     std_t = noise_level * torch.sqrt(sigma / (1 - t_denominator))
     # mu = x + v dt + std_t^2 / (2t) * (x + (1 - t) v) dt: the Euler step plus the score correction
     # that keeps the SDE's marginals equal to the ODE's. With std_t = 0 it is exactly the Euler step.
@@ -376,6 +377,10 @@ class Args:
     """Steps of the ODE sampler that draws SRR's initial images; 0: --num-steps, the refinements' count (the
     official code draws both at its SRR count, 40). A stronger sampler for the initial images than for the
     refinements makes FPR fail refinements that are as good, biasing improved_frac down."""
+    reflection: str = "reflect"
+    """The reflection's instruction (Sec. 2, the pilot study): 'reflect' tells the reasoner that the image has
+    mistakes and asks it to find them (the paper's choice); 'verify' asks whether the image matches the request
+    and to fix only what does not (what the pilot found prone to confirmation bias). Training and refinement."""
     srr_pick: str = "min"
     """'min': keep the lowest-reward candidate (official); 'sample': draw one, favouring low rewards."""
     srr_refine: str = "auto"
@@ -447,6 +452,14 @@ REFLECT_INSTRUCTION = (
     "what is wrong. Then write 'Diagnosis:' followed by the errors, and 'Fix:' followed by an imperative "
     "instruction that corrects them."
 )
+# Verify mode, the pilot study's other arm (--reflection verify): the image may be right
+VERIFY_INSTRUCTION = (
+    "This image was generated for the request: \"{prompt}\". Check whether it matches the request detail by "
+    "detail (objects, counts, colours, positions, text, style, visual defects). If it does, say so. If it "
+    "does not, write 'Diagnosis:' followed by what does not match, and 'Fix:' followed by an imperative "
+    "instruction that redraws only that."
+)
+REFLECTION = {"reflect": REFLECT_INSTRUCTION, "verify": VERIFY_INSTRUCTION}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -954,8 +967,8 @@ def rollout_group(policy: Policy, row: dict, task: str, args: Args, gen: torch.G
     t0 = time.perf_counter()
     if task == "rt2i":  # y is a plan
         text = reasoner.generate(RT2I_INSTRUCTION.format(prompt=row["prompt"]), None, G)
-    else:  # y is a diagnosis and a fix of the initial image (reflect mode)
-        text = reasoner.generate(REFLECT_INSTRUCTION.format(prompt=row["prompt"]), init[0], G)
+    else:  # y is a diagnosis and a fix of the initial image (reflect mode, or verify: --reflection)
+        text = reasoner.generate(REFLECTION[args.reflection].format(prompt=row["prompt"]), init[0], G)
     with torch.no_grad():
         text.old_logp = reasoner.token_logprobs(text)
         if args.beta_text > 0:
@@ -1266,8 +1279,8 @@ def draw(policy: Policy, args: Args, prompt: str, gen: torch.Generator, reasonin
 
 @torch.no_grad()
 def refine(policy: Policy, args: Args, prompt: str, image: Image.Image, gen: torch.Generator,
-           reasoning: bool = True, instruction: str = REFLECT_INSTRUCTION, size: tuple | None = None):
-    """One SRR round: the reasoner looks at `image` with `instruction` (reflect mode; EDIT_INSTRUCTION makes
+           reasoning: bool = True, instruction: str = "", size: tuple | None = None):
+    """One SRR round: the reasoner looks at `image` with `instruction` (default: --reflection's; EDIT_INSTRUCTION makes
     the round an edit of a source image), then the renderer redraws conditioned on the image, as training does
     (`refinement_inputs`: in context for klein, SDEdit for SD3), at `size` (H, W), by default the image's
     aspect ratio (`edit_size`: a --resolution square in training). Returns (PIL image, text)."""
@@ -1276,6 +1289,7 @@ def refine(policy: Policy, args: Args, prompt: str, image: Image.Image, gen: tor
     sigmas = renderer.sigmas(args.eval_num_steps, size)
     text = ""
     if reasoning:
+        instruction = instruction or REFLECTION[args.reflection]
         text = policy.reasoner.generate(instruction.format(prompt=prompt), image, 1).texts[0]
     # in context: the reference as the pipeline encodes it (its own size); SDEdit: the start, at the edit's
     x_init = renderer.encode_image(image, None if refines_in_context(renderer, args) else size)
@@ -1283,46 +1297,6 @@ def refine(policy: Policy, args: Args, prompt: str, image: Image.Image, gen: tor
                                        renderer.noise(1, gen, size), sigmas)
     x0, _, _ = render(renderer, cond, x, sigmas, range(0), 0.0, start=start)
     return renderer.decode(x0)[0], text
-
-
-@torch.no_grad()
-def sample(args: Args, prompt: str, refine_rounds: int = 0, checkpoint: str = "", question: list = ()):
-    """Draw `prompt` with reasoning (ODE sampler), then `refine_rounds` rounds of reflect-and-refine. Writes
-    each round's image, text and reward (when questions are known: --question, or the prompt's row in the
-    prompt set) and a side-by-side PNG."""
-    out = args.out or os.path.join("runs", f"sample-{time.strftime('%Y%m%d-%H%M%S')}")
-    check_models(args, out)
-    os.makedirs(out, exist_ok=True)
-    policy = load_policy(args, out)
-    if checkpoint:
-        load_checkpoint(checkpoint, policy, None, args)
-    row = question_row(args, prompt, question)  # the DVReward questions to score each round with, or None
-    server = None
-    client = None
-    if row is not None and (args.reward_url or args.preset == "toy"):
-        server, client = connect_reward_server(args)
-    gen = seed_torch_and_group_rng(args, 0, 0)
-    rounds = []
-    try:
-        for k in range(refine_rounds + 1):
-            if k == 0:  # round 0 plans, then draws
-                image, text = draw(policy, args, prompt, gen)
-            else:  # later rounds reflect on the last image, then redraw it
-                image, text = refine(policy, args, prompt, image, gen)
-            reward = None
-            if client is not None:
-                sem, qual = questions(row)
-                reward = client.submit([image], [sem], [qual]).result()["rewards"][0]
-            image.save(os.path.join(out, f"round_{k}.png"))
-            rounds.append({"round": k, "text": text, "reward": reward, "image": f"round_{k}.png"})
-            print(f"round {k}: reward {reward if reward is None else round(reward, 4)} | {text}")
-    finally:
-        if client is not None:
-            client.close()
-        if server is not None:
-            server.terminate()
-    save_rounds(out, prompt, rounds)
-    return out
 
 
 def main(argv=None):
@@ -1382,7 +1356,10 @@ def parse_args(argv=None) -> tuple[str, Args, dict]:
         else:
             p.add_argument(flag, type={"int": int, "float": float}.get(f.type, str), help=docs.get(f.name))
     if command == "sample":
-        p.add_argument("--prompt", required=True, help="the request to draw")
+        what = p.add_mutually_exclusive_group(required=True)
+        what.add_argument("--prompt", help="the request to draw")
+        what.add_argument("--test-prompts", action="store_true", help="every test prompt of the prompt set "
+                          "(the toy's 24), each in OUT/<index>/, then the rewards per round (rounds_summary)")
         p.add_argument("--refine-rounds", type=int, default=0,
                        help="reflect-and-refine rounds after the first image")
         p.add_argument("--checkpoint", default="",
@@ -1411,7 +1388,7 @@ def parse_args(argv=None) -> tuple[str, Args, dict]:
         p.add_argument("--repeats", type=int, default=3,
                        help="timed runs of each sampler (after one warm-up)")
     given = vars(p.parse_args(argv))
-    command_options = ("prompt", "refine_rounds", "checkpoint", "question", "verifier", "repeats",
+    command_options = ("prompt", "test_prompts", "refine_rounds", "checkpoint", "question", "verifier", "repeats",
                        "benchmark", "data", "reasoning", "samples_per_prompt", "limit")
     extra = {k: given.pop(k) for k in command_options if k in given}
     preset = given.get("preset", Args.preset)
@@ -1420,7 +1397,8 @@ def parse_args(argv=None) -> tuple[str, Args, dict]:
     args = Args(**{**PRESETS[preset], **given})
     for name, allowed in [("task", ("rt2i", "srr", "mix")), ("std_mode", ("group", "batch")),
                           ("policy", ("unified", "decoupled")),
-                          ("srr_pick", ("min", "sample")), ("srr_refine", ("auto", "edit", "sdedit")),
+                          ("srr_pick", ("min", "sample")), ("reflection", ("reflect", "verify")),
+                          ("srr_refine", ("auto", "edit", "sdedit")),
                           ("fpr_value", ("init", "group-min")),
                           ("dtype", ("float32", "bfloat16"))]:
         if getattr(args, name) not in allowed:
@@ -2008,6 +1986,96 @@ def question_row(args: Args, prompt: str, question: list) -> dict | None:
     else:
         rows = load_prompts(args.prompts, None)
     return next((r for r in rows if r["prompt"] == prompt), None)
+
+
+@torch.no_grad()
+def sample(args: Args, prompt: str = "", refine_rounds: int = 0, checkpoint: str = "", question: list = (),
+           test_prompts: bool = False):
+    """Draw `prompt` with reasoning (ODE sampler), then `refine_rounds` rounds of reflect-and-refine. Writes
+    each round's image, text and reward (when questions are known: --question, or the prompt's row in the
+    prompt set) and a side-by-side PNG. `test_prompts`: every test prompt of the prompt set instead, each in
+    its own folder, then the rewards per round and the shares of prompts that each round made worse or better
+    (`rounds_summary`)."""
+    out = args.out or os.path.join("runs", f"sample-{time.strftime('%Y%m%d-%H%M%S')}")
+    check_models(args, out)
+    prompts = [r["prompt"] for r in test_rows(args)] if test_prompts else [prompt]
+    os.makedirs(out, exist_ok=True)
+    policy = load_policy(args, out)
+    if checkpoint:
+        load_checkpoint(checkpoint, policy, None, args)
+    rows = [question_row(args, p, question) for p in prompts]  # the DVReward questions of each, or None
+    server = None
+    client = None
+    if any(rows) and (args.reward_url or args.preset == "toy"):
+        server, client = connect_reward_server(args)
+    results = []
+    try:
+        for i, (prompt, row) in enumerate(zip(prompts, rows)):
+            folder = os.path.join(out, f"{i:03d}") if test_prompts else out
+            os.makedirs(folder, exist_ok=True)
+            gen = seed_torch_and_group_rng(args, 0, 0)  # each prompt drawn as a lone `sample` draws it
+            rounds = []
+            for k in range(refine_rounds + 1):
+                if k == 0:  # round 0 plans, then draws
+                    image, text = draw(policy, args, prompt, gen)
+                else:  # later rounds reflect on the last image, then redraw it
+                    image, text = refine(policy, args, prompt, image, gen)
+                reward = None
+                if client is not None and row is not None:
+                    sem, qual = questions(row)
+                    reward = client.submit([image], [sem], [qual]).result()["rewards"][0]
+                image.save(os.path.join(folder, f"round_{k}.png"))
+                rounds.append({"round": k, "text": text, "reward": reward, "image": f"round_{k}.png"})
+                print(f"round {k}: reward {reward if reward is None else round(reward, 4)} | {text}")
+            save_rounds(folder, prompt, rounds)
+            results.append((row, rounds))
+    finally:
+        if client is not None:
+            client.close()
+        if server is not None:
+            server.terminate()
+    if test_prompts:
+        rounds_summary(out, results)
+    return out
+
+
+def test_rows(args: Args) -> list:
+    """The prompt set's test rows: the toy world's (explicit and implicit) or --prompts' split "test"."""
+    if args.preset == "toy" and not args.prompts:
+        return [r for r in TOY_WORLD_PROMPTS if r["split"] == "test"]
+    return load_prompts(args.prompts, "test")
+
+
+def rounds_summary(out: str, results: list, margin: float = 0.05) -> dict:
+    """`sample --test-prompts`: per kind of prompt (the toy's explicit / implicit, else "all"), the mean reward
+    of each round and the shares of prompts whose round k scored more than `margin` below (worse) or above
+    (better) their round 0. results: [(row, rounds)]. Prints a table; writes OUT/rounds_summary.json."""
+    scored = [(row, [r["reward"] for r in rounds]) for row, rounds in results
+              if row is not None and rounds[0]["reward"] is not None]
+    if not scored:
+        print("no rewards: the prompts have no DVReward questions here")
+        return {}
+    kinds = sorted({row.get("kind", "all") for row, _ in scored})
+    groups = {k: [r for row, r in scored if row.get("kind", "all") == k] for k in kinds}
+    if len(kinds) > 1:
+        groups["all"] = [r for _, r in scored]
+    n = len(scored[0][1])
+    summary = {}
+    for kind, rs in groups.items():
+        summary[kind] = {"prompts": len(rs),
+                         "reward": [round(sum(r[k] for r in rs) / len(rs), 4) for k in range(n)],
+                         "worse": [round(sum(r[k] < r[0] - margin for r in rs) / len(rs), 4) for k in range(1, n)],
+                         "better": [round(sum(r[k] > r[0] + margin for r in rs) / len(rs), 4) for k in range(1, n)]}
+    head = " | ".join(f"round {k}" for k in range(n))
+    shares = " | ".join(f"worse / better after {k}" for k in range(1, n))
+    print(f"| prompts | {head} | {shares} |" if n > 1 else f"| prompts | {head} |")
+    print("|---" * (1 + n + max(n - 1, 0)) + "|")
+    for kind, v in summary.items():
+        cells = [f"{x:.3f}" for x in v["reward"]] + [f"{w:.2f} / {b:.2f}" for w, b in zip(v["worse"], v["better"])]
+        print(f"| {kind} ({v['prompts']}) | " + " | ".join(cells) + " |")
+    with open(os.path.join(out, "rounds_summary.json"), "w") as f:
+        json.dump({"margin": margin, **summary}, f, indent=1)
+    return summary
 
 
 def save_rounds(out: str, prompt: str, rounds: list):
@@ -2633,9 +2701,12 @@ def make_cosmos3(text: dict, vae: dict, tokenizer, seed: int = 0):
         rope_axes_dim=text["rope_parameters"]["mrope_section"], latent_channel=z, patch_latent_dim=4 * z)
     vae = AutoencoderKLWan(is_residual=True, in_channels=12, out_channels=12, patch_size=2, **vae,
                            latents_mean=[0.0] * z, latents_std=[1.0] * z)
+    # Shift 3 (Wan's 480p value; a real checkpoint loads its own scheduler config): the toy's 4 steps sit at
+    # sigma 1, .90, .75, .50, as toy klein's shifted ones do, so the prior trains where the prompt alone decides
+    # the image. At shift 1 (1, .75, .50, .25) its generator did not learn to read the prompt (README).
     with torch.device("cpu"):  # its tables, even when the models are built on the meta device
         scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                            flow_shift=1.0)
+                                            flow_shift=3.0)
     return Cosmos3OmniPipeline(transformer=transformer, text_tokenizer=tokenizer, vae=vae,
                                scheduler=scheduler, safety_checker=None, enable_safety_checker=False)
 
@@ -2678,7 +2749,7 @@ def linear_decoder(vae):
 # (grass -> green bottom) is left for GRPO to find. Built once per configuration and cached (toy_world_dir).
 TOY_BUILD = dict(seed=0, reasoner_steps=450, reasoner_warmup=300, reasoner_lr=3e-3, reasoner_batch=32,
                  guess_share=0.5, vae_steps=400, vae_lr=3e-3, renderer_steps=2000, renderer_lr=1e-3, batch=32,
-                 caption_dropout=0.1)
+                 caption_dropout=0.1, unified_renderer_lr=2e-3)  # Cosmos3's generation stream, from scratch
 
 
 # Open requests: a few filler words that carry no target, sometimes with a colour or a region name among them;
@@ -2892,7 +2963,8 @@ def build_toy_world(folder: str, policy: str = "decoupled") -> tuple[str, str]:
         plan_loss = toy_reasoner_prior(policy.reasoner, b["reasoner_steps"], b["reasoner_warmup"],
                                        b["reasoner_lr"], b["guess_share"], b["reasoner_batch"], b["seed"])
         vae_loss, flow_loss = toy_renderer_prior(policy.renderer, b["vae_steps"], b["vae_lr"],
-                                                 b["renderer_steps"], b["renderer_lr"], b["batch"],
+                                                 b["renderer_steps"],
+                                                 b["unified_renderer_lr" if unified else "renderer_lr"], b["batch"],
                                                  b["caption_dropout"], b["seed"],
                                                  frozen=list(policy.reasoner.model.parameters()))
         for model in (policy.reasoner.model, policy.renderer.transformer):
@@ -2931,7 +3003,7 @@ def build_toy_world(folder: str, policy: str = "decoupled") -> tuple[str, str]:
 MODEL_NAME = "alphagrpo"  # the model's folder in TIIF-Bench's and GEdit-Bench's trees
 
 
-# GEdit-Bench's round 0 is an edit of the source image: `refine` with this instead of REFLECT_INSTRUCTION
+# GEdit-Bench's round 0 is an edit of the source image: `refine` with this instead of the reflection (--reflection)
 EDIT_INSTRUCTION = (
     "This image must be edited as follows: \"{prompt}\". Describe the edited image as short visual facts: "
     "what changes, exactly as asked, and what stays as it is (objects, colours, positions, text, style)."
@@ -3295,7 +3367,7 @@ def evaluate_benchmark(args: Args, benchmark: str, data: str, refine_rounds: int
                 else:
                     # GEdit-Bench's round 0 edits the source image; every later round refines the last image
                     image, text = refine(policy, args, it["prompt"], image, gen, reasoning,
-                                         EDIT_INSTRUCTION if k == 0 else REFLECT_INSTRUCTION, size)
+                                         EDIT_INSTRUCTION if k == 0 else "", size)
                 rounds[k].append(image)
                 texts.append({"id": it["id"], "sample": j, "round": k, "text": text})
         for tree, images in zip(trees, rounds):  # the images last: an item counts as done once they exist

@@ -9,6 +9,8 @@ image is the geometric mean R = sqrt(mean(s_semantic) * mean(s_quality)).
     python reward_server.py --verifier toy --port 8000                         # the rule-based toy judge
     python reward_server.py --verifier openai:http://127.0.0.1:30000/v1 --model Qwen/Qwen3-VL-30B-A3B-Instruct
     python reward_server.py score --image x.png --question "Is there a red apple?" --verifier toy
+    python reward_server.py pilot --image right.png --image wrong.png --prompt "..." --question "..." \
+        --verifier Qwen/Qwen3-VL-8B-Instruct                                   # holistic 0-10 vs P(yes) (Sec. 2)
     python reward_server.py bench                                              # CPU: naive, shared, floor
     python reward_server.py bench --shape qwen3-vl-8b --images 8               # on a GPU: Qwen3-VL-8B's shape
     python reward_server.py decompose prompts.txt --llm http://127.0.0.1:30000/v1 --model Qwen/Qwen3-32B \
@@ -65,6 +67,11 @@ from PIL import Image, ImageStat
 STRICT_AUDITOR = ("You are a strict visual auditor. You check generated images against a checklist. Look at "
                   "the image carefully and answer the question with one word, Yes or No. Answer Yes only if "
                   "the image clearly shows it.")
+# The pilot study's holistic score (Sec. 2, Fig. 3): a VIEScore-style 0-10 rating of the whole image, which
+# the paper found blind to the difference a single yes/no question sees (`pilot`)
+HOLISTIC_INSTRUCTION = ("You are a professional digital artist. Rate how well this AI-generated image follows "
+                        "the request: \"{prompt}\". 0 means that it does not follow the request at all, 10 "
+                        "that it follows it perfectly. Answer with the number only.")
 YES_VARIANTS = ("Yes", "yes", "YES", " Yes", " yes", " YES")
 NO_VARIANTS = ("No", "no", "NO", " No", " no", " NO")
 
@@ -133,6 +140,13 @@ def dvreward(semantic: list, quality: list) -> float:
     """R = sqrt(mean(s_semantic) * mean(s_quality)) (Sec. 4.2); an empty list counts as 1.0."""
     mean = lambda xs: sum(xs) / len(xs) if xs else 1.0  # noqa: E731
     return math.sqrt(mean(semantic) * mean(quality))
+
+
+def holistic_score(answer: str) -> float | None:
+    """The pilot's holistic score: the first whole number 0-10 in the verifier's generated answer, / 10; None
+    when it wrote none (never a made-up score)."""
+    match = re.search(r"(?<![\d.])(10|\d)(?![\d])(?:\.0+)?(?!\.\d)", answer)
+    return int(match[1]) / 10 if match else None
 
 
 def png_size(data: bytes, where: str) -> tuple[int, int]:
@@ -349,6 +363,15 @@ class TransformersVerifier:
                   "path (one full sequence per question)", file=sys.stderr)
             self.shared_prefix = False
 
+    def answer(self, image: Image.Image, instruction: str, max_new_tokens: int = 8) -> str:
+        """The verifier's greedy answer to a free instruction about the image (the pilot's holistic score)."""
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        inputs = self.processor(text=[text], images=[image], return_tensors="pt").to(self.device)
+        with self.torch.inference_mode():
+            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        return self.processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
     def chat_text(self, question: str) -> str:
         messages = [{"role": "system", "content": STRICT_AUDITOR},
                     {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
@@ -505,6 +528,17 @@ class OpenAIVerifier:
         if not found:  # counted in /health: many of these mean the prompt or the model is off
             self.count("no_yes_no_in_top_logprobs")
         return s
+
+    def answer(self, image: Image.Image, instruction: str, max_new_tokens: int = 8) -> str:
+        """The endpoint's greedy answer to a free instruction about the image (the pilot's holistic score)."""
+        url = "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
+        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": instruction}]
+        body = {"model": self.model, "max_tokens": max_new_tokens, "temperature": 0,
+                "messages": [{"role": "user", "content": content}]}
+        try:
+            return str(self.post(body)["choices"][0]["message"]["content"])
+        except (KeyError, IndexError, TypeError) as e:
+            raise UpstreamError(f"{self.url} answered without choices[0].message.content ({e})", 502) from None
 
     def post(self, body: dict) -> dict:
         """POST body to the endpoint -> its JSON answer, retrying failures with exponential backoff."""
@@ -908,6 +942,60 @@ def cmd_score(argv):
     print(f"R = sqrt(mean(semantic) * mean(quality)) = {out['rewards'][0]:.4f}")
 
 
+def pilot(verifier, images: list, prompt: str, semantic: list, quality: list = ()) -> list:
+    """The pilot study's second finding (Sec. 2, Fig. 3) for any verifier: per image, a holistic 0-10 score
+    (HOLISTIC_INSTRUCTION; the number the verifier generates, / 10) beside each question's s = P(yes) / (P(yes)
+    + P(no)) and the DVReward. images: [(name, PIL image)]. Returns one dict per image; "holistic" is None
+    where the verifier has no holistic mode (the toy judge) or its answer held no score ("answer" says which)."""
+    scores = score_batch(verifier, [im for _, im in images], [list(semantic)] * len(images),
+                         [list(quality)] * len(images))
+    rows = []
+    for k, (name, image) in enumerate(images):
+        answer = verifier.answer(image, HOLISTIC_INSTRUCTION.format(prompt=prompt)) if hasattr(
+            verifier, "answer") else None
+        rows.append({"image": name, "holistic": None if answer is None else holistic_score(answer),
+                     "answer": answer, "semantic_scores": scores["semantic_scores"][k],
+                     "quality_scores": scores["quality_scores"][k], "dvreward": scores["rewards"][k]})
+    return rows
+
+
+def cmd_pilot(argv):
+    p = argparse.ArgumentParser(prog="reward_server.py pilot", description="The pilot study's holistic vs "
+                                "decomposed scores (paper Sec. 2, Fig. 3): a VIEScore-style 0-10 score of each "
+                                "image beside each question's P(yes) and the DVReward.")
+    add_verifier_args(p)
+    p.add_argument("--image", action="append", required=True, help="a PNG or JPEG file (repeat the flag)")
+    p.add_argument("--prompt", required=True, help="the request the images were drawn for")
+    p.add_argument("--question", action="append", required=True, help="a semantic question (repeat the flag)")
+    p.add_argument("--quality-question", action="append", default=[],
+                   help="a quality question (repeat the flag)")
+    p.add_argument("--json", action="store_true", help="print the rows as one JSON list instead")
+    args = p.parse_args(argv)
+    images = []
+    for path in args.image:
+        try:
+            with Image.open(path) as image:
+                images.append((path, image.convert("RGB")))
+        except (OSError, ValueError) as e:
+            raise cannot_read(path, e) from None
+    rows = pilot(load_verifier(args), images, args.prompt, args.question, args.quality_question)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return rows
+    for row in rows:
+        if row["answer"] is None:
+            holistic = "n/a: the toy judge has no holistic mode (it answers only its yes/no grammar)"
+        elif row["holistic"] is None:
+            holistic = f"n/a: no 0-10 score in the verifier's answer {row['answer']!r}"
+        else:
+            holistic = f"{row['holistic']:.4f}  (the verifier's generated answer {row['answer'].strip()!r}, / 10)"
+        print(f"{row['image']}\n  holistic 0-10 / 10   {holistic}")
+        for q, s in zip(args.question + args.quality_question, row["semantic_scores"] + row["quality_scores"]):
+            print(f"  P(yes)/(P(yes)+P(no)) {s:.4f}  {q}")
+        print(f"  DVReward             {row['dvreward']:.4f}")
+    return rows
+
+
 def cmd_bench(argv):
     """Naive vs shared-prefix scoring of a random Qwen3-VL at a chosen shape, beside the one-pass floor, then
     latency over HTTP."""
@@ -1246,7 +1334,8 @@ def cmd_decompose(argv):
         print(f"  {count:5d}  {reason}")
 
 
-COMMANDS = {"serve": cmd_serve, "score": cmd_score, "bench": cmd_bench, "decompose": cmd_decompose}
+COMMANDS = {"serve": cmd_serve, "score": cmd_score, "pilot": cmd_pilot, "bench": cmd_bench,
+            "decompose": cmd_decompose}
 
 
 def main(argv=None):

@@ -126,6 +126,11 @@ def test_sde_std_at_t1_uses_second_sigma_only_in_the_denominator():
     _, _, mean, std_t = ag.sde_step(v, x, 1.0, 0.9, 0.5, second_sigma=0.9)
     assert torch.allclose(std_t.flatten(), torch.tensor([0.5 * math.sqrt(1.0 / (1 - 0.9))]))
     assert torch.isfinite(mean).all()
+    # Cosmos3's schedule starts at 1 - 1e-6, not 1: the same guard (without it std_t was 1000 a, pure noise)
+    _, _, _, std_c = ag.sde_step(v, x, 1 - 1e-6, 0.9, 0.5, second_sigma=0.9)
+    assert torch.allclose(std_c.flatten(), torch.tensor([0.5 * math.sqrt((1 - 1e-6) / (1 - 0.9))]))
+    _, _, _, std_2 = ag.sde_step(v, x, 0.9, 0.8, 0.5, second_sigma=0.9)  # later steps: t itself
+    assert torch.allclose(std_2.flatten(), torch.tensor([0.5 * math.sqrt(0.9 / (1 - 0.9))]))
 
 
 def test_noise_level_zero_is_exactly_the_euler_step():
@@ -701,6 +706,49 @@ def test_sample_command_refines(tmp_path):
     for r in rounds:
         s = v.score(Image.open(out / r["image"]), ["Is the bottom half of the image green?"])[0]
         assert r["reward"] == pytest.approx(math.sqrt(s), abs=1e-6)
+
+
+def test_rounds_summary_by_hand(tmp_path, capsys):
+    row = lambda kind: {"kind": kind}  # noqa: E731
+    rounds = lambda *rs: [{"reward": r} for r in rs]  # noqa: E731
+    results = [(row("explicit"), rounds(1.0, 0.2, 1.0)), (row("explicit"), rounds(0.5, 0.52, 0.9)),
+               (row("implicit"), rounds(0.2, 0.8, 0.1)), (None, rounds(None, None, None))]
+    got = ag.rounds_summary(str(tmp_path), results)
+    assert got["explicit"] == {"prompts": 2, "reward": [0.75, 0.36, 0.95], "worse": [0.5, 0.0], "better": [0.0, 0.5]}
+    assert got["implicit"] == {"prompts": 1, "reward": [0.2, 0.8, 0.1], "worse": [0.0, 1.0], "better": [1.0, 0.0]}
+    assert got["all"]["prompts"] == 3 and got["all"]["worse"] == [pytest.approx(1 / 3, abs=1e-4)] * 2
+    assert json.loads((tmp_path / "rounds_summary.json").read_text())["explicit"] == got["explicit"]
+    assert "| explicit (2) | 0.750 | 0.360 | 0.950 | 0.50 / 0.00 | 0.00 / 0.50 |" in capsys.readouterr().out
+
+
+def test_sample_test_prompts_with_the_verify_reflection(tmp_path, monkeypatch, capsys):
+    instructions = []
+    generate = ag.Reasoner.generate
+
+    def recording(self, instruction, image, n):
+        instructions.append((instruction, image is not None))
+        return generate(self, instruction, image, n)
+
+    monkeypatch.setattr(ag.Reasoner, "generate", recording)
+    out = tmp_path / "rounds"
+    ag.main(["sample", "--test-prompts", "--refine-rounds", "1", "--reflection", "verify", "--out", str(out)])
+    tests = [r for r in ag.TOY_WORLD_PROMPTS if r["split"] == "test"]
+    assert len(tests) == 24 and len(instructions) == 48
+    reflections = [i for i, seen in instructions if seen]
+    assert reflections == [ag.VERIFY_INSTRUCTION.format(prompt=r["prompt"]) for r in tests]
+    rewards = []
+    for i, r in enumerate(tests):
+        saved = json.loads((out / f"{i:03d}" / "rounds.json").read_text())
+        assert saved["prompt"] == r["prompt"] and [x["round"] for x in saved["rounds"]] == [0, 1]
+        rewards.append([x["reward"] for x in saved["rounds"]])
+    summary = json.loads((out / "rounds_summary.json").read_text())
+    assert summary["all"]["reward"] == [pytest.approx(sum(x[k] for x in rewards) / 24, abs=1e-4) for k in (0, 1)]
+    assert summary["explicit"]["prompts"] == 8 and summary["implicit"]["prompts"] == 16
+    assert "| implicit (16) |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # a prompt or the test prompts, not both
+        ag.parse_args(["sample", "--prompt", "x", "--test-prompts"])
+    with pytest.raises(SystemExit):
+        ag.parse_args(["--reflection", "confirm"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1644,6 +1692,8 @@ def fake_openai(calls: list, state: dict):
                 state["in_flight"] -= 1
             if self.path != "/v1/chat/completions":
                 return self.send(404, {"error": "no"})
+            if question.startswith("You are a professional digital artist"):  # the pilot's holistic rating
+                return self.send(200, {"choices": [{"message": {"content": state.get("holistic", "8")}}]})
             if question == "Is it down?" or (question == "Is it flaky?" and n <= 2):
                 return self.send(503 if question == "Is it down?" else 500, {"error": "overloaded"})
             if question == "Is it rejected?":
@@ -1692,6 +1742,50 @@ def test_openai_verifier_against_a_fake_endpoint():
                                                         "quality_questions": [[]]})
                 assert r.status_code == code and msg in r.json()["error"], (question, r.text)
             assert state["Is it down?"] == 5 and state["Is it rejected?"] == 1  # a 4xx is not retried
+
+
+def test_holistic_score_reads_the_generated_number():
+    for answer, score in [("8", 0.8), ("10", 1.0), ("Score: 7.", 0.7), ("7/10", 0.7), ("I rate it 9 out of 10", 0.9),
+                          ("0", 0.0), ("8.0", 0.8), ("12", None), ("3.5", None), ("eleven", None), ("", None)]:
+        assert rs.holistic_score(answer) == score, answer
+
+
+def test_pilot_with_each_verifier(tmp_path, tiny_vlm, capsys):
+    right, wrong = tmp_path / "right.png", tmp_path / "wrong.png"
+    solid((0, 255, 0)).save(right)
+    solid((0, 255, 0), bottom=(255, 0, 0)).save(wrong)
+    qs = ["--question", "Is the top half of the image green?", "--question", "Is the bottom half of the image green?"]
+    base = ["pilot", "--image", str(right), "--image", str(wrong), "--prompt", "a green image", *qs]
+    # the toy judge: the decomposed scores separate the images; it has no holistic mode, and says so
+    rows = rs.main(base)
+    out = capsys.readouterr().out
+    assert [r["image"] for r in rows] == [str(right), str(wrong)]
+    assert all(r["holistic"] is None and r["answer"] is None for r in rows) and "no holistic mode" in out
+    assert rows[0]["semantic_scores"][1] > 0.99 and rows[1]["semantic_scores"][1] < 0.01
+    for r in rows:
+        assert r["dvreward"] == pytest.approx(rs.dvreward(r["semantic_scores"], r["quality_scores"]))
+    # a tiny random Qwen3-VL: its greedy answer is read, and a word salad gives no score rather than a guess
+    rows = rs.main(base + ["--verifier", tiny_vlm])
+    for r in rows:
+        assert isinstance(r["answer"], str) and r["holistic"] == rs.holistic_score(r["answer"])
+        assert len(r["semantic_scores"]) == 2 and all(0 < s < 1 for s in r["semantic_scores"])
+        assert r["dvreward"] == pytest.approx(math.sqrt(sum(r["semantic_scores"]) / 2))
+    # an OpenAI-compatible endpoint: the holistic request is a plain generation with the image first
+    calls, state = [], {"lock": threading.Lock(), "in_flight": 0, "max_in_flight": 0, "holistic": "Score: 7"}
+    with serving(fake_openai(calls, state)) as (fake, _):
+        capsys.readouterr()
+        rows = rs.main(["pilot", "--image", str(right), "--prompt", "a green cat", "--question", "Is the cat black?",
+                        "--verifier", f"openai:{fake}/v1", "--model", "fake-vlm"])
+    assert rows[0]["holistic"] == 0.7 and rows[0]["semantic_scores"] == [pytest.approx(0.7 / 0.9)]
+    assert "0.7000  (the verifier's generated answer 'Score: 7', / 10)" in capsys.readouterr().out
+    sent = next(c for c in calls if "max_tokens" in c and c["max_tokens"] > 1)
+    (user,) = sent["messages"]
+    assert [c["type"] for c in user["content"]] == ["image_url", "text"] and sent["temperature"] == 0
+    assert user["content"][1]["text"] == rs.HOLISTIC_INSTRUCTION.format(prompt="a green cat")
+    # no question: argparse names the flag
+    with pytest.raises(SystemExit):
+        rs.main(["pilot", "--image", str(right), "--prompt", "p"])
+    assert "--question" in capsys.readouterr().err
 
 
 def test_confidence_from_top_logprobs():
@@ -1863,6 +1957,7 @@ def test_commands_name_a_missing_or_unreadable_input_in_one_line(tmp_path):
     for argv, named in [(["score", "--image", str(tmp_path / "missing.png"), *q], "missing.png"),
                         (["score", "--image", str(not_an_image), *q], "notes.png"),
                         (["score", "--image", str(tmp_path), *q], str(tmp_path)),
+                        (["pilot", "--image", str(tmp_path / "missing.png"), "--prompt", "p", *q], "missing.png"),
                         (["decompose", str(tmp_path / "missing.txt"), "--llm", "http://127.0.0.1:9/v1",
                           "--out", str(tmp_path / "o.jsonl")], "missing.txt"),
                         (["decompose", str(not_utf8), "--llm", "http://127.0.0.1:9/v1", "--out",
