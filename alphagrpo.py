@@ -378,9 +378,10 @@ class Args:
     official code draws both at its SRR count, 40). A stronger sampler for the initial images than for the
     refinements makes FPR fail refinements that are as good, biasing improved_frac down."""
     reflection: str = "reflect"
-    """The reflection's instruction (Sec. 2, the pilot study): 'reflect' tells the reasoner that the image has
-    mistakes and asks it to find them (the paper's choice); 'verify' asks whether the image matches the request
-    and to fix only what does not (what the pilot found prone to confirmation bias). Training and refinement."""
+    """The reflection's instruction (Sec. 2, the pilot study): 'reflect' tells the reasoner that the image
+    has mistakes and asks it to find them (the paper's choice); 'verify' asks whether the image matches the
+    request and to fix only what does not (what the pilot found prone to confirmation bias). Training and
+    refinement."""
     srr_pick: str = "min"
     """'min': keep the lowest-reward candidate (official); 'sample': draw one, favouring low rewards."""
     srr_refine: str = "auto"
@@ -1280,10 +1281,11 @@ def draw(policy: Policy, args: Args, prompt: str, gen: torch.Generator, reasonin
 @torch.no_grad()
 def refine(policy: Policy, args: Args, prompt: str, image: Image.Image, gen: torch.Generator,
            reasoning: bool = True, instruction: str = "", size: tuple | None = None):
-    """One SRR round: the reasoner looks at `image` with `instruction` (default: --reflection's; EDIT_INSTRUCTION makes
-    the round an edit of a source image), then the renderer redraws conditioned on the image, as training does
-    (`refinement_inputs`: in context for klein, SDEdit for SD3), at `size` (H, W), by default the image's
-    aspect ratio (`edit_size`: a --resolution square in training). Returns (PIL image, text)."""
+    """One SRR round: the reasoner looks at `image` with `instruction` (default: --reflection's, Sec. 2;
+    EDIT_INSTRUCTION makes the round an edit of a source image), then the renderer redraws conditioned on the
+    image, as training does (`refinement_inputs`: in context for klein and Cosmos3, SDEdit for SD3), at `size`
+    (H, W), by default the image's aspect ratio (`edit_size`: a --resolution square in training). Returns
+    (PIL image, text)."""
     renderer = policy.renderer
     size = size or renderer.edit_size(image)
     sigmas = renderer.sigmas(args.eval_num_steps, size)
@@ -1388,8 +1390,8 @@ def parse_args(argv=None) -> tuple[str, Args, dict]:
         p.add_argument("--repeats", type=int, default=3,
                        help="timed runs of each sampler (after one warm-up)")
     given = vars(p.parse_args(argv))
-    command_options = ("prompt", "test_prompts", "refine_rounds", "checkpoint", "question", "verifier", "repeats",
-                       "benchmark", "data", "reasoning", "samples_per_prompt", "limit")
+    command_options = ("prompt", "test_prompts", "refine_rounds", "checkpoint", "question", "verifier",
+                       "repeats", "benchmark", "data", "reasoning", "samples_per_prompt", "limit")
     extra = {k: given.pop(k) for k in command_options if k in given}
     preset = given.get("preset", Args.preset)
     if preset not in PRESETS:
@@ -1874,6 +1876,13 @@ def load_prompts(path: str, split: str | None = "train") -> list[dict]:
 # --------------------------------------------------------------------------------------------------
 
 
+def prompt_rows(args: Args, split: str | None) -> list:
+    """The prompt set's rows of `split` (None: all): the toy world's, or --prompts' (load_prompts checks)."""
+    if args.preset == "toy" and not args.prompts:
+        return [r for r in TOY_WORLD_PROMPTS if split is None or r["split"] == split]
+    return load_prompts(args.prompts, split)
+
+
 def prepare_run(args: Args, rank: int, world: int, check_renderer: bool = True) -> tuple[str, list, list]:
     """The run's folder and its train and test prompt rows, after every check that needs no model: the data
     first (a malformed row fails before any model loads), a folder that already holds a run, a missing
@@ -1890,12 +1899,7 @@ def prepare_run(args: Args, rank: int, world: int, check_renderer: bool = True) 
     out = args.out or resumed_run or os.path.join("runs", f"{args.preset}-{args.task}-{stamp}")
     if rank == 0 and not args.resume and os.path.exists(os.path.join(out, "metrics.jsonl")):
         raise ValueError(f"{out} already holds a run (metrics.jsonl): pass --resume {out} or another --out")
-    if args.preset == "toy" and not args.prompts:
-        rows = [r for r in TOY_WORLD_PROMPTS if r["split"] == "train"]
-        eval_rows = [r for r in TOY_WORLD_PROMPTS if r["split"] == "test"]
-    else:
-        rows = load_prompts(args.prompts, "train")
-        eval_rows = load_prompts(args.prompts, "test")
+    rows, eval_rows = prompt_rows(args, "train"), prompt_rows(args, "test")
     if not (args.dry_run or args.reward_url or args.preset == "toy"):
         raise ValueError("--reward-url is required: start `python reward_server.py --verifier <model>` first")
     if check_renderer:
@@ -1981,11 +1985,7 @@ def question_row(args: Args, prompt: str, question: list) -> dict | None:
     if question:
         return {"prompt": prompt, "semantic_questions": [{"question": q, "tag": None} for q in question],
                 "quality_questions": []}
-    if args.preset == "toy" and not args.prompts:
-        rows = TOY_WORLD_PROMPTS
-    else:
-        rows = load_prompts(args.prompts, None)
-    return next((r for r in rows if r["prompt"] == prompt), None)
+    return next((r for r in prompt_rows(args, None) if r["prompt"] == prompt), None)
 
 
 @torch.no_grad()
@@ -1998,7 +1998,7 @@ def sample(args: Args, prompt: str = "", refine_rounds: int = 0, checkpoint: str
     (`rounds_summary`)."""
     out = args.out or os.path.join("runs", f"sample-{time.strftime('%Y%m%d-%H%M%S')}")
     check_models(args, out)
-    prompts = [r["prompt"] for r in test_rows(args)] if test_prompts else [prompt]
+    prompts = [r["prompt"] for r in prompt_rows(args, "test")] if test_prompts else [prompt]
     os.makedirs(out, exist_ok=True)
     policy = load_policy(args, out)
     if checkpoint:
@@ -2039,16 +2039,9 @@ def sample(args: Args, prompt: str = "", refine_rounds: int = 0, checkpoint: str
     return out
 
 
-def test_rows(args: Args) -> list:
-    """The prompt set's test rows: the toy world's (explicit and implicit) or --prompts' split "test"."""
-    if args.preset == "toy" and not args.prompts:
-        return [r for r in TOY_WORLD_PROMPTS if r["split"] == "test"]
-    return load_prompts(args.prompts, "test")
-
-
 def rounds_summary(out: str, results: list, margin: float = 0.05) -> dict:
-    """`sample --test-prompts`: per kind of prompt (the toy's explicit / implicit, else "all"), the mean reward
-    of each round and the shares of prompts whose round k scored more than `margin` below (worse) or above
+    """`sample --test-prompts`: per kind of prompt (the toy's explicit / implicit, else "all"), the mean
+    reward of each round and the shares of prompts whose round k scored more than `margin` below (worse) or above
     (better) their round 0. results: [(row, rounds)]. Prints a table; writes OUT/rounds_summary.json."""
     scored = [(row, [r["reward"] for r in rounds]) for row, rounds in results
               if row is not None and rounds[0]["reward"] is not None]
@@ -2060,18 +2053,16 @@ def rounds_summary(out: str, results: list, margin: float = 0.05) -> dict:
     if len(kinds) > 1:
         groups["all"] = [r for _, r in scored]
     n = len(scored[0][1])
-    summary = {}
-    for kind, rs in groups.items():
-        summary[kind] = {"prompts": len(rs),
-                         "reward": [round(sum(r[k] for r in rs) / len(rs), 4) for k in range(n)],
-                         "worse": [round(sum(r[k] < r[0] - margin for r in rs) / len(rs), 4) for k in range(1, n)],
-                         "better": [round(sum(r[k] > r[0] + margin for r in rs) / len(rs), 4) for k in range(1, n)]}
-    head = " | ".join(f"round {k}" for k in range(n))
-    shares = " | ".join(f"worse / better after {k}" for k in range(1, n))
-    print(f"| prompts | {head} | {shares} |" if n > 1 else f"| prompts | {head} |")
-    print("|---" * (1 + n + max(n - 1, 0)) + "|")
+    share = lambda rs, hit: round(sum(map(hit, rs)) / len(rs), 4)  # noqa: E731
+    summary = {kind: {"prompts": len(rs), "reward": [share(rs, lambda r: r[k]) for k in range(n)],
+                      "worse": [share(rs, lambda r: r[k] < r[0] - margin) for k in range(1, n)],
+                      "better": [share(rs, lambda r: r[k] > r[0] + margin) for k in range(1, n)]}
+               for kind, rs in groups.items()}
+    head = ["prompts"] + [f"round {k}" for k in range(n)] + [f"worse / better after {k}" for k in range(1, n)]
+    print("| " + " | ".join(head) + " |\n" + "|---" * len(head) + "|")
     for kind, v in summary.items():
-        cells = [f"{x:.3f}" for x in v["reward"]] + [f"{w:.2f} / {b:.2f}" for w, b in zip(v["worse"], v["better"])]
+        cells = [f"{x:.3f}" for x in v["reward"]]
+        cells += [f"{w:.2f} / {b:.2f}" for w, b in zip(v["worse"], v["better"])]
         print(f"| {kind} ({v['prompts']}) | " + " | ".join(cells) + " |")
     with open(os.path.join(out, "rounds_summary.json"), "w") as f:
         json.dump({"margin": margin, **summary}, f, indent=1)
@@ -3003,7 +2994,7 @@ def build_toy_world(folder: str, policy: str = "decoupled") -> tuple[str, str]:
 MODEL_NAME = "alphagrpo"  # the model's folder in TIIF-Bench's and GEdit-Bench's trees
 
 
-# GEdit-Bench's round 0 is an edit of the source image: `refine` with this instead of the reflection (--reflection)
+# GEdit-Bench's round 0 is an edit of the source image: `refine` with this instead of --reflection's
 EDIT_INSTRUCTION = (
     "This image must be edited as follows: \"{prompt}\". Describe the edited image as short visual facts: "
     "what changes, exactly as asked, and what stays as it is (objects, colours, positions, text, style)."

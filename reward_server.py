@@ -165,6 +165,11 @@ def png_bytes(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def data_url(image: Image.Image) -> str:
+    """An image as the OpenAI API's inline PNG URL."""
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
+
+
 def decode_png(data: bytes, where: str) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data), formats=["PNG"])
@@ -370,7 +375,8 @@ class TransformersVerifier:
         inputs = self.processor(text=[text], images=[image], return_tensors="pt").to(self.device)
         with self.torch.inference_mode():
             out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        return self.processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        new = out[0, inputs["input_ids"].shape[1]:]
+        return self.processor.tokenizer.decode(new, skip_special_tokens=True)
 
     def chat_text(self, question: str) -> str:
         messages = [{"role": "system", "content": STRICT_AUDITOR},
@@ -506,7 +512,7 @@ class OpenAIVerifier:
 
     def score_many(self, items: list) -> list:
         # each image encoded once, whatever its number of questions
-        urls = ["data:image/png;base64," + base64.b64encode(png_bytes(image)).decode() for image, _ in items]
+        urls = [data_url(image) for image, _ in items]
         jobs = [(url, q) for url, (_, qs) in zip(urls, items) for q in qs]
         scores = iter(list(self.pool.map(lambda job: self.ask(*job), jobs)))
         return [[next(scores) for _ in qs] for _, qs in items]
@@ -531,14 +537,15 @@ class OpenAIVerifier:
 
     def answer(self, image: Image.Image, instruction: str, max_new_tokens: int = 8) -> str:
         """The endpoint's greedy answer to a free instruction about the image (the pilot's holistic score)."""
-        url = "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
-        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": instruction}]
+        content = [{"type": "image_url", "image_url": {"url": data_url(image)}},
+                   {"type": "text", "text": instruction}]
         body = {"model": self.model, "max_tokens": max_new_tokens, "temperature": 0,
                 "messages": [{"role": "user", "content": content}]}
         try:
             return str(self.post(body)["choices"][0]["message"]["content"])
         except (KeyError, IndexError, TypeError) as e:
-            raise UpstreamError(f"{self.url} answered without choices[0].message.content ({e})", 502) from None
+            raise UpstreamError(f"{self.url} answered without choices[0].message.content ({e})",
+                                502) from None
 
     def post(self, body: dict) -> dict:
         """POST body to the endpoint -> its JSON answer, retrying failures with exponential backoff."""
@@ -883,6 +890,15 @@ def cannot_read(path: str, e: Exception) -> SystemExit:
     return SystemExit(f"reward_server.py: cannot read {path}: {getattr(e, 'strerror', None) or e}")
 
 
+def read_image(path: str) -> Image.Image:
+    """An RGB image from a file, or a one-line exit naming it (missing, unreadable, not an image, truncated)."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError) as e:
+        raise cannot_read(path, e) from None
+
+
 def cmd_serve(argv):
     p = argparse.ArgumentParser(prog="reward_server.py", description=__doc__.split("\n\n")[0])
     add_verifier_args(p)
@@ -930,11 +946,7 @@ def cmd_score(argv):
     p.add_argument("--quality-question", action="append", default=[],
                    help="a quality question (repeat the flag)")
     args = p.parse_args(argv)
-    try:
-        with Image.open(args.image) as image:
-            image = image.convert("RGB")
-    except (OSError, ValueError) as e:  # missing, unreadable, not an image, truncated
-        raise cannot_read(args.image, e) from None
+    image = read_image(args.image)
     out = score_batch(load_verifier(args), [image], [args.question], [args.quality_question])
     questions = args.question + args.quality_question
     for question, s in zip(questions, out["semantic_scores"][0] + out["quality_scores"][0]):
@@ -971,13 +983,7 @@ def cmd_pilot(argv):
                    help="a quality question (repeat the flag)")
     p.add_argument("--json", action="store_true", help="print the rows as one JSON list instead")
     args = p.parse_args(argv)
-    images = []
-    for path in args.image:
-        try:
-            with Image.open(path) as image:
-                images.append((path, image.convert("RGB")))
-        except (OSError, ValueError) as e:
-            raise cannot_read(path, e) from None
+    images = [(path, read_image(path)) for path in args.image]
     rows = pilot(load_verifier(args), images, args.prompt, args.question, args.quality_question)
     if args.json:
         print(json.dumps(rows, indent=1))
@@ -988,9 +994,11 @@ def cmd_pilot(argv):
         elif row["holistic"] is None:
             holistic = f"n/a: no 0-10 score in the verifier's answer {row['answer']!r}"
         else:
-            holistic = f"{row['holistic']:.4f}  (the verifier's generated answer {row['answer'].strip()!r}, / 10)"
+            answer = row["answer"].strip()
+            holistic = f"{row['holistic']:.4f}  (the verifier's generated answer {answer!r}, / 10)"
         print(f"{row['image']}\n  holistic 0-10 / 10   {holistic}")
-        for q, s in zip(args.question + args.quality_question, row["semantic_scores"] + row["quality_scores"]):
+        scores = row["semantic_scores"] + row["quality_scores"]
+        for q, s in zip(args.question + args.quality_question, scores):
             print(f"  P(yes)/(P(yes)+P(no)) {s:.4f}  {q}")
         print(f"  DVReward             {row['dvreward']:.4f}")
     return rows
