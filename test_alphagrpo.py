@@ -2823,3 +2823,12 @@ def test_unified_checks_come_before_any_model_loads(cosmos_dirs, toy_dirs, klein
     with pytest.raises(SystemExit, match="is not the understanding stream .*hidden_size 64 vs 32"):
         ag.main(["--policy", "unified", "--reasoner", bigger, "--renderer", cosmos_dirs[1],
                  "--out", str(tmp_path / "c")])
+
+
+def test_unified_toy_trains_the_shared_stream_at_its_own_lr():
+    """The unified toy's reasoner LoRA is also what its generator reads: it defaults to 3e-4 there (README:
+    unified vs decoupled), the pair keeps 1e-3, an explicit flag wins, and a real preset keeps its own."""
+    lr = lambda *argv: ag.parse_args(list(argv))[1].reasoner_lr
+    assert lr("--policy", "unified") == 3e-4 and lr() == lr("--policy", "decoupled") == 1e-3
+    assert lr("--policy", "unified", "--reasoner-lr", "1e-3") == 1e-3
+    assert lr("--preset", "cosmos3") == ag.PRESETS["cosmos3"]["reasoner_lr"]
