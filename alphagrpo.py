@@ -1397,9 +1397,9 @@ def parse_args(argv=None) -> tuple[str, Args, dict]:
     preset = given.get("preset", Args.preset)
     if preset not in PRESETS:
         p.error(f"--preset must be one of {sorted(PRESETS)}, not {preset!r}")
-    # The unified toy's shared stream is also what its generator reads: at the pair's 1e-3 the plan's updates
-    # move it faster than the generation stream follows, and the evaluation falls (README: unified vs decoupled)
-    unified_toy = dict(reasoner_lr=3e-4) if preset == "toy" and given.get("policy") == "unified" else {}
+    # The unified toy's shared stream is also what its generator reads: at the pair's 1e-3 the plan's
+    # updates move it faster than the generation stream follows (README: unified vs decoupled)
+    unified_toy = {"reasoner_lr": 3e-4} if (preset, given.get("policy")) == ("toy", "unified") else {}
     args = Args(**{**PRESETS[preset], **unified_toy, **given})
     for name, allowed in [("task", ("rt2i", "srr", "mix")), ("std_mode", ("group", "batch")),
                           ("policy", ("unified", "decoupled")),
@@ -2045,8 +2045,8 @@ def sample(args: Args, prompt: str = "", refine_rounds: int = 0, checkpoint: str
 
 def rounds_summary(out: str, results: list, margin: float = 0.05) -> dict:
     """`sample --test-prompts`: per kind of prompt (the toy's explicit / implicit, else "all"), the mean
-    reward of each round and the shares of prompts whose round k scored more than `margin` below (worse) or above
-    (better) their round 0. results: [(row, rounds)]. Prints a table; writes OUT/rounds_summary.json."""
+    reward of each round and the shares of prompts whose round k scored more than `margin` below (worse) or
+    above (better) their round 0. results: [(row, rounds)]. Prints a table; writes OUT/rounds_summary.json."""
     scored = [(row, [r["reward"] for r in rounds]) for row, rounds in results
               if row is not None and rounds[0]["reward"] is not None]
     if not scored:
