@@ -18,10 +18,12 @@ What is implemented
   (Sec. 4.1), the refinement generated with the initial image in context; rewards from the DVReward server
   (`reward_server.py`, Sec. 4.2) over HTTP, asynchronously.
 
-Two policies behind one interface (`Reasoner`, `Renderer`). Unified (`--policy unified`, the paper's
-setting): one Cosmos3 network reasons and draws; its understanding stream is the Qwen3-VL language model that
-writes the reasoning (transformers) and the context its generation stream denoises the image from (diffusers),
-the same tensors in both, so one LoRA learns from the text loss and from the image loss. Decoupled (the
+Two policies behind one interface (`Reasoner`, `Renderer`). Unified (`--policy unified`, the paper's setting):
+one Cosmos3 network reasons and draws; its understanding stream is the Qwen3-VL language model that writes the
+reasoning (transformers) and the context its generation stream denoises the image from (diffusers), the same
+tensors in both. As the official code trains BAGEL, that context is computed once per sample without gradient
+and cached (every denoising step reads it, the whole group in one pass): the text loss trains the shared
+stream, the image loss the generation stream (`--context-grad`: the image loss reaches both). Decoupled (the
 default): a Qwen3-VL reasoner beside FLUX.2 klein (which edits in context) or Stable Diffusion 3.5 (which
 cannot, the Flow-GRPO-comparable one). The toy preset builds the same classes at tiny sizes with a short
 supervised prior, so every code path runs on a laptop CPU.
@@ -40,6 +42,7 @@ Launch
     python alphagrpo.py sample --prompt "a calm sea below" --refine-rounds 2 --checkpoint runs/toy-rt2i-TIME
     python alphagrpo.py eval --benchmark geneval --data geneval/prompts/evaluation_metadata.jsonl --out DIR
     python alphagrpo.py bench --preset klein    # GPU figures at real shapes, random weights (README)
+    python alphagrpo.py bench --preset cosmos3 --layers 1 --no-train-step --group-size 1   # a CPU-sized slice
 
 Shapes: G group size, L generated tokens, P prompt tokens, V vocabulary, C latent channels,
 h x w latent size, W trained (SDE) steps, T sampling steps.
@@ -238,7 +241,8 @@ def false_positive_rectification(refined: torch.Tensor, init_reward: float, valu
 class Args:
     preset: str = "toy"
     """'toy' (the toy world: tiny models with a cached prior, CPU), 'klein' (Qwen3-VL + FLUX.2 klein,
-    recommended) or 'sd35' (Qwen3-VL + Stable Diffusion 3.5 medium, comparable with Flow-GRPO)."""
+    recommended), 'sd35' (Qwen3-VL + Stable Diffusion 3.5 medium, comparable with Flow-GRPO) or 'cosmos3' (the
+    unified Cosmos3-Nano); their values are PRESETS, in the appendix."""
     policy: str = "decoupled"
     """'unified': one network reasons and draws (Cosmos3: the reasoner's language model is the generator's
     understanding stream, as BAGEL in the paper); 'decoupled': a reasoner (Qwen3-VL) and a separate renderer
@@ -334,8 +338,11 @@ class Args:
     """AdamW learning rate of the renderer's LoRA (official: 5e-5 at rank 32). Toy: at 1e-4 the renderer's
     images drift off the prior's within 80 steps (measured), at 1e-5 they hold."""
     reasoner_lr: float = 1e-3
-    """Learning rate of the reasoner's LoRA; 0 means --lr (official code: und_learning_rate). The unified toy
-    (--policy unified) uses 3e-4: there the reasoner's LoRA also moves what the generator reads (README)."""
+    """Learning rate of the reasoner's LoRA; 0 means --lr. The official code trains both halves of BAGEL at
+    one rate (its und_learning_rate is None in every shipped config), as the cosmos3 preset does; the toy's
+    reasoner, from a tiny prior, wants its own (DESIGN: 1e-3 learns, 1e-2 collapses). The unified toy
+    (--policy unified) uses 3e-4: there the reasoner's LoRA also moves the context the generator reads
+    (README)."""
     train_reasoner: bool = True
     """Update the reasoner's LoRA. --no-train-reasoner freezes it: the renderer alone learns from the shared
     advantage (the text loss is still computed, for the metrics)."""
@@ -354,6 +361,10 @@ class Args:
     renderer_lora_targets: str = ""
     """Renderer Linear layers that get LoRA; empty: the renderer's own list (SD3: the joint-attention
     projections, as Flow-GRPO; klein: attention and MLP projections, as Flow-Factory)."""
+    context_grad: bool = False
+    """Unified policy: the image loss also trains the shared (understanding) stream, through the context
+    recomputed with gradient. Default off, as the official code trains BAGEL: the context is computed once at
+    rollout time without gradient and the image loss trains the generation stream alone."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (needed at real sizes)."""
     same_init_noise: bool = False
@@ -397,45 +408,6 @@ class Args:
     """'init': the initial image's reward (official); 'group-min': the group's lowest refined reward."""
     mix_ratio: float = 0.5
     """With --task mix, the share of groups that are SRR."""
-
-
-PRESETS = {
-    # The toy world on the CPU: Args' defaults (README, "The toy world").
-    "toy": dict(),
-    # The recommended real preset, on one 80 GB GPU. FLUX.2 klein base 4B (Apache-2.0, not gated) can edit, so
-    # SRR refines in context. Settings of Flow-Factory's flux2_klein_base GRPO config: 8 training steps, 28 at
-    # evaluation, CFG 4.0, noise 0.7, image clip 1e-4, LoRA r 64 / alpha 128 at lr 3e-4 on attention and MLP
-    # projections, group 16; Flow-Factory trains one SDE step drawn from steps 1-3, we train W = 2 consecutive
-    # steps starting at 0-2 (the same early part of the schedule). The reasoner's lr is the official 5e-5.
-    "klein": dict(
-        reasoner="Qwen/Qwen3-VL-4B-Instruct", renderer="black-forest-labs/FLUX.2-klein-base-4B",
-        prompts="prompts.jsonl", dtype="bfloat16", steps=1000, resolution=512, num_steps=8, eval_num_steps=28,
-        sde_window=2, sde_window_start_max=2, guidance_scale=4.0, max_new_tokens=256, max_text_tokens=512,
-        image_clip=1e-4, lr=3e-4, reasoner_lr=5e-5, lora_rank=64, lora_alpha=128.0,
-        group_size=16, groups_per_step=4, srr_candidates=4, std_mode="group", gradient_checkpointing=True,
-    ),
-    # Real checkpoints on one 80 GB GPU (settings of Flow-GRPO's SD3.5 config and the official code): the
-    # preset to compare with Flow-GRPO. SD3.5 cannot edit: its SRR refines by SDEdit.
-    # The unified policy on one 80 GB GPU: Cosmos3-Nano (16B: a Qwen3-VL-8B that reasons, a generation stream
-    # of the same size that draws) names both halves. Its pipeline's defaults: 35 steps, CFG 6; the sampler
-    # settings otherwise follow klein's (README: G 8 fits 80 GB at 512 px with checkpointing).
-    "cosmos3": dict(
-        policy="unified", reasoner="nvidia/Cosmos3-Nano", renderer="nvidia/Cosmos3-Nano",
-        prompts="prompts.jsonl",
-        dtype="bfloat16", steps=1000, resolution=512, num_steps=10, eval_num_steps=35, sde_window=2,
-        sde_window_start_max=2, guidance_scale=6.0, max_new_tokens=256, max_text_tokens=512, image_clip=1e-4,
-        lr=3e-4, reasoner_lr=5e-5, lora_rank=32, lora_alpha=64.0, group_size=8, groups_per_step=4,
-        srr_candidates=4, std_mode="group", gradient_checkpointing=True,
-    ),
-    "sd35": dict(
-        reasoner="Qwen/Qwen3-VL-4B-Instruct", renderer="stabilityai/stable-diffusion-3.5-medium",
-        prompts="prompts.jsonl", dtype="bfloat16", steps=1000, resolution=512, num_steps=10,
-        eval_num_steps=40, sde_window=4, sde_window_start_max=3, guidance_scale=4.5, max_new_tokens=256,
-        max_text_tokens=256, reasoner_lr=5e-5,
-        image_clip=1e-4, lr=5e-5, lora_rank=32, lora_alpha=64.0, gradient_checkpointing=True,
-        group_size=8, groups_per_step=4, srr_candidates=4, srr_strength=0.7,
-    ),
-}
 
 
 # The reasoner's instructions: one visible constant per task (Sec. 4.1).
@@ -493,8 +465,10 @@ class LoRALinear(nn.Module):
 
 
 def add_lora(model: nn.Module, targets: str, rank: int, alpha: float) -> list[nn.Parameter]:
-    """Freeze `model` and wrap every nn.Linear whose name ends with one of the comma-separated targets."""
-    model.requires_grad_(False)
+    """Freeze `model`'s weights and wrap every nn.Linear whose name ends with one of the comma-separated
+    targets. A LoRA already in it (the unified policy's shared one, the reasoner's) stays trainable."""
+    for n, p in model.named_parameters():
+        p.requires_grad_(".lora_" in n)
     suffixes = tuple(t.strip() for t in targets.split(",") if t.strip())
     names = [n for n, m in model.named_modules()
              if isinstance(m, nn.Linear) and any(n == s or n.endswith("." + s) for s in suffixes)]
@@ -625,12 +599,12 @@ class ImageRollout:
 
 class Renderer:
     """pi_img: a diffusers flow-matching model driven by our own sampler. The interface the algorithm uses:
-    noise(), sigmas(), encode() (text, and a reference image where the model can edit), velocity(), decode(),
-    encode_image(). Latents x are (B, C, h, w) in the space the sampler steps in; one latent cell is `scale`
-    pixels a side. Images are --resolution squares, except an edit, drawn at its source's aspect ratio
-    (`edit_size`). Three models fill it: CosmosRenderer below (the unified policy: the reasoner's own
-    network draws), and the decoupled policy's KleinRenderer (FLUX.2 klein) and SD3Renderer (SD3.5) in the
-    appendix."""
+    noise(), sigmas(), encode() (text, a reference image where the model can edit, and the image's size where
+    the conditioning depends on it), fresh(), velocity(), decode(), encode_image(). Latents x are (B, C, h, w)
+    in the space the sampler steps in; one latent cell is `scale` pixels a side. Images are --resolution
+    squares, except an edit, drawn at its source's aspect ratio (`edit_size`). Three models fill it:
+    CosmosRenderer below (the unified policy: the reasoner's own network draws), and the decoupled policy's
+    KleinRenderer (FLUX.2 klein) and SD3Renderer (SD3.5) in the appendix."""
 
     can_edit = False  # True where the reference image can join the context (SRR refined in context)
     distilled = False  # True for step-distilled models, which take no guidance
@@ -683,6 +657,11 @@ class Renderer:
         g = self.args.guidance_scale if guidance is None else guidance
         return v_uncond + g * (v_cond - v_uncond)
 
+    def fresh(self, cond: tuple, grad: bool = False) -> tuple:
+        """encode()'s output recomputed with the current weights: the same here (the text encoders are
+        frozen); Cosmos3's context is the shared stream's, which the text loss trains."""
+        return cond
+
     def pixels(self, image: Image.Image, size: tuple, resize_mode: str = "default") -> torch.Tensor:
         """PIL image -> (1, 3, H, W) in [-1, 1] at size (H, W), through the pipeline's own image processor."""
         processor = getattr(self.pipe, "image_processor", None) or self.pipe.video_processor  # Cosmos3: video
@@ -696,52 +675,75 @@ class Renderer:
         return [Image.fromarray(a) for a in img.permute(0, 2, 3, 1).cpu().numpy()]
 
 
-def share_understanding_stream(transformer: nn.Module, model: nn.Module):
-    """Make one network of the two classes (the unified policy): Cosmos3's transformer (diffusers) holds an
-    understanding stream that *is* a Qwen3-VL language model (transformers'
-    Cosmos3OmniForConditionalGeneration reads it from the same checkpoint). Replace the transformer's copy
-    with the reasoner's own modules and parameters, so that the weights exist once and the reasoner's LoRA
-    (already on q/k/v/o and the MLP) is in both: the text loss and the image loss reach the same tensors.
-    The generation stream keeps its own."""
-    lm = model.model.language_model
-    pairs = [("embed_tokens", lm.embed_tokens), ("norm", lm.norm), ("lm_head", model.lm_head)]
-    for block, layer in zip(transformer.layers, lm.layers, strict=True):
-        a, b = block.self_attn, layer.self_attn
-        pairs += [(a.to_q, b.q_proj), (a.to_k, b.k_proj), (a.to_v, b.v_proj), (a.to_out, b.o_proj),
-                  (a.norm_q, b.q_norm), (a.norm_k, b.k_norm), (block.mlp, layer.mlp),
-                  (block.input_layernorm, layer.input_layernorm),
-                  (block.post_attention_layernorm, layer.post_attention_layernorm)]
-    pairs = [(getattr(transformer, p) if isinstance(p, str) else p, q) for p, q in pairs]
-    for ours, theirs in pairs:
-        mine = {n: t.shape for n, t in ours.named_parameters()}
-        shared = {n.replace("base.", ""): t.shape for n, t in theirs.named_parameters() if ".lora_" not in n
-                  and not n.startswith("lora_")}
-        if mine != shared:
-            raise ValueError(f"the generator's understanding stream does not match the reasoner's language "
-                             f"model ({type(ours).__name__} {mine} vs {type(theirs).__name__} {shared})")
-    with torch.no_grad():
-        transformer.embed_tokens.weight = lm.embed_tokens.weight
-        transformer.norm.weight = lm.norm.weight
-        transformer.lm_head.weight = model.lm_head.weight
-    for block, layer in zip(transformer.layers, lm.layers):
-        a, b = block.self_attn, layer.self_attn
-        # Linear layers as modules (their LoRA with them), norms as parameters (each class keeps its own code)
-        a.to_q, a.to_k, a.to_v, a.to_out, block.mlp = b.q_proj, b.k_proj, b.v_proj, b.o_proj, layer.mlp
-        a.norm_q.weight, a.norm_k.weight = b.q_norm.weight, b.k_norm.weight
-        block.input_layernorm.weight = layer.input_layernorm.weight
-        block.post_attention_layernorm.weight = layer.post_attention_layernorm.weight
+@dataclass
+class CosmosContext:
+    """What Cosmos3's generation tokens read of their context, for a batch of B samples (B = G, or 2G with
+    CFG: [negative; positive]). Understanding tokens attend only to understanding tokens, so their keys and
+    values do not depend on x_t or t: they are computed once per sample (`CosmosRenderer.encode`) and read at
+    every denoising step, as BAGEL's cache in the official code and Cosmos3's serving engines keep them."""
+    k: torch.Tensor  # (layers, B, Lc, Hkv, D) keys as the generation tokens read them (after norm_k, rotary)
+    v: torch.Tensor  # (layers, B, Lc, Hkv, D) values
+    mask: torch.Tensor  # (B, Lc) True on the sample's own tokens (contexts are right-padded to the longest)
+    positions: torch.Tensor  # (3, B, N) rotary positions of the generation tokens: [reference,] noisy image
+    hw: tuple  # (h, w) of the noisy latents those positions are for
+    cfg: bool  # whether it holds [negative; positive] (B = 2G) or the positive branch alone (B = G)
+
+    def positive(self) -> CosmosContext:
+        """The positive branch alone, for a call without CFG."""
+        n = len(self.mask) // 2 if self.cfg else len(self.mask)
+        return CosmosContext(self.k[:, -n:], self.v[:, -n:], self.mask[-n:], self.positions[:, -n:], self.hw,
+                             False)
+
+
+class ContextAttention:
+    """Cosmos3's attention processor for generation tokens that read a cached context (set on every layer
+    by CosmosRenderer). Called as the stock model calls it (four rotary tables, one packed sample) it is
+    diffusers' own Cosmos3AttnProcessor, so the stock pipeline runs unchanged. Called with (cos, sin,
+    CosmosContext) it runs the generation pathway alone for a batch (B, N, hidden): each sample's queries
+    attend to [its own cached context; its own generation tokens], which is what the stock full pathway
+    computes on one packed sample, and no sample sees another's."""
+
+    def __init__(self, layer: int):
+        from diffusers.models.transformers.transformer_cosmos3 import Cosmos3AttnProcessor
+
+        self.layer = layer
+        self.stock = Cosmos3AttnProcessor()
+
+    def __call__(self, attn, und_seq: torch.Tensor, gen_seq: torch.Tensor, rotary_emb: tuple):
+        from diffusers.models.transformers.transformer_cosmos3 import _rotate_half
+
+        if len(rotary_emb) == 4:
+            return self.stock(attn, und_seq, gen_seq, rotary_emb)
+        cos, sin, context = rotary_emb  # (B, N, D), (B, N, D), the cache
+        B, N, _ = gen_seq.shape
+        H, Hkv, D = attn.num_attention_heads, attn.num_key_value_heads, attn.head_dim
+        q = attn.norm_added_q(attn.add_q_proj(gen_seq).view(B, N, H, D))
+        k = attn.norm_added_k(attn.add_k_proj(gen_seq).view(B, N, Hkv, D))
+        v = attn.add_v_proj(gen_seq).view(B, N, Hkv, D)
+        cos, sin = cos[:, :, None], sin[:, :, None]
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        k = torch.cat([context.k[self.layer], k], 1)  # (B, Lc + N, Hkv, D)
+        v = torch.cat([context.v[self.layer], v], 1)
+        mask = torch.cat([context.mask, context.mask.new_ones(B, N)], 1)[:, None, None]  # (B, 1, 1, Lc + N)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, tokens, D)
+        out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return und_seq, attn.to_add_out(out.transpose(1, 2).reshape(B, N, H * D))
 
 
 class CosmosRenderer(Renderer):
     """The unified policy's image half: Cosmos3 (`Cosmos3OmniPipeline`), a BAGEL-style mixture of
-    transformers.
-    Understanding tokens (the chat-templated prompt and reasoning) run through the Qwen3-VL language model,
-    causally; generation tokens (2x2 patches of Wan VAE latents) run through their own projections and MLP and
-    attend to all of it, predicting the velocity noise - x_0. The understanding stream is the reasoner's own
-    (`share_understanding_stream`): one network reasons and draws. Each call is one packed sequence of one
-    sample, so a batch of B is B calls (2B with CFG), as the pipeline runs it. x: (B, C, h, w), the pipeline's
-    normalized latents. A reference image (SRR's initial image) joins the sequence as a clean vision item
-    before the noisy one (no timestep embedding, not predicted); the layout is ours (README)."""
+    transformers. Understanding tokens (the chat-templated prompt and reasoning) run through the Qwen3-VL
+    language model, causally; generation tokens (2x2 patches of Wan VAE latents) run through their own
+    projections and MLP and attend to all of it, predicting the velocity noise - x_0. The understanding stream
+    is the reasoner's own (`share_understanding_stream`): one network reasons and draws.
+
+    As the official code trains BAGEL ("Ignore context grad. Save the cache."), the context is computed once
+    per sample without gradient (`encode`); every denoising step and every trained step of the loss reads it
+    (--context-grad: recomputed with gradient for the loss). Each step is one call of the generation stream
+    for the whole group and its CFG branch. x: (B, C, h, w), the pipeline's normalized latents. A reference
+    image (SRR's initial image) joins the generation tokens as a clean vision item before the noisy one (no
+    timestep embedding, not predicted; the layout is ours, README): generation attention is bidirectional,
+    so it is not cacheable context."""
 
     can_edit = True
     # the generation stream's attention and MLP (the understanding stream's LoRA is the reasoner's)
@@ -753,11 +755,18 @@ class CosmosRenderer(Renderer):
         super().__init__(pipe, device, args)
         c = self.transformer.config
         self.scale = self.pipe.vae_scale_factor_spatial  # pixels per latent cell
-        self.multiple = self.scale * c.latent_patch_size  # pixels per token
+        self.patch = c.latent_patch_size
+        self.multiple = self.scale * self.patch  # pixels per token
         self.latent_channels = c.latent_channel
         self.mean = torch.tensor(self.vae.config.latents_mean).view(1, -1, 1, 1).float().to(device)
         self.std = torch.tensor(self.vae.config.latents_std).view(1, -1, 1, 1).float().to(device)
         self.timestep = {}  # sigma -> the scheduler's integer timestep
+        self.transformer.set_attn_processor({name: ContextAttention(int(name.split(".")[1]))
+                                             for name in self.transformer.attn_processors})
+
+    def guided(self, guidance: float | None) -> bool:
+        """Cosmos3OmniPipeline guides at any scale other than 1."""
+        return (self.args.guidance_scale if guidance is None else guidance) != 1
 
     def sigmas(self, num_steps: int, size: tuple | None = None) -> torch.Tensor:
         """The pipeline's schedule (UniPC's flow sigmas, shifted; the same at every size), and its timesteps
@@ -772,64 +781,111 @@ class CosmosRenderer(Renderer):
         self.timestep.update(zip(sigmas.tolist(), self.scheduler.timesteps.tolist()))
         return sigmas
 
-    @torch.no_grad()
-    def encode(self, texts: list[str], reference: torch.Tensor | None = None) -> tuple:
-        """Nothing to run ahead: the understanding stream reads the tokens inside every call. Returns (texts,
-        reference (1, C, h, w) or None, the packed sequences, built once per text and size by `pack`)."""
-        return list(texts), None if reference is None else reference.detach(), {}
+    def encode(self, texts: list[str], reference: torch.Tensor | None = None, size: tuple | None = None,
+               grad: bool = False) -> tuple:
+        """The context of every sample, computed once: each text (and with CFG the negative prompt, once for
+        all) is tokenized as the pipeline tokenizes it for an image of `size` (H, W) pixels (None: the
+        --resolution square; the chat template says the resolution) and runs through the understanding stream
+        alone, whose keys and values at every layer are kept (CosmosContext). Without gradient unless `grad`
+        (--context-grad's loss). Returns (texts, reference (1, C, h', w') or None, size, CosmosContext)."""
+        res = self.args.resolution
+        size = tuple(size or (res, res))
+        hw = self.latent_hw(size)
+        reference = None if reference is None else reference.detach()
+        with torch.set_grad_enabled(grad):
+            done = {}  # token ids -> keys, values, positions (the negative prompt's: once for all)
+            samples = []
+            for negative in (True, False) if self.guided(None) else (False,):
+                for text in texts:
+                    ids = self.pipe.tokenize_prompt(text, None, num_frames=1, height=size[0], width=size[1])
+                    ids = tuple(ids[1 if negative else 0])
+                    if ids not in done:
+                        done[ids] = self.context_of(ids, hw, reference)
+                    samples.append(done[ids])
+            Lc = max(s[0].shape[1] for s in samples)
+            pad = lambda t: nn.functional.pad(t, (0, 0, 0, 0, 0, Lc - t.shape[1]))  # right-pad tokens to Lc
+            k, v = (torch.stack([pad(s[i]) for s in samples], 1) for i in (0, 1))  # (layers, B, Lc, Hkv, D)
+        mask = torch.stack([torch.arange(Lc, device=self.device) < s[0].shape[1] for s in samples])
+        positions = torch.stack([s[2] for s in samples], 1)  # (3, B, N)
+        return list(texts), reference, size, CosmosContext(k, v, mask, positions, hw, self.guided(None))
 
-    def pack(self, packs: dict, text: str, negative: bool, hw: tuple, reference: torch.Tensor | None) -> dict:
-        """The transformer's static inputs for one sample, built by the pipeline's own helpers as its
-        text-to-image call builds them (chat template, resolution sentence, EOS, <|vision_start|>; 3-D rotary
-        positions): text, then [the clean reference,] the noisy image."""
-        key = (text, negative, hw)
-        if key not in packs:
-            p, dev = self.pipe, self.device
-            H, W = hw[0] * self.scale, hw[1] * self.scale
-            ids = p.tokenize_prompt(text, None, num_frames=1, height=H, width=W)[1 if negative else 0]
-            seg = p._prepare_text_segment(ids, device=dev)
-            offset, curr = seg["vision_start_temporal_offset"], seg["und_len"]
-            items = ([reference] if reference is not None else []) + [torch.zeros(1, 1, 1, *hw)]
-            packed = {k: seg[k] for k in ("input_ids", "text_indexes", "und_len")}
-            lists = {k: [] for k in ("position_ids", "vision_token_shapes", "vision_sequence_indexes",
-                                     "vision_mse_loss_indexes", "vision_noisy_frame_indexes")}
-            lists["position_ids"].append(seg["text_mrope_ids"])
-            for item in items:
-                clean = item is reference
-                vis = p._prepare_vision_segment(item.view(1, -1, 1, *item.shape[-2:]), clean, offset, None,
-                                                curr, dev, condition_frame_indexes=[0] if clean else [])
-                lists["position_ids"].append(vis["vision_mrope_ids"])
-                for k in lists:
-                    if k != "position_ids":
-                        lists[k] += vis[k] if isinstance(vis[k], list) else [vis[k]]
-                offset = math.ceil(vis["vision_mrope_ids"].max().item()) + 1
-                curr += vis["num_vision_tokens"]
-            packed["position_ids"] = torch.cat(lists.pop("position_ids"), 1)
-            packed["vision_sequence_indexes"] = torch.cat(lists.pop("vision_sequence_indexes"))
-            packed["vision_mse_loss_indexes"] = torch.cat(lists.pop("vision_mse_loss_indexes"))
-            packs[key] = {**packed, **lists, "sequence_length": curr,
-                          "noisy_tokens": vis["num_noisy_vision_tokens"]}
-        return packs[key]
+    def context_of(self, ids: tuple, hw: tuple, reference: torch.Tensor | None):
+        """One sample's context from its token ids (`tokenize_prompt`: chat template, resolution sentence, EOS,
+        <|vision_start|>), by the pipeline's helpers (3-D rotary positions) and the stock decoder layers: the
+        keys (layers, L, Hkv, D) after norm_k [k_norm_und_for_gen] and rotary, as the stock processor's
+        generation pathway reads them, the values, and the positions (3, N) of the generation tokens ([the
+        clean reference,] the noisy image)."""
+        from diffusers.models.transformers.transformer_cosmos3 import _rotate_half
+
+        p, tr, dev = self.pipe, self.transformer, self.device
+        seg = p._prepare_text_segment(list(ids), device=dev)
+        positions, offset, curr = [], seg["vision_start_temporal_offset"], seg["und_len"]
+        items = ([(reference.shape[-2:], True)] if reference is not None else []) + [(hw, False)]
+        for item_hw, clean in items:
+            vis = p._prepare_vision_segment(torch.zeros(1, 1, 1, *item_hw), clean, offset, None, curr, dev,
+                                            condition_frame_indexes=[0] if clean else [])
+            positions.append(vis["vision_mrope_ids"])
+            offset = math.ceil(vis["vision_mrope_ids"].max().item()) + 1
+            curr += vis["num_vision_tokens"]
+        h = tr.embed_tokens(seg["input_ids"])  # (L, hidden)
+        cos, sin = (t.squeeze(0) for t in tr.rotary_emb(seg["text_mrope_ids"].unsqueeze(1), dev, h.dtype))
+        ks, vs = [], []
+        for i, layer in enumerate(tr.layers):
+            a = layer.self_attn
+            x = layer.input_layernorm(h)
+            k = a.norm_k(a.to_k(x).view(-1, a.num_key_value_heads, a.head_dim))
+            k = a.k_norm_und_for_gen(k) if a.k_norm_und_for_gen is not None else k
+            ks.append(k * cos[:, None] + _rotate_half(k) * sin[:, None])
+            vs.append(a.to_v(x).view(-1, a.num_key_value_heads, a.head_dim))
+            if i < len(tr.layers) - 1:  # the last layer's output is read by no generation token
+                h, _ = layer(h, h[:0], (cos, sin, cos[:0], sin[:0]))  # the stock layer, understanding only
+        return torch.stack(ks), torch.stack(vs), torch.cat(positions, 1)
+
+    def fresh(self, cond: tuple, grad: bool = False) -> tuple:
+        """The same context recomputed with the current weights (and gradient, for --context-grad's loss)."""
+        return self.encode(*cond[:3], grad=grad)
 
     def velocity(self, x: torch.Tensor, sigma: float, cond: tuple,
                  guidance: float | None = None) -> torch.Tensor:
-        """v_theta(x_t, t, c [, reference]) with classifier-free guidance, in float32. x: (B, C, h, w)."""
-        texts, ref, packs = cond
+        """v_theta(x_t, t, c [, reference]) with classifier-free guidance, in float32, for the whole batch in
+        one call of the generation stream over its tokens alone. x: (B, C, h, w)."""
+        _, ref, _, context = cond
         B, C, h, w = x.shape
-        t = self.timestep.get(float(sigma), int(float(sigma) * 1000))
-        items = [] if ref is None else [ref.view(1, C, 1, *ref.shape[-2:]).to(self.dtype)]
-        vs = []
-        for i in range(B):
-            v = []
-            for negative in (True, False) if self.guided(guidance) else (False,):
-                packed = dict(self.pack(packs, texts[i], negative, (h, w), ref))
-                timesteps = torch.full((packed.pop("noisy_tokens"),), t, device=x.device)
-                noisy = x[i].view(1, C, 1, h, w).to(self.dtype)
-                preds = self.transformer(**packed, vision_tokens=items + [noisy], vision_timesteps=timesteps,
-                                         return_dict=False)[0]
-                v.append(preds[-1][0, :, 0].float())  # (C, h, w): the noisy item's
-            vs.append(self.cfg(torch.stack(v), guidance)[0] if len(v) == 2 else v[0])
-        return torch.stack(vs)
+        tr = self.transformer
+        guided = self.guided(guidance)
+        if (h, w) != context.hw or len(context.mask) != (2 if context.cfg else 1) * B:
+            raise ValueError(f"CosmosRenderer.velocity: latents {tuple(x.shape)} do not match the context, "
+                             f"encoded for {len(context.mask)} samples (CFG {context.cfg}) of {context.hw}")
+        if guided and not context.cfg:
+            raise ValueError("CosmosRenderer.velocity: CFG asked of a context encoded without its negative "
+                             "branch (encode runs it where --guidance-scale is not 1)")
+        context = context if guided else context.positive()
+        n = 2 if guided else 1  # CFG: [negative; positive] in one batch
+        items = ([ref.expand(B, -1, -1, -1)] if ref is not None else []) + [x]
+        tokens = torch.cat([self.patchify(item.to(self.dtype)) for item in items], 1).repeat(n, 1, 1)
+        hidden = tr.proj_in(tokens)  # (nB, N, hidden)
+        # the timestep embedding, on the noisy tokens only (the reference is clean)
+        t = torch.full((1,), self.timestep.get(float(sigma), int(float(sigma) * 1000)), device=x.device)
+        embedder = tr.time_embedder
+        temb = embedder(tr.time_proj(t * tr.config.timestep_scale).to(next(embedder.parameters()).dtype))
+        Nn = (h // self.patch) * (w // self.patch)  # noisy tokens
+        hidden = torch.cat([hidden[:, :-Nn], hidden[:, -Nn:] + temb.to(hidden.dtype)], 1)
+        cos, sin = tr.rotary_emb(context.positions, x.device, hidden.dtype)  # (nB, N, D)
+        _, out = tr._run_decoder_stack(hidden[:, :0], hidden, (cos, sin, context))  # stock layers, final norm
+        v = self.unpatchify(tr.proj_out(out[:, -Nn:]), h, w).float()  # (nB, C, h, w)
+        return self.cfg(v, guidance) if guided else v
+
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) -> (B, h/p * w/p, p*p*C), the stock `_patchify_and_pack_latents` of one frame."""
+        B, C, h, w = x.shape
+        p = self.patch
+        return torch.einsum("bchpwq->bhwpqc", x.reshape(B, C, h // p, p, w // p, p)).reshape(B, -1, p * p * C)
+
+    def unpatchify(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """(B, h/p * w/p, p*p*C) -> (B, C, h, w), the stock `_unpatchify_and_unpack_latents` of one frame."""
+        p = self.patch
+        x = tokens.reshape(len(tokens), h // p, w // p, p, p, -1)
+        return torch.einsum("bhwpqc->bchpwq", x).reshape(len(tokens), -1, h, w)
 
     @torch.no_grad()
     def decode(self, x: torch.Tensor) -> list:
@@ -904,10 +960,11 @@ def refinement_inputs(renderer: Renderer, args: Args, texts: list, x_init: torch
     that knows, for training and inference. In context (klein): fresh noise, x_init's tokens join the
     sequence, and the model redraws what is wrong (it can remove, move, recount). SDEdit (SD3): the sampler
     starts from x_init noised to --srr-strength. Returns (cond, start step, x at the start)."""
+    size = tuple(n * renderer.scale for n in noise.shape[-2:])  # the refinement's (H, W) in pixels
     if refines_in_context(renderer, args):
-        return renderer.encode(texts, reference=x_init), 0, noise
+        return renderer.encode(texts, reference=x_init, size=size), 0, noise
     start, x = sdedit_start(x_init.expand(len(noise), -1, -1, -1), noise, sigmas, args.srr_strength)
-    return renderer.encode(texts), start, x
+    return renderer.encode(texts, size=size), start, x
 
 
 def sde_window(start: int, n_sigmas: int, args: Args, gen: torch.Generator) -> range:
@@ -1097,17 +1154,23 @@ def group_logps(policy: Policy, g: Group, args: Args):
     renderer = policy.renderer
     im = g.image
     logp_text = policy.reasoner.token_logprobs(g.text)  # (G, L)
+    # the rollout's context (official code: the image loss never reaches the shared stream), or with
+    # --context-grad the same context recomputed with gradient (Cosmos3; the other renderers' is frozen)
+    cond = renderer.fresh(im.cond, grad=True) if args.context_grad else im.cond
+    if args.beta_image > 0:  # pi_ref = the same model with LoRA off, its context too
+        with torch.no_grad(), lora_disabled(renderer.transformer):
+            cond_ref = renderer.fresh(im.cond)
     logps = []
     kls = []
     for j in range(im.latents.shape[1] - 1):  # the W trained steps
         x, x_next = im.latents[:, j], im.latents[:, j + 1]
         s, s_next = float(im.sigmas[j]), float(im.sigmas[j + 1])
-        v = renderer.velocity(x, s, im.cond)
+        v = renderer.velocity(x, s, cond)
         _, lp, mean, std = sde_step(v, x, s, s_next, args.noise_level, im.second_sigma, prev_sample=x_next)
         logps.append(lp)
-        if args.beta_image > 0:  # pi_ref = the same model with LoRA off
+        if args.beta_image > 0:
             with torch.no_grad(), lora_disabled(renderer.transformer):
-                v_ref = renderer.velocity(x, s, im.cond)
+                v_ref = renderer.velocity(x, s, cond_ref)
                 _, _, mean_ref, _ = sde_step(v_ref, x, s, s_next, args.noise_level, im.second_sigma,
                                              prev_sample=x_next)
             kls.append(image_kl(mean, mean_ref, std, s_next - s, args.kl_flow_grpo_form))
@@ -1222,8 +1285,11 @@ def train(args: Args, policy: Policy | None = None) -> str:
               f"writing {out}")
     try:
         for step in tqdm(range(start, args.steps), desc="train", dynamic_ncols=True, disable=rank != 0):
+            # evaluation first: its row's eval_* keys are the policy after `step` updates (step 0: before any)
+            evaluation = {}
+            if args.eval_every and step % args.eval_every == 0:
+                evaluation = evaluate(policy, eval_rows, args, client, eval_grid(out, step), rank, world)
             t_step = time.perf_counter()
-            last = step == args.steps - 1
             timers = {"reason": 0.0, "render": 0.0, "reward_wait": 0.0, "train": 0.0}
             # 1. G trajectories o_i = (y_i, x_i) per prompt, scored in the background (Sec. 4.1)
             groups = rollout_step(policy, step, rows, args, client, sigmas, timers, rank, world)
@@ -1239,13 +1305,13 @@ def train(args: Args, policy: Policy | None = None) -> str:
             stats = update(policy, optimizer, groups, args, random.Random(args.seed * 31 + step), world)
             timers["train"] = time.perf_counter() - t0
             timers["step"] = time.perf_counter() - t_step
-            evaluation = {}
-            if args.eval_every and (step % args.eval_every == 0 or last):
-                grid = os.path.join(out, "eval", f"step_{step:06d}.png")
-                evaluation = evaluate(policy, eval_rows, args, client, grid, rank, world)
             log_step(step, groups, stats, zero_std_frac, timers, evaluation, tags, args, out, rank, world)
+            last = step == args.steps - 1
             if rank == 0 and args.save_every and ((step + 1) % args.save_every == 0 or last):
                 save_checkpoint(policy, optimizer, args, step + 1, out)  # after the step's metrics row
+        if args.eval_every and start < args.steps:  # the trained policy: a row of its own, `step` = steps
+            evaluation = evaluate(policy, eval_rows, args, client, eval_grid(out, args.steps), rank, world)
+            log_evaluation(args.steps, evaluation, args, out, rank)
     except RewardError as e:
         folder = os.path.join(out, "checkpoints")
         saved = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
@@ -1340,6 +1406,48 @@ def main(argv=None):
 # --------------------------------------------------------------------------------------------------
 
 
+# The presets: Args' values for each setting (--preset), before the flags (README, "Training on real
+# checkpoints").
+PRESETS = {
+    # The toy world on the CPU: Args' defaults (README, "The toy world").
+    "toy": dict(),
+    # The recommended real preset, on one 80 GB GPU. FLUX.2 klein base 4B (Apache-2.0, not gated) can edit, so
+    # SRR refines in context. Settings of Flow-Factory's flux2_klein_base GRPO config: 8 training steps, 28 at
+    # evaluation, CFG 4.0, noise 0.7, image clip 1e-4, LoRA r 64 / alpha 128 at lr 3e-4 on attention and MLP
+    # projections, group 16; Flow-Factory trains one SDE step drawn from steps 1-3, we train W = 2 consecutive
+    # steps starting at 0-2 (the same early part of the schedule). The reasoner's lr is the official 5e-5.
+    "klein": dict(
+        reasoner="Qwen/Qwen3-VL-4B-Instruct", renderer="black-forest-labs/FLUX.2-klein-base-4B",
+        prompts="prompts.jsonl", dtype="bfloat16", steps=1000, resolution=512, num_steps=8, eval_num_steps=28,
+        sde_window=2, sde_window_start_max=2, guidance_scale=4.0, max_new_tokens=256, max_text_tokens=512,
+        image_clip=1e-4, lr=3e-4, reasoner_lr=5e-5, lora_rank=64, lora_alpha=128.0,
+        group_size=16, groups_per_step=4, srr_candidates=4, std_mode="group", gradient_checkpointing=True,
+    ),
+    # Real checkpoints on one 80 GB GPU (settings of Flow-GRPO's SD3.5 config and the official code): the
+    # preset to compare with Flow-GRPO. SD3.5 cannot edit: its SRR refines by SDEdit.
+    # The unified policy on one 80 GB GPU: Cosmos3-Nano (16B: a Qwen3-VL-8B that reasons, a generation stream
+    # of the same size that draws) names both halves. Its pipeline's defaults: 35 steps, CFG 6; the sampler
+    # settings otherwise follow klein's (README: G 8 fits 80 GB at 512 px with checkpointing). LoRA as the
+    # official code trains BAGEL: r 32 / alpha 64 on q/k/v/o and the MLP of both streams, one lr 5e-5.
+    "cosmos3": dict(
+        policy="unified", reasoner="nvidia/Cosmos3-Nano", renderer="nvidia/Cosmos3-Nano",
+        prompts="prompts.jsonl",
+        dtype="bfloat16", steps=1000, resolution=512, num_steps=10, eval_num_steps=35, sde_window=2,
+        sde_window_start_max=2, guidance_scale=6.0, max_new_tokens=256, max_text_tokens=512, image_clip=1e-4,
+        lr=5e-5, reasoner_lr=5e-5, lora_rank=32, lora_alpha=64.0, group_size=8, groups_per_step=4,
+        srr_candidates=4, std_mode="group", gradient_checkpointing=True,
+    ),
+    "sd35": dict(
+        reasoner="Qwen/Qwen3-VL-4B-Instruct", renderer="stabilityai/stable-diffusion-3.5-medium",
+        prompts="prompts.jsonl", dtype="bfloat16", steps=1000, resolution=512, num_steps=10,
+        eval_num_steps=40, sde_window=4, sde_window_start_max=3, guidance_scale=4.5, max_new_tokens=256,
+        max_text_tokens=256, reasoner_lr=5e-5,
+        image_clip=1e-4, lr=5e-5, lora_rank=32, lora_alpha=64.0, gradient_checkpointing=True,
+        group_size=8, groups_per_step=4, srr_candidates=4, srr_strength=0.7,
+    ),
+}
+
+
 def parse_args(argv=None) -> tuple[str, Args, dict]:
     """`[train|sample|eval|bench] --flag value ...` -> (command, Args, the command's extra options). Help text
     comes from the field docstrings above; a preset's values apply first and explicit flags override them."""
@@ -1390,9 +1498,15 @@ def parse_args(argv=None) -> tuple[str, Args, dict]:
                        "--reward-url uses a running server instead")
         p.add_argument("--repeats", type=int, default=3,
                        help="timed runs of each sampler (after one warm-up)")
+        p.add_argument("--layers", type=int, default=0,
+                       help="keep this many of the preset's text layers (both Cosmos3 streams): a slice "
+                       "of the real widths that a CPU can run; 0: all")
+        p.add_argument("--train-step", action=argparse.BooleanOptionalAction, default=True,
+                       help="also time two training steps with a reward server (section 3)")
     given = vars(p.parse_args(argv))
     command_options = ("prompt", "test_prompts", "refine_rounds", "checkpoint", "question", "verifier",
-                       "repeats", "benchmark", "data", "reasoning", "samples_per_prompt", "limit")
+                       "repeats", "layers", "train_step", "benchmark", "data", "reasoning",
+                       "samples_per_prompt", "limit")
     extra = {k: given.pop(k) for k in command_options if k in given}
     preset = given.get("preset", Args.preset)
     if preset not in PRESETS:
@@ -1416,6 +1530,8 @@ def parse_args(argv=None) -> tuple[str, Args, dict]:
         p.error("--srr-strength too low: the refinement needs at least 2 of the --num-steps steps")
     if args.groups_per_step < args.updates_per_rollout:
         p.error("--groups-per-step must be at least --updates-per-rollout (each update needs a group)")
+    if args.context_grad and args.policy != "unified":
+        p.error("--context-grad is for --policy unified (the decoupled renderers' text encoders are frozen)")
     if not (args.train_reasoner or args.train_renderer):
         p.error("--no-train-reasoner and --no-train-renderer together leave nothing to train")
     return command, args, extra
@@ -1501,6 +1617,42 @@ def check_models(args: Args, out: str):
                              f"checkpoint")
 
 
+def share_understanding_stream(transformer: nn.Module, model: nn.Module):
+    """Make one network of the two classes (the unified policy): Cosmos3's transformer (diffusers) holds an
+    understanding stream that *is* a Qwen3-VL language model (transformers'
+    Cosmos3OmniForConditionalGeneration reads it from the same checkpoint). Replace the transformer's copy
+    with the reasoner's own modules and parameters, so that the weights exist once and the reasoner's LoRA
+    (already on q/k/v/o and the MLP) is in both: the text loss and the image loss reach the same tensors.
+    The generation stream keeps its own."""
+    lm = model.model.language_model
+    pairs = [("embed_tokens", lm.embed_tokens), ("norm", lm.norm), ("lm_head", model.lm_head)]
+    for block, layer in zip(transformer.layers, lm.layers, strict=True):
+        a, b = block.self_attn, layer.self_attn
+        pairs += [(a.to_q, b.q_proj), (a.to_k, b.k_proj), (a.to_v, b.v_proj), (a.to_out, b.o_proj),
+                  (a.norm_q, b.q_norm), (a.norm_k, b.k_norm), (block.mlp, layer.mlp),
+                  (block.input_layernorm, layer.input_layernorm),
+                  (block.post_attention_layernorm, layer.post_attention_layernorm)]
+    pairs = [(getattr(transformer, p) if isinstance(p, str) else p, q) for p, q in pairs]
+    for ours, theirs in pairs:
+        mine = {n: t.shape for n, t in ours.named_parameters()}
+        shared = {n.replace("base.", ""): t.shape for n, t in theirs.named_parameters() if ".lora_" not in n
+                  and not n.startswith("lora_")}
+        if mine != shared:
+            raise ValueError(f"the generator's understanding stream does not match the reasoner's language "
+                             f"model ({type(ours).__name__} {mine} vs {type(theirs).__name__} {shared})")
+    with torch.no_grad():
+        transformer.embed_tokens.weight = lm.embed_tokens.weight
+        transformer.norm.weight = lm.norm.weight
+        transformer.lm_head.weight = model.lm_head.weight
+    for block, layer in zip(transformer.layers, lm.layers):
+        a, b = block.self_attn, layer.self_attn
+        # Linear layers as modules (their LoRA with them), norms as parameters (each class keeps its own code)
+        a.to_q, a.to_k, a.to_v, a.to_out, block.mlp = b.q_proj, b.k_proj, b.v_proj, b.o_proj, layer.mlp
+        a.norm_q.weight, a.norm_k.weight = b.q_norm.weight, b.k_norm.weight
+        block.input_layernorm.weight = layer.input_layernorm.weight
+        block.post_attention_layernorm.weight = layer.post_attention_layernorm.weight
+
+
 def load_policy(args: Args, out: str, device=None, rank: int = 0, world: int = 1) -> Policy:
     """Build (toy, on rank 0) or load the reasoner and the renderer, with LoRA, on the device and dtype."""
     device = device or torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -1584,9 +1736,9 @@ class KleinRenderer(Renderer):
         return self.scheduler.sigmas.float().cpu()
 
     @torch.no_grad()
-    def encode(self, texts: list[str], reference: torch.Tensor | None = None) -> tuple:
+    def encode(self, texts: list[str], reference: torch.Tensor | None = None, size: tuple | None = None):
         """[negative; positive] Qwen3 embeddings (2B, S, 3 D) with their position ids, and the reference's
-        tokens (1, h*w, 128) and ids (h*w, 4), or None."""
+        tokens (1, h*w, 128) and ids (h*w, 4), or None. The same at every image size."""
         n = len(texts)
         emb, txt_ids = self.pipe.encode_prompt(prompt=[""] * n + texts, device=self.device,
                                                max_sequence_length=self.args.max_text_tokens,
@@ -1662,8 +1814,9 @@ class SD3Renderer(Renderer):
         return self.scheduler.sigmas.float().cpu()
 
     @torch.no_grad()
-    def encode(self, texts: list[str], reference: torch.Tensor | None = None) -> tuple:
-        """Text conditioning with the frozen CLIP-L, CLIP-G and T5 encoders; [negative; positive] for CFG."""
+    def encode(self, texts: list[str], reference: torch.Tensor | None = None, size: tuple | None = None):
+        """Text conditioning with the frozen CLIP-L, CLIP-G and T5 encoders; [negative; positive] for CFG (the
+        same at every image size)."""
         if reference is not None:
             raise ValueError("Stable Diffusion 3 cannot take a reference image: refine with "
                              "--srr-refine sdedit")
@@ -1942,8 +2095,7 @@ def log_step(step: int, groups: list, stats: list, zero_std_frac: float, timers:
     with open(os.path.join(out, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(row) + "\n")
     if evaluation:
-        shown = ("reward_mean", "eval_reward", "plan_accuracy_implicit", "eval_plan_accuracy_implicit")
-        tqdm.write(f"step {step}: " + ", ".join(f"{k} {row[k]:.3f}" for k in shown if row[k] is not None))
+        print_evaluation(row)
     last = step == args.steps - 1
     if args.sample_every and (step % args.sample_every == 0 or last):
         grid_rows = [(f"{g.task}: {g.row['prompt']}", group_tiles(g)) for g in groups[:4]]
@@ -1953,12 +2105,42 @@ def log_step(step: int, groups: list, stats: list, zero_std_frac: float, timers:
         plot_curves(os.path.join(out, "metrics.jsonl"), os.path.join(out, "curves.png"))
 
 
+def eval_grid(out: str, step: int) -> str:
+    return os.path.join(out, "eval", f"step_{step:06d}.png")
+
+
+def print_evaluation(row: dict):
+    """A console line per evaluation, so the run shows itself learning."""
+    shown = ("reward_mean", "eval_reward", "plan_accuracy_implicit", "eval_plan_accuracy_implicit",
+             "eval_forced_plan")
+    tqdm.write(f"step {row['step']}: " + ", ".join(f"{k} {row[k]:.3f}" for k in shown
+                                                   if row.get(k) is not None))
+
+
+def log_evaluation(step: int, evaluation: dict, args: Args, out: str, rank: int = 0):
+    """The evaluation of the trained policy, after the last update: a row of its own at `step` = --steps,
+    with every key of the step rows (null but the evaluation's), so that eval at step s always means the
+    policy after s updates. A resumed run drops it (keep_metrics_before) and evaluates again at its start."""
+    if rank != 0:
+        return
+    path = os.path.join(out, "metrics.jsonl")
+    with open(path) as f:
+        keys = json.loads(f.read().splitlines()[-1]).keys()
+    row = {**{k: None for k in keys}, "step": step, **evaluation}
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print_evaluation(row)
+    plot_curves(path, os.path.join(out, "curves.png"))
+
+
 def run_summary(out: str) -> str:
     """What a finished run shows, for the console: the first and the last 10 steps' means of the reward (and
     of the plan accuracy and the SRR keys where the run has them), the evaluation at its first and last step,
     and where the files are. The last step alone is one noisy batch."""
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f if line.strip()]
+    evaluated = [r for r in rows if r.get("eval_reward") is not None]
+    rows = [r for r in rows if r.get("reward_mean") is not None]  # the steps (not the final evaluation's row)
     n = min(10, len(rows))
     lines = [f"done: {len(rows)} steps in {out}/metrics.jsonl; mean of the first {n} -> the last {n} steps:"]
     for key in ("reward_mean", "plan_accuracy_implicit", "improved_frac", "fpr_frac", "skipped_frac"):
@@ -1966,11 +2148,11 @@ def run_summary(out: str) -> str:
         last = mean_or_none([r.get(key) for r in rows[-n:]])
         if first is not None and last is not None:
             lines.append(f"  {key:<28} {first:.3f} -> {last:.3f}")
-    evaluated = [r for r in rows if r.get("eval_reward") is not None]
     if evaluated:
         a, b = evaluated[0], evaluated[-1]
-        lines.append(f"evaluation on the test prompts, step {a['step']} -> step {b['step']}:")
-        for key in ("eval_reward", "eval_plan_accuracy", "eval_plan_accuracy_implicit"):
+        lines.append(f"evaluation on the test prompts after {a['step']} -> {b['step']} updates:")
+        for key in ("eval_reward", "eval_plan_accuracy", "eval_plan_accuracy_implicit", "eval_forced_plan",
+                    "eval_forced_plan_implicit"):
             if a.get(key) is not None and b.get(key) is not None:
                 lines.append(f"  {key:<28} {a[key]:.3f} -> {b[key]:.3f}")
     lines.append(f"curves: {out}/curves.png; samples: {out}/samples/; evaluation grids: {out}/eval/; "
@@ -2161,9 +2343,10 @@ def plot_curves(metrics: str, path: str):
         rows = [json.loads(line) for line in f if line.strip()]
     panels = [("reward and plan accuracy",
                ("reward_mean", "eval_reward", "plan_accuracy", "plan_accuracy_implicit",
-                                            "eval_plan_accuracy_implicit"), 1.0),
+                "eval_plan_accuracy_implicit", "eval_forced_plan", "eval_forced_plan_implicit"), 1.0),
               ("clip fractions", ("text_clipfrac", "image_clipfrac"), None)]
-    palette = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
+    palette = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+               (227, 119, 194)]
     W, H = 720, 240  # one panel
     image = Image.new("RGB", (W, H * len(panels)), "white")
     d = ImageDraw.Draw(image)
@@ -2215,20 +2398,43 @@ def evaluate(policy: Policy, rows: list, args: Args, client, path: str, rank=0, 
         futures.append(client.submit([image], [sem], [qual]))  # scored while the next prompt is drawn
         tiles.append((image, rows[k]["prompt"]))
         plans.append((plan, rows[k].get("target"), rows[k].get("kind")))
+    forced = forced_plan(policy, {k: rows[k] for k in range(rank, len(rows), world)}, args, client)
     rewards = [f.result()["rewards"][0] for f in futures]
     # one row per prompt: the prompt above its image, the reward and the plan under it
     tiles = [(prompt, [(im, f"R {r:.2f}", plan)])
              for (im, prompt), (plan, _, _), r in zip(tiles, plans, rewards)]
+    forced = [(kind, f.result()["rewards"][0]) for kind, f in forced]
     if world > 1:
         everyone = [None] * world
-        torch.distributed.all_gather_object(everyone, (rewards, plans))
-        rewards, plans = sum((e[0] for e in everyone), []), sum((e[1] for e in everyone), [])
+        torch.distributed.all_gather_object(everyone, (rewards, plans, forced))
+        rewards, plans, forced = (sum((e[i] for e in everyone), []) for i in range(3))
     if rank == 0:
         save_grid(path, tiles[:64], cols=8)
     implicit = [(y, t) for y, t, kind in plans if kind == "implicit"]
     return {"eval_reward": sum(rewards) / len(rewards),
             "eval_plan_accuracy": plan_accuracy([y for y, _, _ in plans], [t for _, t, _ in plans]),
-            "eval_plan_accuracy_implicit": plan_accuracy([y for y, _ in implicit], [t for _, t in implicit])}
+            "eval_plan_accuracy_implicit": plan_accuracy([y for y, _ in implicit], [t for _, t in implicit]),
+            "eval_forced_plan": mean_or_none([r for _, r in forced]),
+            "eval_forced_plan_implicit": mean_or_none([r for kind, r in forced if kind == "implicit"])}
+
+
+@torch.no_grad()
+def forced_plan(policy: Policy, rows: list, args: Args, client) -> list:
+    """The forced-plan probe (toy world): does the generator still draw the right plan when it is given it?
+    Each test prompt with a target is drawn once with the plan that names it ("green bottom") in place of the
+    reasoner's, by the ODE sampler at fixed noise, all in one batch. In one network the plan's updates move
+    what the generator reads; this shows that drift apart from the plans' own accuracy (README). Returns
+    [(row kind, reward future)] (empty without targets). rows: {k: row}; row k's noise is seeded by k."""
+    pairs = [(k, r) for k, r in rows.items() if r.get("target")]
+    if not pairs:
+        return []
+    seeds, rows = zip(*pairs)
+    renderer = policy.renderer
+    texts = [renderer_text(r["prompt"], toy_plan(r["target"])) for r in rows]
+    x_T = torch.cat([renderer.noise(1, torch.Generator().manual_seed(k)) for k in seeds])
+    sigmas = renderer.sigmas(args.eval_num_steps)
+    images = renderer.decode(render(renderer, renderer.encode(texts), x_T, sigmas, range(0), 0.0)[0])
+    return [(r["kind"], client.submit([im], *([q] for q in questions(r)))) for r, im in zip(rows, images)]
 
 
 def plan_names_target(text: str, target: dict) -> bool:
@@ -2280,7 +2486,8 @@ def metrics_row(step: int, summaries: list, stats: list, zero_std_frac: float, t
            "plan_accuracy": mean_or_none([s["plan_accuracy"] for s in summaries]),
            "plan_accuracy_implicit": mean_or_none([s["plan_accuracy"] for s in summaries
                                                    if s["kind"] == "implicit"]),
-           "eval_plan_accuracy": None, "eval_plan_accuracy_implicit": None}
+           "eval_plan_accuracy": None, "eval_plan_accuracy_implicit": None, "eval_forced_plan": None,
+           "eval_forced_plan_implicit": None}
     for t in tags:
         row[f"score_{t}"] = mean_or_none([x for s in summaries for x in s["tags"].get(t, [])])
     if args.task != "rt2i":
@@ -2747,6 +2954,10 @@ TOY_BUILD = dict(seed=0, reasoner_steps=450, reasoner_warmup=300, reasoner_lr=3e
                  caption_dropout=0.1, unified_renderer_lr=2e-3)  # Cosmos3's generation stream, from scratch
 
 
+# How long a build takes on 2 cores, measured alone (for the message; not part of the cache key)
+TOY_BUILD_MINUTES = {"decoupled": "2 minutes", "unified": "2 minutes"}
+
+
 # Open requests: a few filler words that carry no target, sometimes with a colour or a region name among them;
 # the prior's plan copies what is named and guesses the rest uniformly, so every plan is explored. The words
 # of the toy world knowledge (things, "lower", "above" ...) are not fillers: the priors never see them at all.
@@ -2911,7 +3122,8 @@ def toy_world_dir(args: Args) -> str:
     import diffusers
     import transformers
 
-    renderer = (make_cosmos3, build_toy_cosmos3, share_understanding_stream, CosmosRenderer) if \
+    renderer = (make_cosmos3, build_toy_cosmos3, share_understanding_stream, CosmosContext, ContextAttention,
+                CosmosRenderer) if \
         args.policy == "unified" else (make_klein, build_toy_klein, KleinRenderer)
     code = [inspect.getsource(f) for f in (
         toy_tokenizer, make_vlm, build_toy_vlm, linear_decoder, Reasoner, Renderer, *renderer, LoRALinear,
@@ -2944,7 +3156,8 @@ def build_toy_world(folder: str, policy: str = "decoupled") -> tuple[str, str]:
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     if os.path.exists(os.path.join(folder, "build.json")):
         return paths
-    print(f"building the toy world (once, about 2 minutes): {folder}", flush=True)
+    print(f"building the {policy} toy world (once, about {TOY_BUILD_MINUTES[policy]} on 2 cores): {folder}",
+          flush=True)
     t0 = time.perf_counter()
     b = TOY_BUILD
     tmp = tempfile.mkdtemp(prefix=f".building-{os.getpid()}-", dir=root)  # renamed when complete
@@ -3408,11 +3621,14 @@ class RandomRewards:
         pass
 
 
-def memory_plan(policy_parts: dict, args: Args, distilled: bool = False) -> list:
+def memory_plan(policy_parts: dict, args: Args, guided: bool) -> list:
     """Rows (component, parameters, GB) of the GPU memory plan for one group of G trajectories. Frozen
     weights in args.dtype; LoRA weights, grads and AdamW moments in fp32 (16 bytes a parameter); activations
     with gradient checkpointing: one saved (tokens, hidden) input per block and trained step, x2 where CFG
-    runs (guidance above 1 on a model that is not step-distilled, as `Renderer.guided`)."""
+    runs (`guided`, the renderer's rule). Cosmos3: the cached context, keys and values per layer per sample
+    and CFG branch (CosmosContext), and the generation tokens' activations (the context's too with
+    --context-grad, whose understanding pass is not checkpointed: every layer's inputs and attention and MLP
+    intermediates, counted as 8 hidden-sized tensors a token and layer)."""
     w = 2 if args.dtype == "bfloat16" else 4
     seen = set()  # the unified policy's shared weights are in two parts: counted in the first
 
@@ -3429,11 +3645,17 @@ def memory_plan(policy_parts: dict, args: Args, distilled: bool = False) -> list
     part = {k.split(" ")[0]: m for k, m in policy_parts.items()}  # "reasoner", "renderer.transformer", ...
     t = part["renderer.transformer"].config
     in_context = args.task != "rt2i" and args.srr_refine != "sdedit"  # SRR's reference: as many tokens again
-    cfg = args.guidance_scale > 1 and not distilled
-    if "latent_patch_size" in t:  # Cosmos3: text and image tokens, every one through both streams' layers
+    cfg = guided
+    if "latent_patch_size" in t:  # Cosmos3: image tokens (and the reference's) through the generation stream
         px = part["renderer.vae"].config.scale_factor_spatial * t.latent_patch_size  # pixels a token
-        tokens = (args.resolution // px) ** 2 * (2 if in_context else 1) + args.max_text_tokens
+        tokens = (args.resolution // px) ** 2 * (2 if in_context else 1)
         hidden, blocks = t.hidden_size, t.num_hidden_layers
+        kv = 2 * blocks * args.max_text_tokens * t.num_key_value_heads * t.head_dim * w  # bytes a sample
+        rows.append((f"cached context (K/V, {args.max_text_tokens} tokens x {blocks} layers x "
+                     f"{2 if cfg else 1} branches)", None, (2 if cfg else 1) * args.group_size * kv / 1e9))
+        if args.context_grad:
+            context = (2 if cfg else 1) * args.group_size * args.max_text_tokens * hidden * w * blocks * 8
+            rows.append(("context activations (--context-grad)", None, context / 1e9))
     else:  # tokens: image patches (klein in context: the reference's too) + text (SD3: CLIP's 77 + T5's)
         klein = "num_single_layers" in t
         tokens = (args.resolution // 16) ** 2 * (2 if in_context and klein else 1) + args.max_text_tokens
@@ -3452,9 +3674,11 @@ def memory_plan(policy_parts: dict, args: Args, distilled: bool = False) -> list
     return rows
 
 
-def random_policy(args: Args, device: torch.device) -> Policy:
+def random_policy(args: Args, device: torch.device, layers: int = 0) -> Policy:
     """The preset's reasoner and renderer at their real shapes (SHAPES), random weights built straight on
-    `device` in args.dtype (the meta device allocates nothing), with LoRA. Nothing downloads."""
+    `device` in args.dtype (the meta device allocates nothing), with LoRA. Nothing downloads. layers > 0 keeps
+    that many of the text model's layers (and so of both Cosmos3 streams'): a CPU-sized slice of the real
+    widths."""
     shapes = SHAPES[args.preset]
     unified = args.policy == "unified"
     default_dtype = torch.get_default_dtype()
@@ -3464,10 +3688,12 @@ def random_policy(args: Args, device: torch.device) -> Policy:
             text = shapes["text"]
             if unified and args.preset == "toy":
                 text = {**text, **shapes["unified_text"]}
+            if layers:
+                text = {**text, "num_hidden_layers": layers}
             processor, model = make_vlm(text, shapes["vision"], image_px=args.resolution)
-            if unified:
-                text = {**model.config.text_config.to_dict(), **shapes["text"]}
-                pipe = make_cosmos3(text, SHAPES["cosmos3" if args.preset == "cosmos3" else "toy"]["wan_vae"],
+            if unified:  # the generator's understanding stream has the reasoner's text model's shapes
+                pipe = make_cosmos3(model.config.text_config.to_dict(),
+                                    SHAPES["cosmos3" if args.preset == "cosmos3" else "toy"]["wan_vae"],
                                     processor.tokenizer)
             else:
                 pipe = make_klein(shapes) if args.preset in ("klein", "toy") else make_sd3(shapes)
@@ -3501,7 +3727,7 @@ def dry_run(args: Args):
         parts.update({"renderer.text_encoder (CLIP-L)": pipe.text_encoder,
                       "renderer.text_encoder_2 (CLIP-G)": pipe.text_encoder_2,
                       "renderer.text_encoder_3 (T5)": pipe.text_encoder_3})
-    rows = memory_plan(parts, args, policy.renderer.distilled)
+    rows = memory_plan(parts, args, policy.renderer.guided(None))
     where = "random weights on " + torch.cuda.get_device_name() if cuda else "meta device"
     print(f"--dry-run of the {args.preset} preset ({where}"
           f"), G={args.group_size}, {args.resolution}px, W={args.sde_window}, {args.dtype}")
@@ -3509,7 +3735,7 @@ def dry_run(args: Args):
         print(f"  {name:<48} {'' if n is None else f'{n / 1e9:7.3f} B params':>16} {gb:8.2f} GB")
     total = sum(r[2] for r in rows)
     print(f"  {'total (estimate)':<48} {'':>16} {total:8.2f} GB")
-    per_group = sum(gb for name, _, gb in rows if "activations" in name)  # what grows with G
+    per_group = sum(gb for name, _, gb in rows if "activations" in name or "context" in name)  # grows with G
     for card in (80, 48, 24):
         g_max = int((card * 0.9 - (total - per_group)) / (per_group / args.group_size))  # 10% headroom
         if g_max >= 2:
@@ -3561,22 +3787,25 @@ def stock_pipeline(renderer: Renderer, cond: tuple, x_T: torch.Tensor, steps: in
     return (pipe._patchify_latents(z) - renderer.bn_mean) / renderer.bn_std
 
 
-def bench(args: Args, verifier: str = "", repeats: int = 3) -> dict:
+def bench(args: Args, verifier: str = "", repeats: int = 3, layers: int = 0, train_step: bool = True) -> dict:
     """`bench`: the figures of the README's performance section, at the preset's real shapes with random
-    weights (nothing downloads). Run it on a GPU with --preset klein or sd35; on the CPU the toy preset runs
-    the same script end to end in about a minute, to check it before spending GPU time. Measures:
+    weights (nothing downloads). Run it on a GPU with --preset klein, sd35 or cosmos3; on the CPU the toy
+    preset runs the same script end to end in about a minute, to check it before spending GPU time, and
+    `--layers 1 --no-train-step` a slice of a real preset (its widths, one layer). Measures:
     1. on-policy exactness: group_loss on a fresh rollout with non-zero LoRA weights, computed exactly as the
        first update computes it (grad on, train mode, checkpointing): max |ratio - 1| of the text tokens and
        of the trained image steps, and the image clip fraction;
-    2. the rollout sampler against diffusers' StableDiffusion3Pipeline from the same x_T, embeddings,
-       steps and CFG: median time of `repeats` alternated runs and their ratio; and, both as ODEs, their
-       latents' largest difference;
-    3. two training steps with a reward server on the same device (a random verifier of `verifier`'s shape,
-       or --reward-url): the second step's time split, the share spent waiting for rewards, the peak memory.
+    2. the rollout sampler against the stock diffusers pipeline (StableDiffusion3Pipeline, Flux2KleinPipeline
+       or Cosmos3OmniPipeline) from the same x_T, texts (the prompt and a reasoning of --max-new-tokens
+       words), steps and CFG: median time of `repeats` alternated runs and their ratio; and, both as ODEs,
+       their latents' largest difference;
+    3. (train_step) two training steps with a reward server on the same device (a random verifier of
+       `verifier`'s shape, or --reward-url): the second step's time split, the share spent waiting for
+       rewards, the peak memory.
     Returns the figures."""
     cuda = torch.cuda.is_available() and args.device != "cpu"
     device = torch.device("cuda" if cuda else "cpu")
-    policy = random_policy(args, device)
+    policy = random_policy(args, device, layers)
     renderer = policy.renderer
     G = args.group_size
     with torch.no_grad():  # non-zero LoRA B: a rollout that ran with LoRA off would show in the ratios
@@ -3588,8 +3817,10 @@ def bench(args: Args, verifier: str = "", repeats: int = 3) -> dict:
     gen = seed_torch_and_group_rng(args, 0, 0)
     sigmas = renderer.sigmas(args.num_steps)
     name = torch.cuda.get_device_name() if cuda else "cpu"
-    print(f"bench: {args.preset} preset, random weights on {name}, {args.dtype}, G={G}, {args.resolution}px, "
-          f"T={args.num_steps}, W={args.sde_window}, {args.max_new_tokens} new tokens at most", flush=True)
+    sliced = f", {layers} layer(s) of each stream" if layers else ""
+    print(f"bench: {args.preset} preset ({args.policy}{sliced}), random weights on {name}, {args.dtype}, "
+          f"G={G}, {args.resolution}px, T={args.num_steps}, W={args.sde_window}, {args.max_new_tokens} new "
+          f"tokens at most", flush=True)
 
     def timed(fn):
         if cuda:
@@ -3616,8 +3847,11 @@ def bench(args: Args, verifier: str = "", repeats: int = 3) -> dict:
           f"image_clipfrac {fig['image_clipfrac']:.3f} (goal 0)", flush=True)
     del g, logp_text, logp_img
 
-    # 2. Our rollout sampler against the stock pipeline, same inputs
-    cond = renderer.encode([rows[0]["prompt"]] * G)
+    # 2. Our rollout sampler against the stock pipeline, same inputs: the prompt and the longest reasoning
+    words = [w for w in TOY_WORDS if w.isalpha()]
+    reasoning = [" ".join(random.Random(i).choices(words, k=args.max_new_tokens)) for i in range(G)]
+    texts = [renderer_text(rows[0]["prompt"], y) for y in reasoning]
+    cond = renderer.encode(texts)
     x_T = renderer.noise(G, gen)
     ours = []
     theirs = []
@@ -3636,6 +3870,8 @@ def bench(args: Args, verifier: str = "", repeats: int = 3) -> dict:
           f"ratio {fig['sampler_ratio']:.3f} (goal <= 1.1); as ODEs, max |latents - diffusers'| {diff:.1e}",
           flush=True)
 
+    if not train_step:
+        return fig
     # 3. Training steps with the reward server on the same device (Sec. 4.3: scoring overlaps sampling)
     server = None
     url = args.reward_url
