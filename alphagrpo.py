@@ -589,7 +589,7 @@ class Reasoner:
 @dataclass
 class ImageRollout:
     """G denoising paths for one group: the SDE window's latents and log-probs, and the images."""
-    cond: tuple  # Renderer.encode's output: [negative; positive] embeddings for CFG (and the reference's)
+    cond: tuple  # Renderer.encode's output, which the loss reads too (Cosmos3: the cached context)
     latents: torch.Tensor  # (G, W+1, C, h, w): x at the W trained steps and the one after the last
     sigmas: torch.Tensor  # (W+1,) the sigmas of those latents
     second_sigma: float  # the schedule's second sigma (sde_step's guard at t = 1)
@@ -696,22 +696,18 @@ class CosmosContext:
 
 
 class ContextAttention:
-    """Cosmos3's attention processor for generation tokens that read a cached context (set on every layer
-    by CosmosRenderer). Called as the stock model calls it (four rotary tables, one packed sample) it is
-    diffusers' own Cosmos3AttnProcessor, so the stock pipeline runs unchanged. Called with (cos, sin,
-    CosmosContext) it runs the generation pathway alone for a batch (B, N, hidden): each sample's queries
-    attend to [its own cached context; its own generation tokens], which is what the stock full pathway
-    computes on one packed sample, and no sample sees another's."""
+    """Cosmos3's attention processor, set on every layer by CosmosRenderer. Called as the stock model calls
+    it (four rotary tables, one packed sample) it is diffusers' own Cosmos3AttnProcessor. Called with (cos,
+    sin, CosmosContext) it runs the generation pathway alone for a batch (B, N, hidden): each sample's queries
+    attend to [its own cached context; its own generation tokens], as the stock pathway on one sample."""
 
     def __init__(self, layer: int):
         from diffusers.models.transformers.transformer_cosmos3 import Cosmos3AttnProcessor
-
         self.layer = layer
         self.stock = Cosmos3AttnProcessor()
 
     def __call__(self, attn, und_seq: torch.Tensor, gen_seq: torch.Tensor, rotary_emb: tuple):
         from diffusers.models.transformers.transformer_cosmos3 import _rotate_half
-
         if len(rotary_emb) == 4:
             return self.stock(attn, und_seq, gen_seq, rotary_emb)
         cos, sin, context = rotary_emb  # (B, N, D), (B, N, D), the cache
@@ -816,7 +812,6 @@ class CosmosRenderer(Renderer):
         generation pathway reads them, the values, and the positions (3, N) of the generation tokens ([the
         clean reference,] the noisy image)."""
         from diffusers.models.transformers.transformer_cosmos3 import _rotate_half
-
         p, tr, dev = self.pipe, self.transformer, self.device
         seg = p._prepare_text_segment(list(ids), device=dev)
         positions, offset, curr = [], seg["vision_start_temporal_offset"], seg["und_len"]
@@ -1252,14 +1247,6 @@ def update(policy: Policy, optimizer, groups: list, args: Args, rng: random.Rand
 # --------------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------------
-
-
-def prompt_for(rows: list, position: int, seed: int) -> dict:
-    """The prompt at a data position: epochs over the rows, each in its own seeded order."""
-    epoch, i = divmod(position, len(rows))
-    order = list(range(len(rows)))
-    random.Random(seed * 7919 + epoch).shuffle(order)
-    return rows[order[i]]
 
 
 def train(args: Args, policy: Policy | None = None) -> str:
@@ -2038,6 +2025,14 @@ def prompt_rows(args: Args, split: str | None) -> list:
     if args.preset == "toy" and not args.prompts:
         return [r for r in TOY_WORLD_PROMPTS if split is None or r["split"] == split]
     return load_prompts(args.prompts, split)
+
+
+def prompt_for(rows: list, position: int, seed: int) -> dict:
+    """The prompt at a data position: epochs over the rows, each in its own seeded order."""
+    epoch, i = divmod(position, len(rows))
+    order = list(range(len(rows)))
+    random.Random(seed * 7919 + epoch).shuffle(order)
+    return rows[order[i]]
 
 
 def prepare_run(args: Args, rank: int, world: int, check_renderer: bool = True) -> tuple[str, list, list]:
@@ -3651,8 +3646,8 @@ def memory_plan(policy_parts: dict, args: Args, guided: bool) -> list:
         tokens = (args.resolution // px) ** 2 * (2 if in_context else 1)
         hidden, blocks = t.hidden_size, t.num_hidden_layers
         kv = 2 * blocks * args.max_text_tokens * t.num_key_value_heads * t.head_dim * w  # bytes a sample
-        rows.append((f"cached context (K/V, {args.max_text_tokens} tokens x {blocks} layers x "
-                     f"{2 if cfg else 1} branches)", None, (2 if cfg else 1) * args.group_size * kv / 1e9))
+        rows.append((f"cached context (K/V, {blocks} layers{', CFG' if cfg else ''})", None,
+                     (2 if cfg else 1) * args.group_size * kv / 1e9))
         if args.context_grad:
             context = (2 if cfg else 1) * args.group_size * args.max_text_tokens * hidden * w * blocks * 8
             rows.append(("context activations (--context-grad)", None, context / 1e9))
