@@ -42,7 +42,7 @@ Launch
     python alphagrpo.py sample --prompt "a calm sea below" --refine-rounds 2 --checkpoint runs/toy-rt2i-TIME
     python alphagrpo.py eval --benchmark geneval --data geneval/prompts/evaluation_metadata.jsonl --out DIR
     python alphagrpo.py bench --preset klein    # GPU figures at real shapes, random weights (README)
-    python alphagrpo.py bench --preset cosmos3 --layers 1 --no-train-step --group-size 1   # a CPU-sized slice
+    python alphagrpo.py bench --preset cosmos3 --layers 1 --no-train-step --group-size 2   # a CPU-sized slice
 
 Shapes: G group size, L generated tokens, P prompt tokens, V vocabulary, C latent channels,
 h x w latent size, W trained (SDE) steps, T sampling steps.
@@ -825,7 +825,7 @@ class CosmosRenderer(Renderer):
         h = tr.embed_tokens(seg["input_ids"])  # (L, hidden)
         cos, sin = (t.squeeze(0) for t in tr.rotary_emb(seg["text_mrope_ids"].unsqueeze(1), dev, h.dtype))
         ks, vs = [], []
-        for i, layer in enumerate(tr.layers):
+        for i, layer in enumerate(tr.layers):  # the stock layer computes these inside and returns none of them
             a = layer.self_attn
             x = layer.input_layernorm(h)
             k = a.norm_k(a.to_k(x).view(-1, a.num_key_value_heads, a.head_dim))

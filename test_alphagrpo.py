@@ -648,8 +648,9 @@ def test_forced_plan_draws_the_plan_that_names_the_target(toy_dirs, monkeypatch)
 def test_default_run_learns(tmp_path):
     """`python alphagrpo.py` as a subprocess (the toy world, its reward server on a free port): the reward rises
     (mean of the last 5 steps >= first 5 + 0.05) and the reasoner learns the implicit prompts' targets
-    (plan_accuracy_implicit, last 10 steps >= first 10 + 0.2). Measured on 2 cores, seeds 0, 1, 2 (README):
-    reward 0.168 -> 0.600, 0.143 -> 0.534, 0.213 -> 0.588; plan accuracy 0.13 -> 0.58, 0.16 -> 0.58, 0.14 -> 0.54."""
+    (plan_accuracy_implicit, last 10 steps >= first 10 + 0.2), and the run ends with the trained policy's
+    evaluation. Measured on 2 cores, seeds 0, 1, 2 (README): reward 0.176 -> 0.562, 0.130 -> 0.415, 0.208 -> 0.403;
+    plan accuracy 0.17 -> 0.61, 0.16 -> 0.36, 0.20 -> 0.38 (this test runs seed 0)."""
     out = tmp_path / "run"
     res = subprocess.run([sys.executable, os.path.join(HERE, "alphagrpo.py"), "--out", str(out)],
                          capture_output=True, text=True, timeout=900)
@@ -3002,3 +3003,12 @@ def test_unified_toy_trains_the_shared_stream_at_its_own_lr():
     assert lr("--policy", "unified") == 3e-4 and lr() == lr("--policy", "decoupled") == 1e-3
     assert lr("--policy", "unified", "--reasoner-lr", "1e-3") == 1e-3
     assert lr("--preset", "cosmos3") == ag.PRESETS["cosmos3"]["lr"] == 5e-5  # one rate, as the official code
+
+
+def test_context_grad_is_for_the_unified_policy(capsys):
+    """--context-grad means something only where the context is the trained network's (Cosmos3): with the pair's
+    frozen text encoders it stops with a clear error before anything loads."""
+    with pytest.raises(SystemExit):
+        ag.parse_args(["--context-grad"])
+    assert "--context-grad is for --policy unified" in capsys.readouterr().err
+    assert ag.parse_args(["--policy", "unified", "--context-grad"])[1].context_grad
