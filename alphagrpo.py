@@ -806,9 +806,9 @@ class CosmosRenderer(Renderer):
         return list(texts), reference, size, CosmosContext(k, v, mask, positions, hw, self.guided(None))
 
     def context_of(self, ids: tuple, hw: tuple, reference: torch.Tensor | None):
-        """One sample's context from its token ids (`tokenize_prompt`: chat template, resolution sentence, EOS,
-        <|vision_start|>), by the pipeline's helpers (3-D rotary positions) and the stock decoder layers: the
-        keys (layers, L, Hkv, D) after norm_k [k_norm_und_for_gen] and rotary, as the stock processor's
+        """One sample's context from its token ids (`tokenize_prompt`: chat template, resolution sentence,
+        EOS, <|vision_start|>), by the pipeline's helpers (3-D rotary positions) and the stock decoder layers:
+        the keys (layers, L, Hkv, D) after norm_k [k_norm_und_for_gen] and rotary, as the stock processor's
         generation pathway reads them, the values, and the positions (3, N) of the generation tokens ([the
         clean reference,] the noisy image)."""
         from diffusers.models.transformers.transformer_cosmos3 import _rotate_half
@@ -825,7 +825,7 @@ class CosmosRenderer(Renderer):
         h = tr.embed_tokens(seg["input_ids"])  # (L, hidden)
         cos, sin = (t.squeeze(0) for t in tr.rotary_emb(seg["text_mrope_ids"].unsqueeze(1), dev, h.dtype))
         ks, vs = [], []
-        for i, layer in enumerate(tr.layers):  # the stock layer computes these inside and returns none of them
+        for i, layer in enumerate(tr.layers):  # the stock layer computes these inside, returns none of them
             a = layer.self_attn
             x = layer.input_layernorm(h)
             k = a.norm_k(a.to_k(x).view(-1, a.num_key_value_heads, a.head_dim))
