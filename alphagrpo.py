@@ -791,10 +791,11 @@ class CosmosRenderer(Renderer):
         with torch.set_grad_enabled(grad):
             done = {}  # token ids -> keys, values, positions (the negative prompt's: once for all)
             samples = []
+            tokens = [self.pipe.tokenize_prompt(t, None, num_frames=1, height=size[0], width=size[1])
+                      for t in texts]  # (positive ids, negative ids) per text
             for negative in (True, False) if self.guided(None) else (False,):
-                for text in texts:
-                    ids = self.pipe.tokenize_prompt(text, None, num_frames=1, height=size[0], width=size[1])
-                    ids = tuple(ids[1 if negative else 0])
+                for pair in tokens:
+                    ids = tuple(pair[1 if negative else 0])
                     if ids not in done:
                         done[ids] = self.context_of(ids, hw, reference)
                     samples.append(done[ids])
