@@ -222,14 +222,15 @@ def false_positive_rectification(refined: torch.Tensor, init_reward: float, valu
     """FPR (Sec. 4.1): a refinement must strictly improve on the initial image. Before normalization,
     each refinement with R(refined) <= R(x_init) (ties fail) gets the group minimum: the initial image's
     reward (value='init', official code; it is then the minimum) or the lowest refined reward
-    (value='group-min', the paper's wording). So a failed refinement never gets a positive advantage.
+    (value='group-min', the paper's wording). So a failed refinement never gets a positive advantage, and a
+    group where every refinement failed ends with equal rewards: advantage 0, yet it stays in the loss and
+    its denominator, as in the official code (`skip_unimproved_step` drops a step's SRR share only when no
+    refinement of the whole step improved).
 
-    refined: (G,). Returns (rectified rewards (G,), failed (G,) bool, skip) where skip means no refinement
-    improved: the group carries no signal and must be dropped from the loss and its denominator."""
+    refined: (G,). Returns (rectified rewards (G,), failed (G,) bool)."""
     failed = refined <= init_reward
     floor = init_reward if value == "init" else float(refined.min())
-    rectified = torch.where(failed, torch.full_like(refined, floor), refined)
-    return rectified, failed, bool(failed.all())
+    return torch.where(failed, torch.full_like(refined, floor), refined), failed
 
 
 # --------------------------------------------------------------------------------------------------
@@ -383,19 +384,24 @@ class Args:
     parameter counts and the memory plan; on a GPU, with random weights, also run one full training step."""
 
     # Self-Reflective Refinement (Sec. 4.1)
+    srr_init: str = "auto"
+    """Where an SRR group's initial image comes from. 'rt2i' (the official --task mix): the same step's RT2I
+    group for the same prompt, drawn with a plan as at inference; SRR group k takes the prompt of RT2I group
+    k + n_srr and refines its lowest-rewarded image. 'candidates' (the official --task srr): --srr-candidates
+    images drawn from the prompt alone, the worst kept. 'auto': rt2i for mix, candidates for srr."""
     srr_candidates: int = 2
-    """K initial images rendered per SRR prompt (ODE, no reasoning); the worst is kept."""
+    """--srr-init candidates: K initial images rendered per SRR prompt (ODE, no reasoning); the worst is kept."""
     srr_init_steps: int = 0
-    """Steps of the ODE sampler that draws SRR's initial images; 0: --num-steps, the refinements' count (the
-    official code draws both at its SRR count, 40). A stronger sampler for the initial images than for the
-    refinements makes FPR fail refinements that are as good, biasing improved_frac down."""
+    """Steps of the ODE sampler that draws SRR's candidate initial images; 0: --num-steps, the refinements'
+    count (the official code draws both at its SRR count, 40). A stronger sampler for the initial images than
+    for the refinements makes FPR fail refinements that are as good, biasing improved_frac down."""
     reflection: str = "reflect"
     """The reflection's instruction (Sec. 2, the pilot study): 'reflect' tells the reasoner that the image
     has mistakes and asks it to find them (the paper's choice); 'verify' asks whether the image matches the
     request and to fix only what does not (what the pilot found prone to confirmation bias). Training and
     refinement."""
     srr_pick: str = "min"
-    """'min': keep the lowest-reward candidate (official); 'sample': draw one, favouring low rewards."""
+    """'min': keep the lowest-reward initial image (official); 'sample': draw one, favouring low rewards."""
     srr_refine: str = "auto"
     """How the SRR refinement sees the initial image: 'edit' (in context: its latent tokens join the sequence
     and the refinement starts from fresh noise, as the paper's unified model; klein), 'sdedit' (the sampler
@@ -986,7 +992,7 @@ class Group:
     rewards: torch.Tensor | None = None  # (G,) raw rewards
     scores: dict | None = None  # per-question scores from the server
     advantages: torch.Tensor | None = None  # (G,)
-    skip: bool = False  # SRR: no refinement improved; dropped from the loss
+    skip: bool = False  # SRR: no refinement of the whole step improved; dropped from the loss
     failed: torch.Tensor | None = None  # (G,) SRR: refinements that did not beat the initial image
     fpr_rewards: torch.Tensor | None = None  # (G,) SRR: rewards after FPR, which the advantages use
 
@@ -1074,31 +1080,40 @@ def pick_initial(images: list, rewards: list, how: str, gen: torch.Generator):
     return images[i], rewards[i]
 
 
+def srr_from_rt2i(args: Args) -> bool:
+    """SRR refines the worst image of an RT2I group of the same step (--srr-init, official for mix)."""
+    return args.srr_init == "rt2i" or (args.srr_init == "auto" and args.task == "mix")
+
+
 def rollout_step(policy: Policy, step: int, rows: list, args: Args, client, sigmas, timers, rank=0, world=1):
     """All rollouts of one step, with the current weights (never stale ones). This rank takes the groups
-    k = rank, rank + world, ...; each group's images are scored while the next group is sampled. SRR first
-    renders every prompt's initial candidates, so their scoring overlaps too."""
+    k = rank, rank + world, ...; each group's images are scored while the next group is sampled. Groups
+    k < n_srr are SRR. Their initial images come from the RT2I group k + n_srr, rolled out first (--srr-init
+    rt2i, mix), or from candidates rendered before anything else, so that their scoring overlaps too."""
     srr_share = {"rt2i": 0.0, "srr": 1.0, "mix": args.mix_ratio}[args.task]
-    n_srr = round(srr_share * args.groups_per_step)  # groups k < n_srr are SRR
-    mine = []  # this rank's groups: (k, task, prompt row)
-    for k in range(rank, args.groups_per_step, world):
+    n_srr = round(srr_share * args.groups_per_step)
+    from_rt2i = srr_from_rt2i(args)
+    mine = []  # this rank's groups: (k, task, prompt row); RT2I first, as an SRR group may refine one
+    for k in sorted(range(rank, args.groups_per_step, world), key=lambda k: k < n_srr):
         task = "srr" if k < n_srr else "rt2i"
-        mine.append((k, task, prompt_for(rows, step * args.groups_per_step + k, args.seed)))
+        position = k + n_srr if task == "srr" and from_rt2i else k  # the prompt of the RT2I group it refines
+        mine.append((k, task, prompt_for(rows, step * args.groups_per_step + position, args.seed)))
     candidates = {k: initial_candidates(policy, row, args, seed_torch_and_group_rng(args, step, k), client)
-             for k, task, row in mine if task == "srr"}
-    groups = []
+                  for k, task, row in mine if task == "srr" and not from_rt2i}
+    groups = {}
     for k, task, row in mine:
         gen = seed_torch_and_group_rng(args, step, k + 10_000)
         init = None
-        if task == "srr":
-            images, future = candidates[k]
+        if task == "srr":  # Sec. 4.1: the worst initial image of the prompt (scored), shared by the group
+            rt2i = groups.get(k + n_srr)
+            images, future = (rt2i.image.images, rt2i.reward_future) if from_rt2i else candidates[k]
             t0 = time.perf_counter()
             res = future.result()
             timers["reward_wait"] += time.perf_counter() - t0
             image, reward = pick_initial(images, res["rewards"], args.srr_pick, gen)
             init = (image, policy.renderer.encode_image(image), reward)
-        groups.append(rollout_group(policy, row, task, args, gen, client, sigmas, init, timers, index=k))
-    return groups
+        groups[k] = rollout_group(policy, row, task, args, gen, client, sigmas, init, timers, index=k)
+    return [groups[k] for k in sorted(groups)]
 
 
 def collect_rewards_and_fpr(g: Group, args: Args):
@@ -1109,8 +1124,22 @@ def collect_rewards_and_fpr(g: Group, args: Args):
     if g.task == "srr":
         g.failed = g.rewards <= g.init_reward
         if args.fpr:
-            rectified = false_positive_rectification(g.rewards, g.init_reward, args.fpr_value)
-            g.fpr_rewards, g.failed, g.skip = rectified
+            g.fpr_rewards, g.failed = false_positive_rectification(g.rewards, g.init_reward, args.fpr_value)
+
+
+def skip_unimproved_step(groups: list, args: Args, world: int = 1):
+    """FPR's step rule (official code): when no refinement of the step beat its initial image (on any rank),
+    the step's SRR groups carry no signal and are dropped from the loss and its denominator; its RT2I groups
+    still train. A lone group whose refinements all failed is not dropped: it keeps advantage 0 and its place
+    in the denominator (`false_positive_rectification`)."""
+    if not args.fpr or args.task == "rt2i":
+        return
+    srr = [g for g in groups if g.task == "srr"]
+    improved = torch.tensor(float(sum(bool((~g.failed).any()) for g in srr)))
+    if world > 1:
+        torch.distributed.all_reduce(improved)
+    for g in srr:
+        g.skip = improved.item() == 0
 
 
 def assign_advantages(groups: list, args: Args, world: int = 1) -> float:
@@ -1217,8 +1246,8 @@ def update(policy: Policy, optimizer, groups: list, args: Args, rng: random.Rand
     disjoint share of the step's groups. The shares are drawn over the group indices with the same rng on
     every rank, so they do not depend on the number of processes. The loss is the mean over the share's
     groups on all ranks: each rank backpropagates its sum divided by the global count, then the gradients
-    are summed (all-reduce). A group dropped by FPR is in no share, so it leaves both the loss and its
-    denominator. Returns the per-group stats."""
+    are summed (all-reduce). An SRR group skipped by FPR (`skip_unimproved_step`) is in no share, so it
+    leaves both the loss and its denominator. Returns the per-group stats."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     order = list(range(args.groups_per_step))
     rng.shuffle(order)
@@ -1285,6 +1314,7 @@ def train(args: Args, policy: Policy | None = None) -> str:
             t0 = time.perf_counter()
             for g in groups:
                 collect_rewards_and_fpr(g, args)
+            skip_unimproved_step(groups, args, world)
             timers["reward_wait"] += time.perf_counter() - t0
             # 3. group-relative advantages (Sec. 3), shared by the text and the image of a trajectory
             zero_std_frac = assign_advantages(groups, args, world)
@@ -1354,6 +1384,19 @@ def refine(policy: Policy, args: Args, prompt: str, image: Image.Image, gen: tor
                                        renderer.noise(1, gen, size), sigmas)
     x0, _, _ = render(renderer, cond, x, sigmas, range(0), 0.0, start=start)
     return renderer.decode(x0)[0], text
+
+
+def wants_refinement(gate: str, scores: dict | None, i: int = 0) -> bool:
+    """The verifier gate (--refine-below): refine an image only where its DVReward (Sec. 4.2) finds a flaw,
+    and keep the others unchanged, since a reflection told that an image "contains mistakes" also changes
+    what was right (README). gate: '' refines every image; a number TAU, an image whose reward R < TAU;
+    'question', an image where any question's confidence P(yes) < 0.5. scores: the reward server's answer,
+    for image i."""
+    if not gate:
+        return True
+    if gate == "question":
+        return min(scores["semantic_scores"][i] + scores["quality_scores"][i], default=1.0) < 0.5
+    return scores["rewards"][i] < float(gate)
 
 
 def main(argv=None):
@@ -1465,6 +1508,11 @@ def parse_args(argv=None) -> tuple[str, Args, dict]:
                        help="a checkpoint (or run) folder whose LoRA weights to load")
         p.add_argument("--question", action="append", default=[], help="a DVReward question for the reward "
                        "(repeatable); default: the prompt's questions in the prompt set, if it is there")
+    if command in ("sample", "eval"):
+        p.add_argument("--refine-below", default="", metavar="TAU|question",
+                       help="the verifier gate: a round refines only an image whose DVReward is below TAU "
+                       "(or, with 'question', where any question's P(yes) < 0.5) and keeps the others "
+                       "unchanged; needs the prompts' DVReward questions and a reward server")
     if command == "eval":
         p.add_argument("--benchmark", required=True, choices=sorted(BENCHMARKS),
                        help="the benchmark (README)")
@@ -1474,11 +1522,17 @@ def parse_args(argv=None) -> tuple[str, Args, dict]:
         p.add_argument("--checkpoint", default="",
                        help="a checkpoint (or run) folder whose LoRA weights to load")
         p.add_argument("--reasoning", action=argparse.BooleanOptionalAction, default=True,
-                       help="plan (and reflect) with the reasoner before drawing")
+                       help="round 0 plans before drawing (GEdit-Bench: describes the edit); --no-reasoning "
+                       "draws it from the prompt alone, as the official scripts do; refinement rounds "
+                       "always reflect")
         p.add_argument("--samples-per-prompt", type=int, default=0,
                        help="K images a prompt; 0: the benchmark's "
                        "default (GenEval 4, DPG-Bench 4 in a 2x2 grid, WISE, TIIF-Bench and GEdit-Bench 1)")
         p.add_argument("--limit", type=int, default=0, help="only the first N prompts (0: all)")
+        p.add_argument("--refine-only-wrong", default="", metavar="RESULTS",
+                       help="the paper's protocol: with --refine-rounds 1, refine only the round-0 images that "
+                       "the benchmark's own scorer marked wrong in RESULTS (GenEval's results.jsonl, "
+                       "DPG-Bench's results .txt, TIIF-Bench's --output_dir) and copy the others unchanged")
     if command == "bench":
         p.add_argument("--verifier", default="",
                        help="the reward server's verifier, started on this device for the training-step "
@@ -1494,8 +1548,17 @@ def parse_args(argv=None) -> tuple[str, Args, dict]:
     given = vars(p.parse_args(argv))
     command_options = ("prompt", "test_prompts", "refine_rounds", "checkpoint", "question", "verifier",
                        "repeats", "layers", "train_step", "benchmark", "data", "reasoning",
-                       "samples_per_prompt", "limit")
+                       "samples_per_prompt", "limit", "refine_below", "refine_only_wrong")
     extra = {k: given.pop(k) for k in command_options if k in given}
+    gate = extra.get("refine_below", "")
+    if gate and gate != "question":
+        try:
+            float(gate)
+        except ValueError:
+            p.error(f"--refine-below takes a reward TAU (a number) or 'question', not {gate!r}")
+    if extra.get("refine_only_wrong") and (gate or extra.get("refine_rounds") != 1):
+        p.error("--refine-only-wrong reads the scorer's judgement of round 0: it takes --refine-rounds 1 and "
+                "no --refine-below")
     preset = given.get("preset", Args.preset)
     if preset not in PRESETS:
         p.error(f"--preset must be one of {sorted(PRESETS)}, not {preset!r}")
@@ -1506,6 +1569,7 @@ def parse_args(argv=None) -> tuple[str, Args, dict]:
     for name, allowed in [("task", ("rt2i", "srr", "mix")), ("std_mode", ("group", "batch")),
                           ("policy", ("unified", "decoupled")),
                           ("srr_pick", ("min", "sample")), ("reflection", ("reflect", "verify")),
+                          ("srr_init", ("auto", "rt2i", "candidates")),
                           ("srr_refine", ("auto", "edit", "sdedit")),
                           ("fpr_value", ("init", "group-min")),
                           ("dtype", ("float32", "bfloat16"))]:
@@ -1516,6 +1580,13 @@ def parse_args(argv=None) -> tuple[str, Args, dict]:
                 "sde_window_start_max + sde_window <= num_steps - 1")
     if args.task != "rt2i" and args.srr_refine != "edit" and round(args.srr_strength * args.num_steps) < 2:
         p.error("--srr-strength too low: the refinement needs at least 2 of the --num-steps steps")
+    if args.srr_init == "rt2i" and args.task != "mix":
+        p.error("--srr-init rt2i refines an RT2I group's image of the same step: it needs --task mix")
+    n_srr = round(args.mix_ratio * args.groups_per_step)
+    if args.task == "mix" and srr_from_rt2i(args) and n_srr > args.groups_per_step - n_srr:
+        p.error(f"--task mix with --srr-init rt2i pairs each SRR group with an RT2I group of the same prompt: "
+                f"--mix-ratio {args.mix_ratio} of --groups-per-step {args.groups_per_step} gives {n_srr} SRR "
+                "groups, more than the RT2I ones (or: --srr-init candidates)")
     if args.groups_per_step < args.updates_per_rollout:
         p.error("--groups-per-step must be at least --updates-per-rollout (each update needs a group)")
     if args.context_grad and args.policy != "unified":
@@ -2044,6 +2115,10 @@ def prepare_run(args: Args, rank: int, world: int, check_renderer: bool = True) 
     if args.groups_per_step % world:
         raise ValueError(f"--groups-per-step {args.groups_per_step} must be a multiple of the "
                          f"{world} processes")
+    n_srr = round(args.mix_ratio * args.groups_per_step)
+    if args.task == "mix" and srr_from_rt2i(args) and n_srr % world:
+        raise ValueError(f"--task mix: SRR group k refines RT2I group k + {n_srr}, which must be on the same "
+                         f"process: the {n_srr} SRR groups must be a multiple of the {world} processes")
     # --resume takes a run folder or one of its checkpoints, .../checkpoints/step_N
     resumed_run = args.resume
     if args.resume and os.path.exists(os.path.join(args.resume, "state.json")):
@@ -2139,7 +2214,8 @@ def run_summary(out: str) -> str:
     rows = [r for r in rows if r.get("reward_mean") is not None]  # the steps (not the final evaluation's row)
     n = min(10, len(rows))
     lines = [f"done: {len(rows)} steps in {out}/metrics.jsonl; mean of the first {n} -> the last {n} steps:"]
-    for key in ("reward_mean", "plan_accuracy_implicit", "improved_frac", "fpr_frac", "skipped_frac"):
+    for key in ("reward_mean", "plan_accuracy_implicit", "improved_frac", "fpr_frac", "all_failed_frac",
+                "skipped_frac"):
         first = mean_or_none([r.get(key) for r in rows[:n]])
         last = mean_or_none([r.get(key) for r in rows[-n:]])
         if first is not None and last is not None:
@@ -2172,24 +2248,25 @@ def question_row(args: Args, prompt: str, question: list) -> dict | None:
 
 @torch.no_grad()
 def sample(args: Args, prompt: str = "", refine_rounds: int = 0, checkpoint: str = "", question: list = (),
-           test_prompts: bool = False):
-    """Draw `prompt` with reasoning (ODE sampler), then `refine_rounds` rounds of reflect-and-refine. Writes
+           test_prompts: bool = False, refine_below: str = ""):
+    """Draw `prompt` with reasoning (ODE sampler), then `refine_rounds` rounds of reflect-and-refine; with the
+    verifier gate (`refine_below`, `wants_refinement`) a round keeps an image that passes it unchanged. Writes
     each round's image, text and reward (when questions are known: --question, or the prompt's row in the
     prompt set) and a side-by-side PNG. `test_prompts`: every test prompt of the prompt set instead, each in
-    its own folder, then the rewards per round and the shares of prompts that each round made worse or better
-    (`rounds_summary`)."""
+    its own folder, then the rewards per round and what each round did (`rounds_summary`)."""
     out = args.out or os.path.join("runs", f"sample-{time.strftime('%Y%m%d-%H%M%S')}")
     check_models(args, out)
     prompts = [r["prompt"] for r in prompt_rows(args, "test")] if test_prompts else [prompt]
+    rows = [question_row(args, p, question) for p in prompts]  # the DVReward questions of each, or None
+    scoring = any(rows) and bool(args.reward_url or args.preset == "toy")
+    if refine_below and not (all(rows) and scoring):
+        raise ValueError("--refine-below gates on the prompt's DVReward: it needs its questions (--question, "
+                         "or the prompt in --prompts) and a reward server (--reward-url)")
     os.makedirs(out, exist_ok=True)
     policy = load_policy(args, out)
     if checkpoint:
         load_checkpoint(checkpoint, policy, None, args)
-    rows = [question_row(args, p, question) for p in prompts]  # the DVReward questions of each, or None
-    server = None
-    client = None
-    if any(rows) and (args.reward_url or args.preset == "toy"):
-        server, client = connect_reward_server(args)
+    server, client = connect_reward_server(args) if scoring else (None, None)
     results = []
     try:
         for i, (prompt, row) in enumerate(zip(prompts, rows)):
@@ -2197,18 +2274,28 @@ def sample(args: Args, prompt: str = "", refine_rounds: int = 0, checkpoint: str
             os.makedirs(folder, exist_ok=True)
             gen = seed_torch_and_group_rng(args, 0, 0)  # each prompt drawn as a lone `sample` draws it
             rounds = []
+            scores = None
             for k in range(refine_rounds + 1):
+                refined = None if k == 0 else wants_refinement(refine_below, scores)
                 if k == 0:  # round 0 plans, then draws
                     image, text = draw(policy, args, prompt, gen)
-                else:  # later rounds reflect on the last image, then redraw it
+                elif refined:  # later rounds reflect on the last image, then redraw it
                     image, text = refine(policy, args, prompt, image, gen)
-                reward = None
-                if client is not None and row is not None:
+                else:  # the gate passed it: the same image (and the same file), scored as it was
+                    text = ""
+                    shutil.copyfile(*(os.path.join(folder, f"round_{r}.png") for r in (k - 1, k)))
+                if client is not None and row is not None and refined is not False:
                     sem, qual = questions(row)
-                    reward = client.submit([image], [sem], [qual]).result()["rewards"][0]
-                image.save(os.path.join(folder, f"round_{k}.png"))
-                rounds.append({"round": k, "text": text, "reward": reward, "image": f"round_{k}.png"})
-                print(f"round {k}: reward {reward if reward is None else round(reward, 4)} | {text}")
+                    scores = client.submit([image], [sem], [qual]).result()
+                reward = scores and scores["rewards"][0]
+                if refined is not False:
+                    image.save(os.path.join(folder, f"round_{k}.png"))
+                # the least confident question: an image the gate 'question' passes has it >= 0.5
+                least = scores and min(scores["semantic_scores"][0] + scores["quality_scores"][0], default=1.0)
+                rounds.append({"round": k, "text": text, "reward": reward, "least_confidence": least,
+                               "refined": refined, "image": f"round_{k}.png"})
+                what = "drawn" if k == 0 else "refined" if refined else "kept (it passes the gate)"
+                print(f"round {k}: {what}, reward {reward if reward is None else round(reward, 4)} | {text}")
             save_rounds(folder, prompt, rounds)
             results.append((row, rounds))
     finally:
@@ -2224,28 +2311,47 @@ def sample(args: Args, prompt: str = "", refine_rounds: int = 0, checkpoint: str
 def rounds_summary(out: str, results: list, margin: float = 0.05) -> dict:
     """`sample --test-prompts`: per kind of prompt (the toy's explicit / implicit, else "all"), the mean
     reward of each round and the shares of prompts whose round k scored more than `margin` below (worse) or
-    above (better) their round 0. results: [(row, rounds)]. Prints a table; writes OUT/rounds_summary.json."""
-    scored = [(row, [r["reward"] for r in rounds]) for row, rounds in results
-              if row is not None and rounds[0]["reward"] is not None]
+    above (better) their round 0; then, over all prompts, what each round k did: the shares it refined and
+    kept, made better and worse than the image it refined, and the share of right images (round 0 passes
+    every question, P(yes) >= 0.5) that it left worse than round 0. results: [(row, rounds)]. Prints two
+    tables; writes OUT/rounds_summary.json."""
+    scored = [(row, rounds) for row, rounds in results if row is not None and rounds[0]["reward"] is not None]
     if not scored:
         print("no rewards: the prompts have no DVReward questions here")
         return {}
     kinds = sorted({row.get("kind", "all") for row, _ in scored})
-    groups = {k: [r for row, r in scored if row.get("kind", "all") == k] for k in kinds}
+    groups = {k: [[r["reward"] for r in rounds] for row, rounds in scored if row.get("kind", "all") == k]
+              for k in kinds}
     if len(kinds) > 1:
-        groups["all"] = [r for _, r in scored]
+        groups["all"] = [[r["reward"] for r in rounds] for _, rounds in scored]
     n = len(scored[0][1])
-    share = lambda rs, hit: round(sum(map(hit, rs)) / len(rs), 4)  # noqa: E731
+    share = lambda xs, hit: round(sum(map(hit, xs)) / len(xs), 4) if xs else None  # noqa: E731
     summary = {kind: {"prompts": len(rs), "reward": [share(rs, lambda r: r[k]) for k in range(n)],
                       "worse": [share(rs, lambda r: r[k] < r[0] - margin) for k in range(1, n)],
                       "better": [share(rs, lambda r: r[k] > r[0] + margin) for k in range(1, n)]}
                for kind, rs in groups.items()}
+    rounds = [r for _, r in scored]
+    right = [r for r in rounds if r[0]["least_confidence"] >= 0.5]
+    summary["rounds"] = [{
+        "round": k, "refined": share(rounds, lambda r: bool(r[k]["refined"])),
+        "kept": share(rounds, lambda r: not r[k]["refined"]),
+        "better": share(rounds, lambda r: r[k]["refined"] and r[k]["reward"] > r[k - 1]["reward"] + margin),
+        "worse": share(rounds, lambda r: r[k]["refined"] and r[k]["reward"] < r[k - 1]["reward"] - margin),
+        "right": len(right), "right_made_worse": share(right, lambda r: r[k]["reward"] < r[0]["reward"] - margin),
+    } for k in range(1, n)]
     head = ["prompts"] + [f"round {k}" for k in range(n)] + [f"worse / better after {k}" for k in range(1, n)]
     print("| " + " | ".join(head) + " |\n" + "|---" * len(head) + "|")
     for kind, v in summary.items():
-        cells = [f"{x:.3f}" for x in v["reward"]]
-        cells += [f"{w:.2f} / {b:.2f}" for w, b in zip(v["worse"], v["better"])]
-        print(f"| {kind} ({v['prompts']}) | " + " | ".join(cells) + " |")
+        if kind != "rounds":
+            cells = [f"{x:.3f}" for x in v["reward"]]
+            cells += [f"{w:.2f} / {b:.2f}" for w, b in zip(v["worse"], v["better"])]
+            print(f"| {kind} ({v['prompts']}) | " + " | ".join(cells) + " |")
+    print(f"\n| round | refined | kept | better / worse than the image it refined | right images (round 0) "
+          f"made worse |\n|---|---|---|---|---|")
+    for r in summary["rounds"]:
+        worse = "-" if r["right_made_worse"] is None else f"{r['right_made_worse']:.2f}"
+        print(f"| {r['round']} | {r['refined']:.2f} | {r['kept']:.2f} | {r['better']:.2f} / {r['worse']:.2f} | "
+              f"{worse} (of {r['right']}) |")
     with open(os.path.join(out, "rounds_summary.json"), "w") as f:
         json.dump({"margin": margin, **summary}, f, indent=1)
     return summary
@@ -2459,6 +2565,7 @@ def summarize(g: Group) -> dict:
                 tags.setdefault(q["tag"], []).append(s)
     return {"task": g.task, "rewards": g.rewards.tolist(), "init_reward": g.init_reward, "skip": g.skip,
             "failed": None if g.failed is None else g.failed.float().mean().item(),
+            "all_failed": None if g.failed is None else bool(g.failed.all()),
             "text_len": g.text.mask.sum(1).float().mean().item(), "tags": tags, "kind": g.row.get("kind"),
             "plan_accuracy": plan_accuracy(g.text.texts, [g.row.get("target")] * len(g.text.texts))}
 
@@ -2494,6 +2601,9 @@ def metrics_row(step: int, summaries: list, stats: list, zero_std_frac: float, t
             "improved_frac": mean_or_none([sum(r > s["init_reward"] for r in s["rewards"]) / len(s["rewards"])
                                            for s in srr]),
             "fpr_frac": mean_or_none([s["failed"] if args.fpr else 0.0 for s in srr]),
+            # groups where no refinement improved: in the loss with advantage 0 (FPR), and those dropped
+            # from it, all of a step's SRR groups when none of them improved (`skip_unimproved_step`)
+            "all_failed_frac": mean_or_none([float(s["all_failed"]) for s in srr]),
             "skipped_frac": mean_or_none([float(s["skip"]) for s in srr])})
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
 
@@ -3365,18 +3475,121 @@ def read_gedit(folder: str, K: int) -> list:
     return items
 
 
-# name: reader, (default, most) samples per prompt, and the official scorer: repository, what it
-# needs, and the commands to run in its clone for one round's tree ({tree}; {samples}, {resolution} as
-# drawn; {model} MODEL_NAME).
+def judged(results: str, scored: dict, drawn: dict) -> set:
+    """The images that a scorer's results mark wrong, once they are known to judge exactly the drawn set.
+    scored: {image key: wrong?} read from `results`; drawn: {image key: (item id, sample j)} of round 0.
+    Returns {(item id, j)} of the wrong images."""
+    other = sorted(set(scored) - set(drawn))
+    missing = sorted(set(drawn) - set(scored))
+    if other:
+        raise ValueError(f"{results}: judges {other[0]!r} (and {len(other) - 1} more), which round_0 of this "
+                         f"--out does not hold: the results of another run, set or benchmark")
+    if missing:
+        raise ValueError(f"{results}: judges {len(scored)} of the {len(drawn)} images of round_0 (not "
+                         f"{missing[0]!r}): score the whole round_0 tree of this --out")
+    return {drawn[key] for key, wrong in scored.items() if wrong}
+
+
+def wrong_geneval(results: str, items: list, K: int) -> set:
+    """GenEval: evaluation/evaluate_images.py's --outfile, one JSON line per image (pandas records) with its
+    'filename' as the scorer found it (<tree>/<index:05>/samples/<j:05>.png), 'prompt' and 'correct'. Each
+    sample is judged on its own (the official gen_images_mp_reflect.py matches the path's last three parts)."""
+    drawn = {f"{it['id']}/samples/{j:05d}.png": (it["id"], j) for it in items for j in range(K)}
+    prompts = {it["id"]: it["prompt"] for it in items}
+    scored = {}
+    for n, row in read_jsonl(results):
+        where = f"{results}:{n}"
+        key = "/".join(field(row, "filename", where).replace("\\", "/").split("/")[-3:])
+        if not isinstance(row.get("correct"), bool):
+            raise ValueError(f"{where}: 'correct' must be true or false (is this GenEval's results.jsonl?)")
+        if key in drawn and field(row, "prompt", where) != prompts[drawn[key][0]]:
+            raise ValueError(f"{where}: {key} was judged for {row['prompt']!r} but drawn for "
+                             f"{prompts[drawn[key][0]]!r}: the results of another prompt set")
+        if scored.setdefault(key, not row["correct"]) != (not row["correct"]):
+            raise ValueError(f"{where}: {key} is judged twice, differently")
+    return judged(results, scored, drawn)
+
+
+def wrong_dpg(results: str, items: list, K: int) -> set:
+    """DPG-Bench: compute_dpg_bench.py's --res-path file (dpg-bench_<time>_results.txt): per grid
+    '<path>, <score of each scored tile>..., <their mean>', then a summary. The scorer finds a grid's questions
+    by its name up to the first dot, and so do we. A tile (sample) is wrong below 1.0; every tile must be
+    scored (dist_eval.sh with PIC_NUM=K, as the manifest's command sets), since an unscored tile cannot be
+    judged (the official gen_images_mp_dpg_reflect.py reads PIC_NUM=1 files and redraws all the tiles of a
+    grid whose first tile was wrong)."""
+    drawn = {(it["id"], j): (it["id"], j) for it in items for j in range(K)}
+    scored = {}
+    with open(results, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            parts = [x.strip() for x in line.split(",")]
+            try:
+                scores = [float(x) for x in parts[1:]]
+            except ValueError:
+                continue  # the summary's lines ("DPG-Bench score: ...") and anything else that is not a grid's
+            if len(scores) < 2:
+                continue
+            item = os.path.basename(parts[0]).split(".")[0]
+            if len(scores) != K + 1:
+                raise ValueError(f"{results}:{n}: {len(scores) - 1} tile score(s) for {item!r}, but K = {K} "
+                                 f"samples were drawn: score with PIC_NUM={K} (the manifest's command)")
+            for j, score in enumerate(scores[:-1]):
+                scored[(item, j)] = score < 1.0
+    if not scored:
+        raise ValueError(f"{results}: no '<path>, <scores>..., <mean>' lines: not the results file of "
+                         "DPG-Bench's compute_dpg_bench.py (its *_detail.txt holds the answers, not the scores)")
+    return judged(results, scored, drawn)
+
+
+def wrong_tiif(results: str, items: list, K: int) -> set:
+    """TIIF-Bench: eval/eval_with_vlm.py's --output_dir, one JSON per image at
+    <eval_model>/<type>/<short|long>/<i>.json with 'attribute', 'desc', 'line_idx', 'gt_answers' and
+    'model_pred'. An image is wrong where any answer differs from the ground truth, compared as
+    summary_results.py scores them (case-insensitive). The official gen_images_mp_tiif_reflect.py compares
+    the answer lists exactly, so a ground truth written "Yes" (all of the style and text types) never
+    matches the judge's lower-case "yes" and every such image counts as wrong."""
+    if not os.path.isdir(results):
+        raise ValueError(f"{results}: TIIF-Bench's results are the folder given to eval_with_vlm.py as "
+                         "--output_dir")
+    drawn = {it["id"]: (it["id"], 0) for it in items}
+    scored, where_from = {}, {}
+    for folder, _, names in sorted(os.walk(results)):
+        for name in sorted(n for n in names if n.endswith(".json")):
+            path = os.path.join(folder, name)
+            try:
+                with open(path, encoding="utf-8") as f:
+                    row = json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{path}: not a JSON judge result ({e})") from None
+            if not isinstance(row, dict) or not {"attribute", "desc", "line_idx", "gt_answers",
+                                                 "model_pred"} <= row.keys():
+                raise ValueError(f"{path}: not an eval_with_vlm.py result (attribute, desc, line_idx, "
+                                 "gt_answers, model_pred)")
+            gt, pred = row["gt_answers"], row["model_pred"]
+            if not (isinstance(gt, list) and isinstance(pred, list) and len(gt) == len(pred)):
+                raise ValueError(f"{path}: 'gt_answers' and 'model_pred' must be lists of one length")
+            key = f"{row['attribute']}/{row['desc']}/{row['line_idx']}"
+            if key in where_from:
+                raise ValueError(f"{path}: judges {key} as {where_from[key]} does (two models' results? pass "
+                                 f"the folder of one, {os.path.join(results, MODEL_NAME)})")
+            where_from[key] = path
+            scored[key] = any(str(a).strip().lower() != str(b).strip().lower() for a, b in zip(gt, pred))
+    return judged(results, scored, drawn)
+
+
+# name: reader, the reader of its scorer's results for --refine-only-wrong (the benchmarks that the official
+# code refines), (default, most) samples per prompt, and the official scorer: repository, what it needs, and
+# the commands to run in its clone for one round's tree ({tree}; {samples}, {resolution} as drawn; {model}
+# MODEL_NAME).
 BENCHMARKS = {
-    "geneval": dict(read=read_geneval, samples=(4, math.inf), repo="github.com/djghosh13/geneval",
+    "geneval": dict(read=read_geneval, wrong=wrong_geneval, samples=(4, math.inf),
+                    repo="github.com/djghosh13/geneval",
                     needs="its environment.yml with mmdet 2.27.0, the Mask2Former detector from "
                           "evaluation/download_models.sh, a CUDA GPU",
                     score=["python evaluation/evaluate_images.py {tree} "
                            "--outfile {tree}_scores/results.jsonl --model-path <OBJECT_DETECTOR_FOLDER>",
                            "python evaluation/summary_scores.py {tree}_scores/results.jsonl"]),
     # DPG-Bench's dist_eval.sh launches PROCESSES=8 processes unless told: one per GPU here
-    "dpg": dict(read=read_dpg, samples=(4, 4), repo="github.com/TencentQQGYLab/ELLA (dpg_bench/)",
+    "dpg": dict(read=read_dpg, wrong=wrong_dpg, samples=(4, 4), repo="github.com/TencentQQGYLab/ELLA (dpg_bench/)",
                 needs="accelerate, pandas, modelscope and its mPLUG-large VQA model (fetched on first use)",
                 score=["PROCESSES=$(nvidia-smi -L | wc -l) PIC_NUM={samples} bash dpg_bench/dist_eval.sh "
                        "{tree} {resolution}"]),
@@ -3399,7 +3612,7 @@ BENCHMARKS = {
                             "{tree}/Results/spatio-temporal_reasoning_scores.jsonl --category all"]}),
     # TIIF-Bench's test and testmini sets hold different prompts under the same file names: the questions
     # (--jsonl_dir) must be the drawn set's
-    "tiif": dict(read=read_tiif, samples=(1, 1), repo="github.com/A113N-W3I/TIIF-Bench",
+    "tiif": dict(read=read_tiif, wrong=wrong_tiif, samples=(1, 1), repo="github.com/A113N-W3I/TIIF-Bench",
                  needs="an OpenAI-compatible VLM (GPT-4o, or Qwen2.5-VL-72B served by vLLM); pandas, "
                        "openpyxl",
                  score=["python eval/eval_with_vlm.py --jsonl_dir {questions} --image_dir {tree} "
@@ -3464,14 +3677,14 @@ def scorer_commands(benchmark: str, data: str, trees: list, K: int, resolution: 
 
 
 def save_atomic(path: str, data):
-    """Write a PIL image (PNG) or a str through a temporary file and a rename, so a killed run
-    leaves no truncated file that its rerun would skip. The temporary name starts with a dot: no
+    """Write a PIL image (PNG), a str or bytes (a file's copy) through a temporary file and a rename, so a
+    killed run leaves no truncated file that its rerun would skip. The temporary name starts with a dot: no
     scorer's pattern takes it."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
-    if isinstance(data, str):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(data)
+    if isinstance(data, (str, bytes)):
+        with open(tmp, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
     else:
         data.save(tmp, format="PNG")
     os.replace(tmp, path)
@@ -3488,14 +3701,58 @@ def tile(images: list) -> Image.Image:
     return grid
 
 
+def read_round(tree: str, it: dict, K: int) -> list:
+    """An item's K images in a round's tree, as `eval` wrote them (DPG-Bench: cropped out of its grid)."""
+    images = []
+    for path in (os.path.join(tree, p) for p in it["images"]):
+        try:
+            images.append(Image.open(path).convert("RGB"))
+        except OSError as e:
+            raise ValueError(f"{path}: not a readable image ({e})") from None
+    if len(images) == K:
+        return images
+    cols = min(2, K)
+    s = images[0].width // cols
+    return [images[0].crop(((j % cols) * s, (j // cols) * s, (j % cols + 1) * s, (j // cols + 1) * s))
+            for j in range(K)]
+
+
+def refinement_record(path: str, items: list, rounds: int, gate: str) -> dict:
+    """Which images each refinement round refined and kept, from OUT/texts.jsonl (its last line for each
+    image and round), and with the verifier gate how many it made better or worse (by 0.05 of the reward)."""
+    last = {}
+    if os.path.exists(path):
+        for _, t in read_jsonl(path):
+            last[(t["id"], t["sample"], t["round"])] = t
+    ids = {it["id"] for it in items}
+    record = {"gate": gate}
+    for k in range(1, rounds + 1):
+        now = [t for (i, _, r), t in sorted(last.items()) if r == k and i in ids]
+        refined = [t for t in now if t.get("refined", True)]  # rows written before the gates refined all
+        before = {(t["id"], t["sample"]): t.get("reward") for t in last.values() if t["round"] == k - 1}
+        delta = [t["reward"] - before[t["id"], t["sample"]] for t in refined
+                 if t.get("reward") is not None and before.get((t["id"], t["sample"])) is not None]
+        record[f"round_{k}"] = {"refined": len(refined), "kept": len(now) - len(refined),
+                                "better": sum(d > 0.05 for d in delta) if delta else None,
+                                "worse": sum(d < -0.05 for d in delta) if delta else None,
+                                "refined_images": [[t["id"], t["sample"]] for t in refined]}
+    return record
+
+
 @torch.no_grad()
 def evaluate_benchmark(args: Args, benchmark: str, data: str, refine_rounds: int = 0, checkpoint: str = "",
-                       reasoning: bool = True, samples_per_prompt: int = 0, limit: int = 0) -> str:
+                       reasoning: bool = True, samples_per_prompt: int = 0, limit: int = 0,
+                       refine_below: str = "", refine_only_wrong: str = "") -> str:
     """Draw a benchmark's prompts (GEdit-Bench: edit its source images), then `refine_rounds` rounds of
-    reflect-and-refine; round k goes to the tree OUT/round_<k> in the layout its official scorer reads. Sample
-    j of an item is seeded by (seed, j, crc32("<benchmark>/<id>")) in every round, so a rerun skips the items
-    whose images all exist and would redraw the others identically. Writes OUT/manifest.json (with the
-    scorer's commands) and OUT/texts.jsonl (every round's reasoning)."""
+    reflect-and-refine; round k goes to the tree OUT/round_<k> in the layout its official scorer reads. A round
+    refines every image; or those below the verifier gate (`refine_below`, `wants_refinement`); or, the
+    paper's protocol, the round-0 images that the benchmark's own scorer marked wrong (`refine_only_wrong`, one
+    round; round 0 is read back from OUT/round_0). A kept image is copied into the round's tree byte for byte.
+    Round 0 plans first unless `reasoning` is off; refinement rounds always reflect. Sample j of an item is
+    seeded in round k by (seed, j, crc32("<benchmark>/<id>"), + "/round_<k>" for k > 0): a rerun skips the
+    items whose images all exist and redraws the others identically, and a gated round refines an image as an
+    ungated one does. Writes OUT/manifest.json (the scorer's commands; what each round refined) and
+    OUT/texts.jsonl (every round's text, whether it refined, the reward under the gate)."""
     bench = BENCHMARKS[benchmark]
     out = args.out
     K = samples_per_prompt or bench["samples"][0]
@@ -3506,88 +3763,162 @@ def evaluate_benchmark(args: Args, benchmark: str, data: str, refine_rounds: int
                          "images a prompt")
     if refine_rounds < 0 or limit < 0:
         raise ValueError("--refine-rounds and --limit cannot be negative")
+    if refine_only_wrong and "wrong" not in bench:
+        raise ValueError(f"--refine-only-wrong reads the output of GenEval's, DPG-Bench's and TIIF-Bench's "
+                         f"scorers (the refinement the official code evaluates), not {benchmark}'s")
     if not os.path.exists(data):
         raise ValueError(f"{data}: not found (--data: the benchmark's prompt file or folder, see README)")
     items = bench["read"](data, K)[:limit or None]
     if not items:
         raise ValueError(f"{data}: no prompts")
-    seeds = {it["id"]: zlib.crc32(f"{benchmark}/{it['id']}".encode()) for it in items}
+    seeds = {it["id"]: [zlib.crc32(f"{benchmark}/{it['id']}{f'/round_{k}' if k else ''}".encode())
+                        for k in range(refine_rounds + 1)] for it in items}
     trees = [os.path.join(out, f"round_{k}") for k in range(refine_rounds + 1)]
+    gate = (f"only_wrong={os.path.abspath(refine_only_wrong)}" if refine_only_wrong else
+            f"below={refine_below}" if refine_below else "all")
+    rows = {}  # the gate's DVReward questions, by prompt
+    if refine_below:
+        rows = {r["prompt"]: r for r in prompt_rows(args, None)}
+        missing = [it["prompt"] for it in items if it["prompt"] not in rows]
+        if missing:
+            raise ValueError(f"--refine-below scores each image with its prompt's DVReward questions: "
+                             f"{len(missing)} of the {len(items)} prompts are not in the prompt set (e.g. "
+                             f"{missing[0]!r}); write them with `python reward_server.py decompose` and pass "
+                             "--prompts FILE")
+        if not (args.reward_url or args.preset == "toy"):
+            raise ValueError("--refine-below needs a reward server: --reward-url")
+    wrong = None  # {(item id, j)} that the scorer marked wrong in round 0
+    if refine_only_wrong:
+        absent = [p for it in items for p in it["images"] if not os.path.exists(os.path.join(trees[0], p))]
+        if absent:
+            raise ValueError(f"{trees[0]} misses {len(absent)} image(s) (e.g. {absent[0]}): --refine-only-wrong "
+                             "refines the round 0 that the scorer judged; draw and score it first (this command "
+                             "without --refine-rounds and --refine-only-wrong)")
+        if not os.path.exists(refine_only_wrong):
+            raise ValueError(f"{refine_only_wrong}: not found (--refine-only-wrong: the scorer's results)")
+        wrong = bench["wrong"](refine_only_wrong, items, K)
     todo = [it for it in items
             if not all(os.path.exists(os.path.join(t, p)) for t in trees for p in it["images"])]
     arguments = {"benchmark": benchmark, "data": os.path.abspath(data), "checkpoint": checkpoint and
                  os.path.abspath(checkpoint), "reasoning": reasoning, "samples_per_prompt": K,
-                 **dataclasses.asdict(args), "refine_rounds": refine_rounds, "limit": limit}
+                 **dataclasses.asdict(args), "refine_rounds": refine_rounds, "limit": limit,
+                 "refine_below": refine_below, "refine_only_wrong": refine_only_wrong and
+                 os.path.abspath(refine_only_wrong)}
+    arguments.pop("reward_token")  # a secret; the server's address and patience may change between runs too
     manifest_path = os.path.join(out, "manifest.json")
-    free = ("refine_rounds", "limit", "out", "device")
+    free = ("refine_rounds", "limit", "out", "device", "reward_url", "reward_patience", "refine_below",
+            "refine_only_wrong")
+    gates = {}  # each refinement tree's gate: a tree never mixes images refined under two
     if os.path.exists(manifest_path):  # never mix two settings' images in one tree
         with open(manifest_path) as f:
-            old = json.load(f)["arguments"]
+            old_manifest = json.load(f)
+        old = old_manifest["arguments"]
         diff = sorted(k for k in old.keys() | arguments.keys()
-                      if k not in free and old.get(k) != arguments.get(k))
+                      if k not in free + ("reward_token",) and old.get(k) != arguments.get(k))
         if diff:
             changed = ", ".join(f"{k}={old.get(k)!r} there, {arguments.get(k)!r} here" for k in diff)
             raise ValueError(f"{out} holds images made with other settings ({changed}): use another --out")
+        gates = old_manifest.get("gates") or {f"round_{k}": "all" for k in range(1, old["refine_rounds"] + 1)}
+        clash = [t for t in gates if t in [os.path.basename(x) for x in trees[1:]] and gates[t] != gate]
+        if clash:
+            raise ValueError(f"{out}/{clash[0]} was refined with the gate {gates[clash[0]]!r}, not {gate!r}: "
+                             "use another --out")
+    gates.update({os.path.basename(t): gate for t in trees[1:]})
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
     commands, needs = scorer_commands(benchmark, data, trees, K, args.resolution)
     manifest = {
         "benchmark": benchmark, "checkpoint": arguments["checkpoint"] or None, "commit": commit,
         "arguments": arguments,
-        "seeds": {"rule": "sample j of an item: seed_torch_and_group_rng(seed, j, item seed), one generator "
-                          "through all its rounds",
-                  "items": seeds},
+        "seeds": {"rule": "sample j of an item in round k: seed_torch_and_group_rng(seed, j, item seed), the "
+                          "item seed crc32('<benchmark>/<id>') in round 0 (listed), crc32('<benchmark>/<id>/"
+                          "round_<k>') after",
+                  "items": {i: s[0] for i, s in seeds.items()}},
         "counts": {"prompts": len(items), "samples_per_prompt": K, "rounds": len(trees),
                    "images_per_round": sum(len(it["images"]) for it in items),
                    "already_done": len(items) - len(todo), "drawn": 0},
-        "trees": [os.path.basename(t) for t in trees],
+        "trees": [os.path.basename(t) for t in trees], "gates": gates,
         "scorer": {"repository": bench["repo"], "set": drawn_set(benchmark, data), "needs": needs,
                    "commands": commands},
     }
     check_models(args, out)
     os.makedirs(out, exist_ok=True)
     save_atomic(manifest_path, json.dumps(manifest, indent=1))
+    server = client = None
     if todo:
         policy = load_policy(args, out)
         if checkpoint:
             load_checkpoint(checkpoint, policy, None, args)
-    for it in tqdm(todo, desc=benchmark, unit="prompt"):
-        source = None
-        if it["source"]:
-            try:
-                source = Image.open(it["source"]).convert("RGB")
-            except OSError as e:
-                raise ValueError(f"{it['source']}: not a readable image ({e})") from None
-        rounds = [[] for _ in trees]  # rounds[k][j]: sample j after round k
-        texts = []
-        for j in range(K):
-            gen = seed_torch_and_group_rng(args, j, seeds[it["id"]])
-            image = source
-            # every round of an edit at the source's aspect ratio (the scorer resizes it to the source's size)
-            size = policy.renderer.edit_size(source) if source is not None else None
-            for k in range(len(trees)):
-                if k == 0 and source is None:  # text-to-image: plan, then draw
-                    image, text = draw(policy, args, it["prompt"], gen, reasoning)
-                else:
-                    # GEdit-Bench's round 0 edits the source image; every later round refines the last image
-                    image, text = refine(policy, args, it["prompt"], image, gen, reasoning,
-                                         EDIT_INSTRUCTION if k == 0 else "", size)
-                rounds[k].append(image)
-                texts.append({"id": it["id"], "sample": j, "round": k, "text": text})
-        for tree, images in zip(trees, rounds):  # the images last: an item counts as done once they exist
-            for path, text in it["meta"].items():
-                save_atomic(os.path.join(tree, path), text)
-            if source is not None:  # GEdit-Bench's scorer reads the source beside the edit
-                save_atomic(os.path.join(tree, it["images"][0][:-len(".png")] + "_SRCIMG.png"), source)
-            for path, image in zip(it["images"], images if len(it["images"]) == K else [tile(images)]):
-                save_atomic(os.path.join(tree, path), image)
-        with open(os.path.join(out, "texts.jsonl"), "a", encoding="utf-8") as f:
-            f.writelines(json.dumps(t) + "\n" for t in texts)
+        if refine_below:
+            server, client = connect_reward_server(args)
+    try:
+        for it in tqdm(todo, desc=benchmark, unit="prompt"):
+            source = None
+            if it["source"]:
+                try:
+                    source = Image.open(it["source"]).convert("RGB")
+                except OSError as e:
+                    raise ValueError(f"{it['source']}: not a readable image ({e})") from None
+            row = rows.get(it["prompt"])
+            judged_0 = read_round(trees[0], it, K) if wrong is not None else None  # the scored round 0
+            rounds = [[] for _ in trees]  # rounds[k][j]: sample j after round k
+            kept = [[] for _ in trees]  # kept[k][j]: round k kept it unchanged
+            texts = []
+            for j in range(K):
+                image, scores = source, None
+                # every round of an edit at the source's aspect ratio (the scorer resizes it to the source's)
+                size = policy.renderer.edit_size(source) if source is not None else None
+                for k in range(len(trees)):
+                    gen = seed_torch_and_group_rng(args, j, seeds[it["id"]][k])
+                    refined = None if k == 0 else (
+                        (it["id"], j) in wrong if wrong is not None else wants_refinement(refine_below, scores))
+                    if k == 0 and judged_0 is not None:
+                        image, text = judged_0[j], None
+                    elif k == 0 and source is None:  # text-to-image: plan (unless --no-reasoning), then draw
+                        image, text = draw(policy, args, it["prompt"], gen, reasoning)
+                    elif k == 0 or refined:
+                        # GEdit-Bench's round 0 edits the source image; a refinement reflects on the last one
+                        image, text = refine(policy, args, it["prompt"], image, gen, reasoning or k > 0,
+                                             EDIT_INSTRUCTION if k == 0 else "", size)
+                    else:
+                        text = ""  # kept: the gate passed it, or the scorer found it right
+                    if row is not None and refined is not False:
+                        scores = client.submit([image], *([q] for q in questions(row))).result()
+                    rounds[k].append(image)
+                    kept[k].append(refined is False)
+                    if text is not None:
+                        texts.append({"id": it["id"], "sample": j, "round": k, "text": text, "refined": refined,
+                                      "reward": scores and scores["rewards"][0]})
+            for k, (tree, images) in enumerate(zip(trees, rounds)):  # the images last: then an item is done
+                if k == 0 and judged_0 is not None:
+                    continue  # round 0 stays as the scorer judged it
+                for path, text in it["meta"].items():
+                    save_atomic(os.path.join(tree, path), text)
+                if source is not None:  # GEdit-Bench's scorer reads the source beside the edit
+                    save_atomic(os.path.join(tree, it["images"][0][:-len(".png")] + "_SRCIMG.png"), source)
+                grid = len(it["images"]) < K  # DPG-Bench: one grid of the K samples
+                for j, (path, image) in enumerate(zip(it["images"], [tile(images)] if grid else images)):
+                    if all(kept[k]) if grid else kept[k][j]:  # the previous round's file, byte for byte
+                        with open(os.path.join(trees[k - 1], path), "rb") as f:
+                            image = f.read()
+                    save_atomic(os.path.join(tree, path), image)
+            with open(os.path.join(out, "texts.jsonl"), "a", encoding="utf-8") as f:
+                f.writelines(json.dumps(t) + "\n" for t in texts)
+    finally:
+        if client is not None:
+            client.close()
+        if server is not None:
+            server.terminate()
     manifest["counts"]["drawn"] = len(todo)
+    manifest["refinement"] = refinement_record(os.path.join(out, "texts.jsonl"), items, refine_rounds, gate)
     save_atomic(manifest_path, json.dumps(manifest, indent=1))
     print(f"{benchmark}: {len(todo)} prompts drawn, {len(items) - len(todo)} already done, {len(trees)} "
-          f"round(s) in {out}/round_*; score them in a clone of {bench['repo']} (it needs "
-          f"{manifest['scorer']['needs']}), e.g. round 0:")
+          f"round(s) in {out}/round_*")
+    for k in range(1, refine_rounds + 1):
+        r = manifest["refinement"][f"round_{k}"]
+        verdict = "" if r["better"] is None else f" (by the verifier: {r['better']} better, {r['worse']} worse)"
+        print(f"  round {k} ({gate}): refined {r['refined']} images{verdict}, kept {r['kept']} unchanged")
+    print(f"score them in a clone of {bench['repo']} (it needs {manifest['scorer']['needs']}), e.g. round 0:")
     for c in manifest["scorer"]["commands"]["round_0"]:
         print("  " + c)
     return out

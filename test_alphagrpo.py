@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import shutil
 import socket
 import struct
 import subprocess
@@ -271,17 +272,18 @@ def test_text_and_image_share_one_clipped_advantage():
 
 def test_fpr_hand_worked_groups():
     refined = torch.tensor([0.6, 0.5, 0.4, 0.7])
-    r, failed, skip = ag.false_positive_rectification(refined, init_reward=0.5)
+    r, failed = ag.false_positive_rectification(refined, init_reward=0.5)
     assert r.tolist() == pytest.approx([0.6, 0.5, 0.5, 0.7]) and failed.tolist() == [False, True, True, False]
-    assert not skip  # ties (0.5 == 0.5) count as failure
-    r, _, _ = ag.false_positive_rectification(refined, init_reward=0.5, value="group-min")
+    r, _ = ag.false_positive_rectification(refined, init_reward=0.5, value="group-min")
     assert r.tolist() == pytest.approx([0.6, 0.4, 0.4, 0.7])
     # after rectification every failed refinement has a negative advantage
     A, _ = ag.group_advantages(ag.false_positive_rectification(refined, 0.5)[0], torch.zeros(4))
     assert (A[failed] < 0).all() and (A[~failed] > 0).all()
     # without FPR the tie at 0.5 would have been pushed up relative to the 0.4
-    r, failed, skip = ag.false_positive_rectification(torch.tensor([0.3, 0.2, 0.3]), init_reward=0.3)
-    assert skip and failed.all()
+    r, failed = ag.false_positive_rectification(torch.tensor([0.3, 0.2, 0.3]), init_reward=0.3)
+    assert failed.all() and r.tolist() == pytest.approx([0.3] * 3)  # all failed: equal rewards, advantage 0
+    A, zero_std = ag.group_advantages(r, torch.zeros(3))
+    assert A.tolist() == [0.0] * 3 and zero_std.all()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -706,8 +708,8 @@ def test_srr_initial_image_gets_no_gradient(toy_dirs):
 
 
 def test_fpr_dropped_group_leaves_the_update_unchanged(toy_dirs):
-    """A group where no refinement improved is dropped from the loss and from its denominator: updating on
-    [live, dropped] must give exactly the weights of updating on [live] alone."""
+    """A group dropped from the loss (a step where no refinement improved) leaves it and its denominator:
+    updating on [live, dropped] must give exactly the weights of updating on [live] alone."""
     results = []
     for with_dropped in (True, False):
         policy, args = make_policy(toy_dirs, group_size=4, updates_per_rollout=1)
@@ -721,6 +723,85 @@ def test_fpr_dropped_group_leaves_the_update_unchanged(toy_dirs):
         ag.update(policy, opt, groups, args, __import__("random").Random(0))
         results.append([p.detach().clone() for p in policy.reasoner.lora_params + policy.renderer.lora_params])
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def failed_srr_group(policy, args, seed):
+    """A group whose every refinement failed: the initial image scored above all of them."""
+    g = rollout(policy, args, seed=seed)
+    g.task, g.init_reward = "srr", 1.0 + 1e-3  # no toy reward reaches it
+    return g
+
+
+def test_fpr_all_failed_group_has_zero_gradient_but_counts_in_the_denominator(toy_dirs):
+    """Official FPR: a group where every refinement failed stays in the loss with advantage 0 (another SRR
+    group of the step improved), so the step's loss is (L_live + 0) / 2. With SGD at lr 1 (no clip) the update must be exactly -grad(L_live) / 2, computed
+    by hand from the live group alone; dropping the group instead would give -grad(L_live)."""
+    policy, args = make_policy(toy_dirs, group_size=4, updates_per_rollout=1, groups_per_step=2, task="mix",
+                               grad_clip=1e9, srr_init="candidates")
+    randomize_lora(policy)
+    live = failed_srr_group(policy, args, seed=1)
+    live.init_reward = -1.0  # every refinement of this one improved
+    failed = failed_srr_group(policy, args, seed=2)
+    live.index, failed.index = 0, 1
+    for g in (live, failed):
+        ag.collect_rewards_and_fpr(g, args)
+    ag.skip_unimproved_step([live, failed], args)
+    ag.assign_advantages([live, failed], args)
+    assert not failed.skip and failed.failed.all() and failed.advantages.tolist() == [0.0] * 4
+    assert live.advantages.abs().sum() > 0
+    params = policy.reasoner.lora_params + policy.renderer.lora_params
+    loss, _ = ag.group_loss(policy, live, args)  # by hand: the live group's gradient
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    expected = [p.detach() - (0 if g is None else g) / 2 for p, g in zip(params, grads)]
+    assert any(not torch.equal(p, e) for p, e in zip(params, expected))  # the live group moves the weights
+    stats = ag.update(policy, torch.optim.SGD(params, lr=1.0), [live, failed], args, __import__("random").Random(0))
+    assert len(stats) == 2  # both groups were in the loss
+    assert all(torch.allclose(p, e, atol=1e-7, rtol=0) for p, e in zip(params, expected))
+
+
+def test_fpr_skips_the_srr_share_only_when_no_refinement_of_the_step_improved(toy_dirs):
+    policy, args = make_policy(toy_dirs, group_size=4, task="mix", groups_per_step=4, srr_init="candidates")
+    failed = [failed_srr_group(policy, args, seed=s) for s in (1, 2)]
+    improving = failed_srr_group(policy, args, seed=3)
+    improving.init_reward = -1.0  # every refinement beats it
+    rt2i = rollout(policy, args, seed=4)
+    for g in failed + [improving, rt2i]:
+        ag.collect_rewards_and_fpr(g, args)
+    ag.skip_unimproved_step(failed + [rt2i], args)  # no SRR group of the step improved: their share is skipped
+    assert [g.skip for g in failed + [rt2i]] == [True, True, False]
+    for g in failed:
+        g.skip = False
+    ag.skip_unimproved_step(failed + [improving, rt2i], args)  # one improved: all stay, the failed with A = 0
+    assert not any(g.skip for g in failed + [improving, rt2i])
+    rows = [ag.summarize(g) for g in failed + [improving]]
+    row = ag.metrics_row(0, rows, [], 0.0, dict.fromkeys(("reason", "render", "reward_wait", "train", "step"), 0.0),
+                         [], args)
+    assert row["all_failed_frac"] == pytest.approx(2 / 3) and row["skipped_frac"] == 0.0
+
+
+def test_mix_refines_the_worst_image_of_the_same_prompts_rt2i_group(toy_dirs, capsys):
+    """--task mix (official): SRR group k refines the lowest-rewarded image of RT2I group k + n_srr, which
+    drew the same prompt with a plan in the same step; --srr-init candidates draws its own."""
+    timers = dict.fromkeys(("reason", "render", "reward_wait"), 0.0)
+    policy, args = make_policy(toy_dirs, group_size=4, task="mix", groups_per_step=4)
+    rows = TOY_PROMPTS
+    groups = ag.rollout_step(policy, 3, rows, args, LocalClient(), policy.renderer.sigmas(args.num_steps), timers)
+    assert [g.task for g in groups] == ["srr", "srr", "rt2i", "rt2i"] and [g.index for g in groups] == [0, 1, 2, 3]
+    for srr, rt2i in ((groups[0], groups[2]), (groups[1], groups[3])):
+        rewards = rt2i.reward_future.result()["rewards"]
+        worst = min(range(4), key=rewards.__getitem__)
+        assert srr.row is rt2i.row and srr.init_reward == min(rewards)
+        assert srr.init_image is rt2i.image.images[worst]
+    assert groups[2].row is not groups[3].row  # two prompts, each in both tasks
+    args.srr_init = "candidates"
+    groups = ag.rollout_step(policy, 3, rows, args, LocalClient(), policy.renderer.sigmas(args.num_steps), timers)
+    assert all(groups[k].init_image not in groups[j].image.images for k in (0, 1) for j in (2, 3))
+    assert len({id(g.row) for g in groups}) == 4  # four prompts: the SRR groups draw their own candidates
+    for flags, message in ((["--srr-init", "rt2i"], "needs --task mix"),
+                           (["--task", "mix", "--mix-ratio", "0.75"], "more than the RT2I ones")):
+        with pytest.raises(SystemExit):
+            ag.parse_args(flags)
+        assert message in capsys.readouterr().err
 
 
 def test_srr_and_mix_rows_carry_the_refinement_metrics(toy_dirs, tmp_path):
@@ -757,15 +838,79 @@ def test_sample_command_refines(tmp_path):
 
 def test_rounds_summary_by_hand(tmp_path, capsys):
     row = lambda kind: {"kind": kind}  # noqa: E731
-    rounds = lambda *rs: [{"reward": r} for r in rs]  # noqa: E731
-    results = [(row("explicit"), rounds(1.0, 0.2, 1.0)), (row("explicit"), rounds(0.5, 0.52, 0.9)),
-               (row("implicit"), rounds(0.2, 0.8, 0.1)), (None, rounds(None, None, None))]
+
+    def rounds(rewards, refined, least):  # round 0's least confident question; whether rounds 1, 2 refined
+        return [{"reward": r, "refined": f, "least_confidence": least if k == 0 else None}
+                for k, (r, f) in enumerate(zip(rewards, [None] + refined))]
+
+    results = [(row("explicit"), rounds((1.0, 0.2, 1.0), [True, True], 0.9)),  # right at round 0
+               (row("explicit"), rounds((0.5, 0.5, 0.9), [False, True], 0.4)),  # kept by round 1
+               (row("implicit"), rounds((0.2, 0.8, 0.1), [True, True], 0.1)),
+               (None, rounds((None, None, None), [True, True], None))]
     got = ag.rounds_summary(str(tmp_path), results)
-    assert got["explicit"] == {"prompts": 2, "reward": [0.75, 0.36, 0.95], "worse": [0.5, 0.0], "better": [0.0, 0.5]}
+    assert got["explicit"] == {"prompts": 2, "reward": [0.75, 0.35, 0.95], "worse": [0.5, 0.0], "better": [0.0, 0.5]}
     assert got["implicit"] == {"prompts": 1, "reward": [0.2, 0.8, 0.1], "worse": [0.0, 1.0], "better": [1.0, 0.0]}
     assert got["all"]["prompts"] == 3 and got["all"]["worse"] == [pytest.approx(1 / 3, abs=1e-4)] * 2
+    third = pytest.approx(1 / 3, abs=1e-4)
+    assert got["rounds"] == [
+        {"round": 1, "refined": pytest.approx(2 / 3, abs=1e-4), "kept": third, "better": third, "worse": third,
+         "right": 1, "right_made_worse": 1.0},
+        {"round": 2, "refined": 1.0, "kept": 0.0, "better": pytest.approx(2 / 3, abs=1e-4), "worse": third,
+         "right": 1, "right_made_worse": 0.0}]
     assert json.loads((tmp_path / "rounds_summary.json").read_text())["explicit"] == got["explicit"]
-    assert "| explicit (2) | 0.750 | 0.360 | 0.950 | 0.50 / 0.00 | 0.00 / 0.50 |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| explicit (2) | 0.750 | 0.350 | 0.950 | 0.50 / 0.00 | 0.00 / 0.50 |" in printed
+    assert "| 1 | 0.67 | 0.33 | 0.33 / 0.33 | 1.00 (of 1) |" in printed
+
+
+def test_wants_refinement_by_hand(capsys):
+    scores = {"rewards": [0.6, 0.3], "semantic_scores": [[0.9, 0.4], [0.7]], "quality_scores": [[0.8], []]}
+    assert ag.wants_refinement("", None)  # no gate: every image
+    assert not ag.wants_refinement("0.5", scores, 0) and ag.wants_refinement("0.5", scores, 1)
+    assert not ag.wants_refinement("0.6", scores, 0)  # R < TAU, strictly
+    assert ag.wants_refinement("question", scores, 0) and not ag.wants_refinement("question", scores, 1)
+    for flags, message in ((["sample", "--prompt", "x", "--refine-below", "most"], "takes a reward TAU"),
+                           (["eval", "--benchmark", "wise", "--data", "d", "--refine-rounds", "2",
+                             "--refine-only-wrong", "r"], "it takes --refine-rounds 1"),
+                           (["eval", "--benchmark", "wise", "--data", "d", "--refine-rounds", "1",
+                             "--refine-only-wrong", "r", "--refine-below", "0.5"], "no --refine-below")):
+        with pytest.raises(SystemExit):
+            ag.parse_args(flags)
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="needs its questions"):  # no DVReward questions for this prompt
+        ag.main(["sample", "--prompt", "a prompt of no prompt set", "--refine-below", "0.5", "--out",
+                 os.devnull + "-never"])
+
+
+def test_the_verifier_gate_keeps_what_passes_and_refines_the_rest(tmp_path):
+    """`sample --refine-below TAU`: a round refines exactly the images whose reward is below TAU; a kept one
+    is the same file, the same reward and no reflection, in every later round too."""
+    out = tmp_path / "gated"
+    ag.main(["sample", "--test-prompts", "--refine-rounds", "2", "--refine-below", "0.5", "--out", str(out)])
+    kept = refined = 0
+    v = rs.ToyVerifier()
+    for i in range(24):
+        folder = out / f"{i:03d}"
+        saved = json.loads((folder / "rounds.json").read_text())
+        rows = [r for r in ag.TOY_WORLD_PROMPTS if r["prompt"] == saved["prompt"]]
+        for k in (1, 2):
+            before, now = saved["rounds"][k - 1], saved["rounds"][k]
+            assert now["refined"] == (before["reward"] < 0.5)
+            if now["refined"]:
+                refined += 1
+                assert now["text"]  # a reflection was written
+            else:
+                kept += 1
+                assert (folder / f"round_{k}.png").read_bytes() == (folder / f"round_{k - 1}.png").read_bytes()
+                assert now["reward"] == before["reward"] and now["text"] == ""
+        # every reward is the verifier's score of the file written
+        sem, qual = ag.questions(rows[0])
+        last = saved["rounds"][2]
+        assert last["reward"] == pytest.approx(rs.score_batch(v, [Image.open(folder / last["image"])], [sem],
+                                                              [qual])["rewards"][0], abs=1e-6)
+    assert kept and refined
+    summary = json.loads((out / "rounds_summary.json").read_text())
+    assert summary["rounds"][0]["kept"] + summary["rounds"][0]["refined"] == pytest.approx(1.0)
 
 
 def test_sample_test_prompts_with_the_verify_reflection(tmp_path, monkeypatch, capsys):
@@ -948,7 +1093,8 @@ def test_eval_resumes_and_seeds_by_prompt_id(toy_dirs, tmp_path):
     other = write_json(tmp_path / "alone.json", [r for r in rows if r["prompt_id"] == 2])
     run_eval(toy_dirs, "wise", other, tmp_path / "out2", "--no-reasoning")
     assert (tmp_path / "out2" / "round_0" / "2.png").read_bytes() == first
-    assert all(json.loads(x)["text"] == "" for x in (out / "texts.jsonl").read_text().splitlines())  # no reasoning
+    texts = [json.loads(x) for x in (out / "texts.jsonl").read_text().splitlines()]
+    assert all((t["text"] == "") == (t["round"] == 0) for t in texts)  # no plan; a refinement always reflects
     # other settings into the same folder would mix two models' images in one tree: refused
     with pytest.raises(SystemExit, match=r"other settings \(.*reasoning=False there, True here"):
         run_eval(toy_dirs, "wise", data, out, "--refine-rounds", "1")
@@ -994,6 +1140,170 @@ def test_eval_names_the_broken_benchmark_file(which, breakage, message, tmp_path
     with pytest.raises(SystemExit, match="^error: .*" + message):  # before loading any model (there is none)
         run_eval(("no-reasoner", "no-renderer"), which, data, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# --refine-only-wrong: the images each fixture's scorer marks wrong, as (item id, sample)
+WRONG = {"geneval": {("00000", 1), ("00001", 0)}, "dpg": {("0", 2)},
+         "tiif": {("2d_spatial_relation/short_description/1", 0), ("color+2d/long_description/0", 0)}}
+
+
+def scorer_results(which, root, tree, wrong, items, K):
+    """Each scorer's output for round 0 (`tree`, as given on its command line), judging `wrong` wrong."""
+    if which == "geneval":  # evaluation/evaluate_images.py: pandas records, '/' escaped as '\\/'
+        path = root / "results.jsonl"
+        root.mkdir(parents=True, exist_ok=True)
+        lines = []
+        for it in items:
+            meta = json.loads(it["meta"][f"{it['id']}/metadata.jsonl"])
+            for j in range(K):
+                ok = (it["id"], j) not in wrong
+                lines.append(json.dumps({"filename": f"{tree}/{it['id']}/samples/{j:05d}.png", "tag": meta["tag"],
+                                         "prompt": meta["prompt"], "correct": ok, "reason": "" if ok else
+                                         "expected bench>=1, found 0", "metadata": json.dumps(meta),
+                                         "details": "{}"}).replace("/", "\\/"))
+        path.write_text("\n".join(lines) + "\n")
+        return path
+    if which == "dpg":  # compute_dpg_bench.py --pic-num 4: '<path>, s0, s1, s2, s3, mean', then the summary
+        path = root / "dpg-bench_20260101-000000_results.txt"
+        root.mkdir(parents=True, exist_ok=True)
+        lines = []
+        for it in items:
+            scores = [0.5 if (it["id"], j) in wrong else 1.0 for j in range(K)]
+            lines.append(f"{tree}/{it['id']}.png, " + ", ".join(map(str, scores)) + f", {sum(scores) / K}")
+        path.write_text("\n".join(lines) + "\n\nModel: \nL1 category scores:\n\tentity: 90.12\n"
+                        "DPG-Bench score: 84.1234\n")
+        return path
+    for it in items:  # eval_with_vlm.py --output_dir: <model>/<type>/<short|long>/<i>.json
+        kind, desc, i = it["id"].split("/")
+        bad = (it["id"], 0) in wrong
+        write_json(root / "alphagrpo" / kind / desc.split("_")[0] / f"{i}.json", {
+            "attribute": kind, "desc": desc, "jsonl_file": f"{kind}_eval_prompts.jsonl", "line_idx": int(i),
+            "questions": ["Is there a cat in the image?", "Is the cat beneath the microwave?"],
+            "gt_answers": ["Yes", "yes"],  # the published files write some "Yes": the judge answers "yes"
+            "model_pred": ["yes", "no" if bad else "yes"], "model_output": "yes\nno"})
+    return root
+
+
+def sample_pixels(tree, it, j, K):
+    """Sample j of an item in a round's tree, as pixels (DPG-Bench: its tile of the grid)."""
+    return [im.tobytes() for im in ag.read_round(str(tree), it, K)][j]
+
+
+@pytest.mark.parametrize("which", ["geneval", "dpg", "tiif"])
+def test_refine_only_wrong_refines_exactly_what_the_scorer_marked_wrong(which, toy_dirs, tmp_path):
+    """The paper's protocol: round 0 drawn without reasoning, scored by the benchmark's scorer; round 1
+    refines exactly the images it marked wrong, as an ungated round refines them, and copies the right
+    ones byte for byte."""
+    data = bench_data(tmp_path / "data", which)
+    K = {"geneval": 2, "dpg": 4}.get(which, 1)
+    flags = ["--no-reasoning"] + (["--samples-per-prompt", "2"] if which == "geneval" else [])
+    out, ungated = tmp_path / "out", tmp_path / "ungated"
+    run_eval(toy_dirs, which, data, out, *flags)
+    items = ag.BENCHMARKS[which]["read"](str(data), K)
+    results = scorer_results(which, tmp_path / "scores", out / "round_0", WRONG[which], items, K)
+    round_0 = {p: (out / "round_0" / p).read_bytes() for p in tree_files(out / "round_0")}
+    m = run_eval(toy_dirs, which, data, out, *flags, "--refine-rounds", "1", "--refine-only-wrong", str(results))
+    assert {p: (out / "round_0" / p).read_bytes() for p in tree_files(out / "round_0")} == round_0
+    assert tree_files(out / "round_1") == set(round_0)
+    run_eval(toy_dirs, which, data, ungated, *flags, "--refine-rounds", "1")
+    for it in items:
+        for j in range(K):
+            now = sample_pixels(out / "round_1", it, j, K)
+            if (it["id"], j) in WRONG[which]:  # refined, as an ungated round refines it
+                assert now == sample_pixels(ungated / "round_1", it, j, K) != sample_pixels(out / "round_0", it, j, K)
+            else:
+                assert now == sample_pixels(out / "round_0", it, j, K)
+        if not any((it["id"], j) in WRONG[which] for j in range(K)):  # a file of right images: copied
+            assert all((out / "round_1" / p).read_bytes() == round_0[p] for p in it["images"])
+    record = m["refinement"]["round_1"]
+    assert sorted(map(tuple, record["refined_images"])) == sorted(WRONG[which])
+    assert record["kept"] == len(items) * K - len(WRONG[which]) and record["better"] is None
+    assert m["gates"] == {"round_1": f"only_wrong={results}"}
+    texts = [json.loads(x) for x in (out / "texts.jsonl").read_text().splitlines()]
+    assert sorted((t["id"], t["sample"]) for t in texts if t["round"] == 1 and t["refined"]) == sorted(WRONG[which])
+    # a round refined under another gate is never mixed into this one
+    with pytest.raises(SystemExit, match="round_1 was refined with the gate 'only_wrong=.*', not 'all'"):
+        run_eval(toy_dirs, which, data, out, *flags, "--refine-rounds", "1")
+
+
+def fake_round_0(out, which, K):
+    """Round 0's files, empty: enough for the checks that run before anything is drawn."""
+    data = bench_data(out.parent / "data", which)
+    items = ag.BENCHMARKS[which]["read"](str(data), K)
+    for p in (p for it in items for p in it["images"]):
+        (out / "round_0" / p).parent.mkdir(parents=True, exist_ok=True)
+        (out / "round_0" / p).touch()
+    return data, items
+
+
+@pytest.mark.parametrize("which, breakage, message", [
+    ("geneval", lambda p, r: p.write_text(p.read_text().replace("\\/00001\\/", "\\/00007\\/")),
+     r"judges '00007/samples/00000.png' \(and 1 more\), which round_0 of this --out does not hold"),
+    ("geneval", lambda p, r: p.write_text(p.read_text().replace("a photo of a bench", "a photo of a bus")),
+     r"was judged for 'a photo of a bus' but drawn for 'a photo of a bench'"),
+    ("geneval", lambda p, r: p.write_text("\n".join(p.read_text().splitlines()[:3]) + "\n"),
+     r"judges 3 of the 4 images of round_0"),
+    ("dpg", lambda p, r: p.write_text('{"filename": "t/0.png", "correct": true}\n'),  # GenEval's, say
+     r"no '<path>, <scores>..., <mean>' lines: not the results file of DPG-Bench"),
+    ("dpg", lambda p, r: p.write_text("t/0.png, 1.0, 1.0\nt/partiprompts10.png, 0.5, 0.5\n"),
+     r"1 tile score\(s\) for '0', but K = 4 samples were drawn: score with PIC_NUM=4"),
+    ("tiif", lambda p, r: shutil.copytree(p / "alphagrpo", p / "other-model"),
+     r"two models' results\? pass the folder of one"),
+    ("tiif", lambda p, r: (p / "alphagrpo" / "color+2d" / "long" / "0.json").write_text("{}"),
+     r"0.json: not an eval_with_vlm.py result"),
+])
+def test_refine_only_wrong_refuses_other_results_before_drawing(which, breakage, message, tmp_path):
+    K = {"geneval": 2, "dpg": 4}.get(which, 1)
+    out = tmp_path / "out"
+    data, items = fake_round_0(out, which, K)
+    results = scorer_results(which, tmp_path / "scores", out / "round_0", set(), items, K)
+    breakage(results, tmp_path)
+    flags = ["--samples-per-prompt", "2"] if which == "geneval" else []
+    with pytest.raises(SystemExit, match="^error: .*" + message):  # before any model loads (there is none)
+        run_eval(("no-reasoner", "no-renderer"), which, data, out, *flags, "--refine-rounds", "1",
+                 "--refine-only-wrong", str(results))
+    assert not (out / "round_1").exists() and not (out / "manifest.json").exists()
+
+
+def test_refine_only_wrong_needs_the_scored_round_0_and_a_scorer_it_reads(tmp_path):
+    data = bench_data(tmp_path / "data", "geneval")
+    with pytest.raises(SystemExit, match=r"round_0 misses 8 image\(s\).*draw and score it first"):
+        run_eval(("r", "r"), "geneval", data, tmp_path / "out", "--refine-rounds", "1", "--refine-only-wrong", "x")
+    wise = bench_data(tmp_path / "wise", "wise")
+    with pytest.raises(SystemExit, match="GenEval's, DPG-Bench's and TIIF-Bench's scorers .* not wise's"):
+        run_eval(("r", "r"), "wise", wise, tmp_path / "out", "--refine-rounds", "1", "--refine-only-wrong", "x")
+
+
+def test_eval_with_the_verifier_gate(toy_dirs, tmp_path):
+    """`eval --refine-below`: each image scored with its prompt's questions (from --prompts); a round refines
+    those below TAU, copies the others byte for byte, and the manifest counts them."""
+    data = bench_data(tmp_path / "data", "wise")
+    prompts = [r["Prompt"] for r in json.loads((data / "merge.json").read_text())]
+    question = {"question": "Is the bottom half of the image green?", "tag": "Spatial"}
+    rows = write_json(tmp_path / "questions.jsonl", [{"prompt": p, "semantic_questions": [question]}
+                                                     for p in prompts[:2]], lines=True)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=r"1 of the 3 prompts are not in the prompt set .*birch"):
+        run_eval(toy_dirs, "wise", data, out, "--refine-rounds", "1", "--refine-below", "0.3", "--prompts", str(rows))
+    write_json(rows, [{"prompt": p, "semantic_questions": [question]} for p in prompts], lines=True)
+    run_eval(toy_dirs, "wise", data, out, "--refine-below", "0.3", "--prompts", str(rows))  # round 0, scored
+    first = {t["id"]: t["reward"] for t in map(json.loads, (out / "texts.jsonl").read_text().splitlines())}
+    assert len(set(first.values())) == 3  # three different rewards: a TAU between them splits the images
+    tau = sorted(first.values())[1]
+    m = run_eval(toy_dirs, "wise", data, out, "--refine-rounds", "2", "--refine-below", str(tau), "--prompts", str(rows))
+    texts = {(t["id"], t["round"]): t for t in map(json.loads, (out / "texts.jsonl").read_text().splitlines())}
+    assert {i: texts[(i, 0)]["reward"] for i in first} == first  # round 0 drawn again, identically
+    assert [texts[(i, 1)]["refined"] for i in sorted(first, key=first.get)] == [True, False, False]
+    for item in first:
+        for k in (1, 2):
+            before, now = texts[(item, k - 1)], texts[(item, k)]
+            assert now["refined"] == (before["reward"] < tau)
+            files = [(out / f"round_{r}" / f"{item}.png").read_bytes() for r in (k - 1, k)]
+            assert (files[0] == files[1]) == (not now["refined"])
+    for k in (1, 2):
+        record = m["refinement"][f"round_{k}"]
+        assert record["refined"] == sum(texts[(i, k)]["refined"] for i in first)
+        assert record["refined"] + record["kept"] == 3 and record["better"] is not None
 
 
 # --------------------------------------------------------------------------------------------------
