@@ -17,6 +17,8 @@ What is implemented
 - Reasoning text-to-image (RT2I) and Self-Reflective Refinement (SRR) with False-Positive Rectification
   (Sec. 4.1), the refinement generated with the initial image in context; rewards from the DVReward server
   (`reward_server.py`, Sec. 4.2) over HTTP, asynchronously.
+- Inference-time refinement as the paper evaluates it: one round that refines only the images a benchmark's
+  scorer marked wrong (`eval --refine-only-wrong`); without the answers, a gate on the verifier's confidences.
 
 Two policies behind one interface (`Reasoner`, `Renderer`). Unified (`--policy unified`, the paper's setting):
 one Cosmos3 network reasons and draws; its understanding stream is the Qwen3-VL language model that writes the
@@ -39,8 +41,9 @@ Launch
     python reward_server.py --verifier Qwen/Qwen3-VL-8B-Instruct --port 8000           # on a GPU
     python alphagrpo.py --preset klein --reward-url http://127.0.0.1:8000              # on an 80 GB GPU
     python alphagrpo.py --preset cosmos3 --reward-url http://127.0.0.1:8000            # unified, 80 GB
-    python alphagrpo.py sample --prompt "a calm sea below" --refine-rounds 2 --checkpoint runs/toy-rt2i-TIME
+    python alphagrpo.py sample --prompt "a calm sea below" --refine-rounds 2 --refine-below question
     python alphagrpo.py eval --benchmark geneval --data geneval/prompts/evaluation_metadata.jsonl --out DIR
+    python alphagrpo.py eval ... --out DIR --refine-rounds 1 --refine-only-wrong DIR/round_0_scores/results.jsonl
     python alphagrpo.py bench --preset klein    # GPU figures at real shapes, random weights (README)
     python alphagrpo.py bench --preset cosmos3 --layers 1 --no-train-step --group-size 2   # a CPU-sized slice
 
@@ -269,11 +272,10 @@ class Args:
     reasoner: str = ""
     """Reasoner path or hub id (a Qwen-VL instruct model). Toy: the toy world's (--toy-cache)."""
     renderer: str = ""
-    """Renderer path or hub id: a Flux2KleinPipeline or StableDiffusion3Pipeline folder (its model_index.json
-    names the class). Toy: the toy world's tiny FLUX.2 klein (--toy-cache)."""
+    """Renderer path or hub id: a Flux2KleinPipeline, StableDiffusion3Pipeline or Cosmos3OmniPipeline folder
+    (its model_index.json names the class). Toy: the toy world's."""
     toy_cache: str = ""
-    """Where the toy world (the toy models with their priors) is built once and reused, in toy-<hash of its
-    configuration>; default $XDG_CACHE_HOME/alphagrpo or ~/.cache/alphagrpo."""
+    """Where the toy world is built once, in toy-<hash>; default $XDG_CACHE_HOME/alphagrpo or ~/.cache/..."""
     prompts: str = ""
     """prompts.jsonl with DVReward questions (see README). Toy: the toy world's (TOY_WORLD_PROMPTS)."""
     group_size: int = 16
@@ -281,8 +283,8 @@ class Args:
     groups_per_step: int = 4
     """Groups rolled out per training step."""
     updates_per_rollout: int = 2
-    """Optimizer updates per step, each on a disjoint share of the groups. 1 is purely on-policy;
-    2 (Flow-GRPO) makes the second update off-policy, which is where the clip acts."""
+    """Optimizer updates per step, each on a disjoint share of the groups; 2 (Flow-GRPO): the second is
+    off-policy, which is where the clip acts."""
     resolution: int = 32
     """Image side in pixels."""
     num_steps: int = 4
@@ -296,9 +298,8 @@ class Args:
     noise_level: float = 0.7
     """a in std_t = a * sqrt(t / (1 - t)) (Flow-GRPO); 0 gives the deterministic Euler ODE."""
     guidance_scale: float = 1.0
-    """Classifier-free guidance scale, identical at rollout and train time. Toy: 1, no guidance (its prior
-    draws what a plan says at 0.94 at scale 1, 0.77 at 2, 0.47 at 3: CFG extrapolates from a tiny model's
-    rough unconditional velocity)."""
+    """Classifier-free guidance scale, identical at rollout and train time. Toy: 1, no guidance (README: at 2
+    and 3 its prior draws what a plan says less often)."""
     max_new_tokens: int = 3
     """Longest reasoning text, in tokens (toy: a plan is 2 words and EOS)."""
     max_text_tokens: int = 32
@@ -313,10 +314,9 @@ class Args:
     """Image ratio clip; tiny because the log-prob is a per-element mean (Flow-GRPO: 1e-4 at 64x64x16
     latents; the toy's 4x4x16 latents average 256x fewer elements, so its ratios move ~16x more)."""
     adv_clip: float = 5.0
-    """Advantages are clipped to [-adv_clip, adv_clip] where they are assigned, so the text and the image of a
-    trajectory share one number (Flow-GRPO and the official code clip the image's alone). It fires only with
-    the batch-wide std (a group's own std keeps |A| <= sqrt(G - 1)), and where it fires the group's
-    advantages no longer sum to 0."""
+    """|A| <= adv_clip, clipped where the advantages are assigned, so a trajectory's text and image share one
+    number (Flow-GRPO and the official code clip the image's alone). It fires only with the batch std (a
+    group's own keeps |A| <= sqrt(G - 1)); where it does, a group's advantages no longer sum to 0."""
     beta_text: float = 0.0
     """beta_text, weight of the k3 KL to the reference (LoRA off) on the text."""
     beta_image: float = 0.0
@@ -324,9 +324,8 @@ class Args:
     kl_flow_grpo_form: bool = False
     """Use Flow-GRPO's image KL, mean((mu - mu_ref)^2) / (2 std_t^2), without the 1/|dt|."""
     lam: float = 1.0
-    """lambda in L = L_text + lambda * L_img for RT2I groups. Our L_img is the mean over the W trained steps
-    where the paper sums them, so lambda = 1 here is the paper's 1 / W. Official code: lambda = 1 /
-    text_loss_weight, and its RT2I configs keep text_loss_weight = 1."""
+    """lambda in L = L_text + lambda * L_img for RT2I groups; our L_img is the mean over the W trained steps
+    where the paper sums them (official: 1 / text_loss_weight, 1 in its RT2I configs)."""
     lam_srr: float = 0.0
     """lambda for SRR groups; 0: W, the group's number of trained steps, so that lambda * L_img is the sum
     over the steps, as the paper writes it and as the official SRR configs weigh it (weight 1 / K)."""
@@ -339,11 +338,9 @@ class Args:
     """AdamW learning rate of the renderer's LoRA (official: 5e-5 at rank 32). Toy: at 1e-4 the renderer's
     images drift off the prior's within 80 steps (measured), at 1e-5 they hold."""
     reasoner_lr: float = 1e-3
-    """Learning rate of the reasoner's LoRA; 0 means --lr. The official code trains both halves of BAGEL at
-    one rate (its und_learning_rate is None in every shipped config), as the cosmos3 preset does; the toy's
-    reasoner, from a tiny prior, wants its own (DESIGN: 1e-3 learns, 1e-2 collapses). The unified toy
-    (--policy unified) uses 3e-4: there the reasoner's LoRA also moves the context the generator reads
-    (README)."""
+    """Learning rate of the reasoner's LoRA; 0: --lr. The official code trains both halves of BAGEL at one
+    rate (und_learning_rate None), as the cosmos3 preset does; the toy's reasoner wants its own (1e-3 learns,
+    1e-2 collapses), and the unified toy 3e-4, as its LoRA also moves the context the generator reads."""
     train_reasoner: bool = True
     """Update the reasoner's LoRA. --no-train-reasoner freezes it: the renderer alone learns from the shared
     advantage (the text loss is still computed, for the metrics)."""
@@ -363,14 +360,13 @@ class Args:
     """Renderer Linear layers that get LoRA; empty: the renderer's own list (SD3: the joint-attention
     projections, as Flow-GRPO; klein: attention and MLP projections, as Flow-Factory)."""
     context_grad: bool = False
-    """Unified policy: the image loss also trains the shared (understanding) stream, through the context
-    recomputed with gradient. Default off, as the official code trains BAGEL: the context is computed once at
-    rollout time without gradient and the image loss trains the generation stream alone."""
+    """Unified policy: the image loss also trains the shared stream, through the context recomputed with
+    gradient. Off: as the official code trains BAGEL, the context is cached at rollout without gradient."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (needed at real sizes)."""
     same_init_noise: bool = False
-    """Start all G trajectories of a group from the same x_T (official code's init_same_noise): the group's
-    reward differences then come only from the policy's own choices (text and SDE noise), not from x_T."""
+    """All G trajectories of a group start from one x_T (official init_same_noise): reward differences then
+    come from the policy's choices alone (text and SDE noise)."""
     sample_every: int = 20
     """Write a PNG grid of the step's samples every this many steps (0: never)."""
     eval_every: int = 20
@@ -384,13 +380,12 @@ class Args:
     parameter counts and the memory plan; on a GPU, with random weights, also run one full training step."""
 
     # Self-Reflective Refinement (Sec. 4.1)
-    srr_init: str = "auto"
-    """Where an SRR group's initial image comes from. 'rt2i' (the official --task mix): the same step's RT2I
-    group for the same prompt, drawn with a plan as at inference; SRR group k takes the prompt of RT2I group
-    k + n_srr and refines its lowest-rewarded image. 'candidates' (the official --task srr): --srr-candidates
-    images drawn from the prompt alone, the worst kept. 'auto': rt2i for mix, candidates for srr."""
+    srr_init: str = "rt2i"
+    """--task mix's initial images. 'rt2i' (official): SRR group k refines the lowest-rewarded image of the
+    step's RT2I group k + n_srr, which drew the same prompt with a plan, as at inference. 'candidates': as
+    --task srr always does (official), K = --srr-candidates images drawn from the prompt alone."""
     srr_candidates: int = 2
-    """--srr-init candidates: K initial images rendered per SRR prompt (ODE, no reasoning); the worst is kept."""
+    """K initial images rendered per SRR prompt (ODE, no reasoning) where SRR draws its own; the worst is kept."""
     srr_init_steps: int = 0
     """Steps of the ODE sampler that draws SRR's candidate initial images; 0: --num-steps, the refinements'
     count (the official code draws both at its SRR count, 40). A stronger sampler for the initial images than
@@ -999,9 +994,7 @@ class Group:
 
 def questions(row: dict) -> tuple[list[str], list[str]]:
     """A prompt row's semantic and quality question texts."""
-    semantic = [q["question"] for q in row["semantic_questions"]]
-    quality = [q["question"] for q in row["quality_questions"]]
-    return semantic, quality
+    return [q["question"] for q in row["semantic_questions"]], [q["question"] for q in row["quality_questions"]]
 
 
 def renderer_text(prompt: str, reasoning: str) -> str:
@@ -1080,11 +1073,6 @@ def pick_initial(images: list, rewards: list, how: str, gen: torch.Generator):
     return images[i], rewards[i]
 
 
-def srr_from_rt2i(args: Args) -> bool:
-    """SRR refines the worst image of an RT2I group of the same step (--srr-init, official for mix)."""
-    return args.srr_init == "rt2i" or (args.srr_init == "auto" and args.task == "mix")
-
-
 def rollout_step(policy: Policy, step: int, rows: list, args: Args, client, sigmas, timers, rank=0, world=1):
     """All rollouts of one step, with the current weights (never stale ones). This rank takes the groups
     k = rank, rank + world, ...; each group's images are scored while the next group is sampled. Groups
@@ -1092,7 +1080,7 @@ def rollout_step(policy: Policy, step: int, rows: list, args: Args, client, sigm
     rt2i, mix), or from candidates rendered before anything else, so that their scoring overlaps too."""
     srr_share = {"rt2i": 0.0, "srr": 1.0, "mix": args.mix_ratio}[args.task]
     n_srr = round(srr_share * args.groups_per_step)
-    from_rt2i = srr_from_rt2i(args)
+    from_rt2i = args.task == "mix" and args.srr_init == "rt2i"
     mine = []  # this rank's groups: (k, task, prompt row); RT2I first, as an SRR group may refine one
     for k in sorted(range(rank, args.groups_per_step, world), key=lambda k: k < n_srr):
         task = "srr" if k < n_srr else "rt2i"
@@ -1242,12 +1230,10 @@ def make_optimizer(policy: Policy, args: Args) -> torch.optim.Optimizer:
 
 
 def update(policy: Policy, optimizer, groups: list, args: Args, rng: random.Random, world: int = 1) -> list:
-    """Minimize the unified objective (Sec. 4.1): `updates_per_rollout` optimizer steps, each on a
-    disjoint share of the step's groups. The shares are drawn over the group indices with the same rng on
-    every rank, so they do not depend on the number of processes. The loss is the mean over the share's
-    groups on all ranks: each rank backpropagates its sum divided by the global count, then the gradients
-    are summed (all-reduce). An SRR group skipped by FPR (`skip_unimproved_step`) is in no share, so it
-    leaves both the loss and its denominator. Returns the per-group stats."""
+    """Minimize the unified objective (Sec. 4.1): `updates_per_rollout` optimizer steps, each on a disjoint
+    share of the step's groups, drawn over the group indices by the same rng on every rank. The loss is the
+    mean over the share's groups on all ranks (each backpropagates its sum / the global count; gradients
+    all-reduced); a group skipped by FPR (`skip_unimproved_step`) is in no share and no count."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     order = list(range(args.groups_per_step))
     rng.shuffle(order)
@@ -1330,12 +1316,8 @@ def train(args: Args, policy: Policy | None = None) -> str:
         if args.eval_every and start < args.steps:  # the trained policy: a row of its own, `step` = steps
             evaluation = evaluate(policy, eval_rows, args, client, eval_grid(out, args.steps), rank, world)
             log_evaluation(args.steps, evaluation, args, out, rank)
-    except RewardError as e:
-        folder = os.path.join(out, "checkpoints")
-        saved = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-        last_saved = saved[-1] if saved else "none yet"
-        raise RewardError(f"{e}. The run stopped at step {step}: metrics.jsonl holds every finished step; "
-                          f"the last checkpoint is {last_saved} (continue with --resume {out})") from None
+    except RewardError as e:  # a verifier down for longer than --reward-patience: say what is kept
+        raise RewardError(where_it_stopped(e, step, out)) from None
     finally:
         client.close()
         if server is not None:
@@ -1366,11 +1348,9 @@ def draw(policy: Policy, args: Args, prompt: str, gen: torch.Generator, reasonin
 @torch.no_grad()
 def refine(policy: Policy, args: Args, prompt: str, image: Image.Image, gen: torch.Generator,
            reasoning: bool = True, instruction: str = "", size: tuple | None = None):
-    """One SRR round: the reasoner looks at `image` with `instruction` (default: --reflection's, Sec. 2;
-    EDIT_INSTRUCTION makes the round an edit of a source image), then the renderer redraws conditioned on the
-    image, as training does (`refinement_inputs`: in context for klein and Cosmos3, SDEdit for SD3), at `size`
-    (H, W), by default the image's aspect ratio (`edit_size`: a --resolution square in training). Returns
-    (PIL image, text)."""
+    """One SRR round: the reasoner looks at `image` with `instruction` (default: --reflection's; GEdit-Bench:
+    EDIT_INSTRUCTION), then the renderer redraws it as training does (`refinement_inputs`), at `size` (H, W),
+    by default the image's aspect ratio (`edit_size`). Returns (PIL image, text)."""
     renderer = policy.renderer
     size = size or renderer.edit_size(image)
     sigmas = renderer.sigmas(args.eval_num_steps, size)
@@ -1384,19 +1364,6 @@ def refine(policy: Policy, args: Args, prompt: str, image: Image.Image, gen: tor
                                        renderer.noise(1, gen, size), sigmas)
     x0, _, _ = render(renderer, cond, x, sigmas, range(0), 0.0, start=start)
     return renderer.decode(x0)[0], text
-
-
-def wants_refinement(gate: str, scores: dict | None, i: int = 0) -> bool:
-    """The verifier gate (--refine-below): refine an image only where its DVReward (Sec. 4.2) finds a flaw,
-    and keep the others unchanged, since a reflection told that an image "contains mistakes" also changes
-    what was right (README). gate: '' refines every image; a number TAU, an image whose reward R < TAU;
-    'question', an image where any question's confidence P(yes) < 0.5. scores: the reward server's answer,
-    for image i."""
-    if not gate:
-        return True
-    if gate == "question":
-        return min(scores["semantic_scores"][i] + scores["quality_scores"][i], default=1.0) < 0.5
-    return scores["rewards"][i] < float(gate)
 
 
 def main(argv=None):
@@ -1569,7 +1536,7 @@ def parse_args(argv=None) -> tuple[str, Args, dict]:
     for name, allowed in [("task", ("rt2i", "srr", "mix")), ("std_mode", ("group", "batch")),
                           ("policy", ("unified", "decoupled")),
                           ("srr_pick", ("min", "sample")), ("reflection", ("reflect", "verify")),
-                          ("srr_init", ("auto", "rt2i", "candidates")),
+                          ("srr_init", ("rt2i", "candidates")),
                           ("srr_refine", ("auto", "edit", "sdedit")),
                           ("fpr_value", ("init", "group-min")),
                           ("dtype", ("float32", "bfloat16"))]:
@@ -1580,10 +1547,8 @@ def parse_args(argv=None) -> tuple[str, Args, dict]:
                 "sde_window_start_max + sde_window <= num_steps - 1")
     if args.task != "rt2i" and args.srr_refine != "edit" and round(args.srr_strength * args.num_steps) < 2:
         p.error("--srr-strength too low: the refinement needs at least 2 of the --num-steps steps")
-    if args.srr_init == "rt2i" and args.task != "mix":
-        p.error("--srr-init rt2i refines an RT2I group's image of the same step: it needs --task mix")
     n_srr = round(args.mix_ratio * args.groups_per_step)
-    if args.task == "mix" and srr_from_rt2i(args) and n_srr > args.groups_per_step - n_srr:
+    if args.task == "mix" and args.srr_init == "rt2i" and n_srr > args.groups_per_step - n_srr:
         p.error(f"--task mix with --srr-init rt2i pairs each SRR group with an RT2I group of the same prompt: "
                 f"--mix-ratio {args.mix_ratio} of --groups-per-step {args.groups_per_step} gives {n_srr} SRR "
                 "groups, more than the RT2I ones (or: --srr-init candidates)")
@@ -2116,7 +2081,7 @@ def prepare_run(args: Args, rank: int, world: int, check_renderer: bool = True) 
         raise ValueError(f"--groups-per-step {args.groups_per_step} must be a multiple of the "
                          f"{world} processes")
     n_srr = round(args.mix_ratio * args.groups_per_step)
-    if args.task == "mix" and srr_from_rt2i(args) and n_srr % world:
+    if args.task == "mix" and args.srr_init == "rt2i" and n_srr % world:
         raise ValueError(f"--task mix: SRR group k refines RT2I group k + {n_srr}, which must be on the same "
                          f"process: the {n_srr} SRR groups must be a multiple of the {world} processes")
     # --resume takes a run folder or one of its checkpoints, .../checkpoints/step_N
@@ -2204,6 +2169,14 @@ def log_evaluation(step: int, evaluation: dict, args: Args, out: str, rank: int 
     plot_curves(path, os.path.join(out, "curves.png"))
 
 
+def where_it_stopped(e: Exception, step: int, out: str) -> str:
+    """The message of a run stopped at `step`: the cause, what is kept and how to continue."""
+    folder = os.path.join(out, "checkpoints")
+    saved = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    return (f"{e}. The run stopped at step {step}: metrics.jsonl holds every finished step; the last checkpoint "
+            f"is {saved[-1] if saved else 'none yet'} (continue with --resume {out})")
+
+
 def run_summary(out: str) -> str:
     """What a finished run shows, for the console: the first and the last 10 steps' means of the reward (and
     of the plan accuracy and the SRR keys where the run has them), the evaluation at its first and last step,
@@ -2244,6 +2217,19 @@ def question_row(args: Args, prompt: str, question: list) -> dict | None:
         return {"prompt": prompt, "semantic_questions": [{"question": q, "tag": None} for q in question],
                 "quality_questions": []}
     return next((r for r in prompt_rows(args, None) if r["prompt"] == prompt), None)
+
+
+def wants_refinement(gate: str, scores: dict | None, i: int = 0) -> bool:
+    """The verifier gate (--refine-below): refine an image only where its DVReward (Sec. 4.2) finds a flaw,
+    and keep the others unchanged, since a reflection told that an image "contains mistakes" also changes
+    what was right (README). gate: '' refines every image; a number TAU, an image whose reward R < TAU;
+    'question', an image where any question's confidence P(yes) < 0.5. scores: the reward server's answer,
+    for image i."""
+    if not gate:
+        return True
+    if gate == "question":
+        return min(scores["semantic_scores"][i] + scores["quality_scores"][i], default=1.0) < 0.5
+    return scores["rewards"][i] < float(gate)
 
 
 @torch.no_grad()

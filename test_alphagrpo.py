@@ -734,8 +734,9 @@ def failed_srr_group(policy, args, seed):
 
 def test_fpr_all_failed_group_has_zero_gradient_but_counts_in_the_denominator(toy_dirs):
     """Official FPR: a group where every refinement failed stays in the loss with advantage 0 (another SRR
-    group of the step improved), so the step's loss is (L_live + 0) / 2. With SGD at lr 1 (no clip) the update must be exactly -grad(L_live) / 2, computed
-    by hand from the live group alone; dropping the group instead would give -grad(L_live)."""
+    group of the step improved), so the step's loss is (L_live + 0) / 2. With SGD at lr 1 (no clip) the update
+    must be exactly -grad(L_live) / 2, computed by hand from the live group alone; dropping the group instead
+    would give -grad(L_live)."""
     policy, args = make_policy(toy_dirs, group_size=4, updates_per_rollout=1, groups_per_step=2, task="mix",
                                grad_clip=1e9, srr_init="candidates")
     randomize_lora(policy)
@@ -797,11 +798,10 @@ def test_mix_refines_the_worst_image_of_the_same_prompts_rt2i_group(toy_dirs, ca
     groups = ag.rollout_step(policy, 3, rows, args, LocalClient(), policy.renderer.sigmas(args.num_steps), timers)
     assert all(groups[k].init_image not in groups[j].image.images for k in (0, 1) for j in (2, 3))
     assert len({id(g.row) for g in groups}) == 4  # four prompts: the SRR groups draw their own candidates
-    for flags, message in ((["--srr-init", "rt2i"], "needs --task mix"),
-                           (["--task", "mix", "--mix-ratio", "0.75"], "more than the RT2I ones")):
-        with pytest.raises(SystemExit):
-            ag.parse_args(flags)
-        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ag.parse_args(["--task", "mix", "--mix-ratio", "0.75"])
+    assert "more than the RT2I ones" in capsys.readouterr().err
+    assert ag.parse_args(["--task", "mix", "--mix-ratio", "0.75", "--srr-init", "candidates"])[1].mix_ratio == 0.75
 
 
 def test_srr_and_mix_rows_carry_the_refinement_metrics(toy_dirs, tmp_path):
@@ -2382,9 +2382,11 @@ def test_a_killed_trainer_leaves_no_toy_server():
 def test_torchrun_two_processes_reproduce_one(toy_dirs, tmp_path):
     """The whole loop under torchrun (gloo, CPU): groups split over two ranks, gradients all-reduced,
     metrics and evaluation gathered on rank 0. Seeds depend on (seed, step, group) and update shares on
-    group indices, so two processes reproduce one process's rows up to float rounding."""
+    group indices, so two processes reproduce one process's rows up to float rounding. --task mix: each SRR
+    group refines an RT2I group's image on its own rank, and FPR's step rule sees every rank's groups."""
     flags = ["--reasoner", toy_dirs[0], "--renderer", toy_dirs[1], "--steps", "2", "--group-size", "4",
-             "--groups-per-step", "4", "--eval-every", "1", "--save-every", "0", "--sample-every", "0"]
+             "--groups-per-step", "4", "--eval-every", "1", "--save-every", "0", "--sample-every", "0",
+             "--task", "mix"]
     _, args, _ = ag.parse_args(flags + ["--out", str(tmp_path / "one")])
     ag.train(args)
     with socket.socket() as s:
@@ -2399,7 +2401,7 @@ def test_torchrun_two_processes_reproduce_one(toy_dirs, tmp_path):
     assert len(one) == len(two) == 3  # two steps and the final evaluation
     for a, b in zip(one, two):
         for k in ("reward_mean", "reward_std", "eval_reward", "eval_forced_plan", "text_loss", "image_loss",
-                  "score_Spatial"):
+                  "score_Spatial", "reward_init_mean", "improved_frac", "all_failed_frac", "skipped_frac"):
             assert (a[k] is None and b[k] is None) or a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
 
 
