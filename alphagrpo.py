@@ -41,6 +41,7 @@ Launch
     python reward_server.py --verifier Qwen/Qwen3-VL-8B-Instruct --port 8000           # on a GPU
     python alphagrpo.py --preset klein --reward-url http://127.0.0.1:8000              # on an 80 GB GPU
     python alphagrpo.py --preset cosmos3 --reward-url http://127.0.0.1:8000            # unified, 80 GB
+    python alphagrpo.py --preset cosmos3-edge --reward-url http://127.0.0.1:8000       # unified, 24-48 GB
     python alphagrpo.py sample --prompt "a calm sea below" --refine-rounds 2 --refine-below question
     python alphagrpo.py eval --benchmark geneval --data geneval/prompts/evaluation_metadata.jsonl --out DIR
     python alphagrpo.py eval ... --out DIR --refine-rounds 1 --refine-only-wrong DIR/round_0_scores/results.jsonl
@@ -57,6 +58,7 @@ import ast
 import base64
 import contextlib
 import dataclasses
+import fnmatch
 import hashlib
 import inspect
 import io
@@ -86,7 +88,7 @@ from tqdm import tqdm
 
 # the DVReward tag lists, and the toy's Qwen3-VL builder, vocabulary and judge (the toy world uses them)
 from reward_server import QUALITY_TAGS, SEMANTIC_TAGS, dvreward
-from reward_server import TOY_WORDS, ToyVerifier, make_vlm, toy_tokenizer
+from reward_server import TOY_CHAT_TEMPLATE, TOY_WORDS, ToyVerifier, make_vlm, toy_tokenizer
 
 # transformers and diffusers take seconds to import: the functions that need them import them.
 
@@ -245,8 +247,8 @@ def false_positive_rectification(refined: torch.Tensor, init_reward: float, valu
 class Args:
     preset: str = "toy"
     """'toy' (the toy world: tiny models with a cached prior, CPU), 'klein' (Qwen3-VL + FLUX.2 klein,
-    recommended), 'sd35' (Qwen3-VL + Stable Diffusion 3.5 medium, comparable with Flow-GRPO) or 'cosmos3' (the
-    unified Cosmos3-Nano); their values are PRESETS, in the appendix."""
+    recommended), 'sd35' (Qwen3-VL + Stable Diffusion 3.5 medium, comparable with Flow-GRPO), 'cosmos3' (the
+    unified Cosmos3-Nano) or 'cosmos3-edge' (the unified Cosmos3-Edge, one 24-48 GB GPU); values: PRESETS."""
     policy: str = "decoupled"
     """'unified': one network reasons and draws (Cosmos3: the reasoner's language model is the generator's
     understanding stream, as BAGEL in the paper); 'decoupled': a reasoner (Qwen3-VL) and a separate renderer
@@ -355,7 +357,8 @@ class Args:
     lora_alpha: float = 64.0
     """LoRA alpha; the update is scaled by alpha / r."""
     reasoner_lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-    """Reasoner Linear layers that get LoRA (suffixes of module names): language model only."""
+    """Reasoner Linear layers that get LoRA (suffixes of module names, or patterns with '*'): language model
+    only (Cosmos3-Edge: EDGE_REASONER_LORA_TARGETS, as its vision tower's layers have the same names)."""
     renderer_lora_targets: str = ""
     """Renderer Linear layers that get LoRA; empty: the renderer's own list (SD3: the joint-attention
     projections, as Flow-GRPO; klein: attention and MLP projections, as Flow-Factory)."""
@@ -467,12 +470,13 @@ class LoRALinear(nn.Module):
 
 def add_lora(model: nn.Module, targets: str, rank: int, alpha: float) -> list[nn.Parameter]:
     """Freeze `model`'s weights and wrap every nn.Linear whose name ends with one of the comma-separated
-    targets. A LoRA already in it (the unified policy's shared one, the reasoner's) stays trainable."""
+    targets (a target with '*' is a pattern for the name's end: 'language_model.*.fc1' spares a vision
+    tower's fc1). A LoRA already in it (the unified policy's shared one, the reasoner's) stays trainable."""
     for n, p in model.named_parameters():
         p.requires_grad_(".lora_" in n)
     suffixes = tuple(t.strip() for t in targets.split(",") if t.strip())
-    names = [n for n, m in model.named_modules()
-             if isinstance(m, nn.Linear) and any(n == s or n.endswith("." + s) for s in suffixes)]
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and any(
+        fnmatch.fnmatchcase(n, "*" + s) if "*" in s else n == s or n.endswith("." + s) for s in suffixes)]
     if not names:
         raise ValueError(f"no nn.Linear in {type(model).__name__} matches the LoRA targets {targets!r}")
     params = []
@@ -544,7 +548,9 @@ class Reasoner:
         content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": instruction}]
         messages = [{"role": "user", "content": content}]
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        kwargs = {"images": [image] * n} if image is not None else {}
+        # mm_token_type_ids: the image tokens' 3-D rotary positions (Qwen3-VL's processor returns them unasked,
+        # Cosmos3-Edge's only when asked)
+        kwargs = {"images": [image] * n, "return_mm_token_type_ids": True} if image is not None else {}
         inputs = self.processor(text=[text] * n, return_tensors="pt", **kwargs)
         return {k: v.to(self.device) for k, v in inputs.items()}
 
@@ -1404,6 +1410,11 @@ def main(argv=None):
 # --------------------------------------------------------------------------------------------------
 
 
+# Cosmos3-Edge's reasoner: LoRA on its language model's attention and relu2 MLP (fc1/fc2), not on its SigLIP2
+# vision tower, whose layers have the same names
+EDGE_REASONER_LORA_TARGETS = ",".join(f"language_model.*.{n}" for n in ("q_proj", "k_proj", "v_proj", "o_proj",
+                                                                          "fc1", "fc2"))
+
 # The presets: Args' values for each setting (--preset), before the flags (README, "Training on real
 # checkpoints").
 PRESETS = {
@@ -1434,6 +1445,18 @@ PRESETS = {
         sde_window_start_max=2, guidance_scale=6.0, max_new_tokens=256, max_text_tokens=512, image_clip=1e-4,
         lr=5e-5, reasoner_lr=5e-5, lora_rank=32, lora_alpha=64.0, group_size=8, groups_per_step=4,
         srr_candidates=4, std_mode="group", gradient_checkpointing=True,
+    ),
+    # The unified policy on one 24-48 GB GPU: Cosmos3-Edge (about 4B: a Nemotron understanding stream that
+    # reasons, 28 layers of 2048, and a generation stream of the same size; public, OpenMDW-1.1). Its image
+    # recipe (the serving code's text-to-image defaults; the model card documents image-to-video only):
+    # 640 x 640, 50 steps at CFG 4 (cosmos-framework, TensorRT-LLM; sglang: CFG 7 on an interval, which ours
+    # does not implement). LoRA and lr as the official code trains BAGEL, on its language model only.
+    "cosmos3-edge": dict(
+        policy="unified", reasoner="nvidia/Cosmos3-Edge", renderer="nvidia/Cosmos3-Edge", prompts="prompts.jsonl",
+        dtype="bfloat16", steps=1000, resolution=640, num_steps=10, eval_num_steps=50, sde_window=2,
+        sde_window_start_max=2, guidance_scale=4.0, max_new_tokens=256, max_text_tokens=512, image_clip=1e-4,
+        lr=5e-5, reasoner_lr=5e-5, lora_rank=32, lora_alpha=64.0, reasoner_lora_targets=EDGE_REASONER_LORA_TARGETS,
+        group_size=8, groups_per_step=4, srr_candidates=4, std_mode="group", gradient_checkpointing=True,
     ),
     "sd35": dict(
         reasoner="Qwen/Qwen3-VL-4B-Instruct", renderer="stabilityai/stable-diffusion-3.5-medium",
@@ -1594,6 +1617,14 @@ def renderer_kind(path: str) -> str:
              "Cosmos3OmniPipeline": "cosmos3"}
     if name not in kinds:
         raise ValueError(f"{path}: unknown renderer kind {name!r}; AlphaGRPO drives {' or '.join(kinds)}")
+    import diffusers  # a component of a class this diffusers lacks (e.g. a newer scheduler) cannot load
+
+    missing = [f"{part} ({cls[1]})" for part, cls in DiffusionPipeline.load_config(path).items()
+               if isinstance(cls, list) and len(cls) == 2 and cls[0] == "diffusers" and cls[1]
+               and not hasattr(diffusers, cls[1])]
+    if missing:
+        raise ValueError(f"{path}: diffusers {diffusers.__version__} has no class for its {', '.join(missing)}; "
+                         "a newer diffusers may (requirements.txt pins the one the code is checked against)")
     return kinds[name]
 
 
@@ -1639,28 +1670,37 @@ def check_models(args: Args, out: str):
             raise ValueError(f"the reasoner {reasoner!r} is not the understanding stream of the generator "
                              f"{renderer!r} ({', '.join(diff)}): the unified policy needs both from one "
                              f"checkpoint")
+        targets = args.reasoner_lora_targets.split(",")
+        if text.model_type == "cosmos3_edge_text" and not all("language_model" in t for t in targets):
+            raise ValueError(f"--reasoner-lora-targets {args.reasoner_lora_targets!r}: Cosmos3-Edge's vision "
+                             "tower has q/k/v_proj and fc1/fc2 too, and its language model's MLP is fc1/fc2; "
+                             "name the language model's layers, as the cosmos3-edge preset does: "
+                             f"{EDGE_REASONER_LORA_TARGETS}")
 
 
 def share_understanding_stream(transformer: nn.Module, model: nn.Module):
     """Make one network of the two classes (the unified policy): Cosmos3's transformer (diffusers) holds an
-    understanding stream that *is* a Qwen3-VL language model (transformers'
-    Cosmos3OmniForConditionalGeneration reads it from the same checkpoint). Replace the transformer's copy
-    with the reasoner's own modules and parameters, so that the weights exist once and the reasoner's LoRA
-    (already on q/k/v/o and the MLP) is in both: the text loss and the image loss reach the same tensors.
-    The generation stream keeps its own."""
+    understanding stream that *is* the reasoner's language model (transformers reads it from the same
+    checkpoint: Cosmos3OmniForConditionalGeneration, a Qwen3-VL, for Nano; Cosmos3EdgeForConditionalGeneration,
+    a Nemotron with a relu2 MLP fc1/fc2, which diffusers names up_proj/down_proj, and no text q/k norms, for
+    Edge). Replace the transformer's copy with the reasoner's own modules and parameters, so that the weights
+    exist once and the reasoner's LoRA (already on q/k/v/o and the MLP) is in both: the text loss and the image
+    loss reach the same tensors. The generation stream keeps its own."""
     lm = model.model.language_model
     pairs = [("embed_tokens", lm.embed_tokens), ("norm", lm.norm), ("lm_head", model.lm_head)]
     for block, layer in zip(transformer.layers, lm.layers, strict=True):
         a, b = block.self_attn, layer.self_attn
+        # Edge has no text q/k norm: the transformer's must then be parameter-free too (Identity)
         pairs += [(a.to_q, b.q_proj), (a.to_k, b.k_proj), (a.to_v, b.v_proj), (a.to_out, b.o_proj),
-                  (a.norm_q, b.q_norm), (a.norm_k, b.k_norm), (block.mlp, layer.mlp),
-                  (block.input_layernorm, layer.input_layernorm),
+                  (a.norm_q, getattr(b, "q_norm", nn.Identity())), (a.norm_k, getattr(b, "k_norm", nn.Identity())),
+                  (block.mlp, layer.mlp), (block.input_layernorm, layer.input_layernorm),
                   (block.post_attention_layernorm, layer.post_attention_layernorm)]
     pairs = [(getattr(transformer, p) if isinstance(p, str) else p, q) for p, q in pairs]
+    diffusers_name = {"fc1": "up_proj", "fc2": "down_proj"}
     for ours, theirs in pairs:
         mine = {n: t.shape for n, t in ours.named_parameters()}
-        shared = {n.replace("base.", ""): t.shape for n, t in theirs.named_parameters() if ".lora_" not in n
-                  and not n.startswith("lora_")}
+        shared = {".".join(diffusers_name.get(x, x) for x in n.replace("base.", "").split(".")): t.shape
+                  for n, t in theirs.named_parameters() if ".lora_" not in n and not n.startswith("lora_")}
         if mine != shared:
             raise ValueError(f"the generator's understanding stream does not match the reasoner's language "
                              f"model ({type(ours).__name__} {mine} vs {type(theirs).__name__} {shared})")
@@ -1671,8 +1711,12 @@ def share_understanding_stream(transformer: nn.Module, model: nn.Module):
     for block, layer in zip(transformer.layers, lm.layers):
         a, b = block.self_attn, layer.self_attn
         # Linear layers as modules (their LoRA with them), norms as parameters (each class keeps its own code)
-        a.to_q, a.to_k, a.to_v, a.to_out, block.mlp = b.q_proj, b.k_proj, b.v_proj, b.o_proj, layer.mlp
-        a.norm_q.weight, a.norm_k.weight = b.q_norm.weight, b.k_norm.weight
+        a.to_q, a.to_k, a.to_v, a.to_out = b.q_proj, b.k_proj, b.v_proj, b.o_proj
+        if hasattr(b, "q_norm"):  # Qwen3-VL: its MLP module, and its text q/k norms
+            block.mlp = layer.mlp
+            a.norm_q.weight, a.norm_k.weight = b.q_norm.weight, b.k_norm.weight
+        else:  # Edge: the same relu2 MLP in diffusers' code and names, on the reasoner's fc1/fc2
+            block.mlp.up_proj, block.mlp.down_proj = layer.mlp.fc1, layer.mlp.fc2
         block.input_layernorm.weight = layer.input_layernorm.weight
         block.post_attention_layernorm.weight = layer.post_attention_layernorm.weight
 
@@ -2817,6 +2861,12 @@ SHAPES = {
         # slow pairs for the words.
         "unified_text": dict(head_dim=32, rope_parameters=dict(
             rope_type="default", rope_theta=5e6, mrope_interleaved=True, mrope_section=[8, 4, 4])),
+        # A Cosmos3-Edge-style reasoner at toy size: the unified toy's text shapes in Edge's form (relu2 MLP
+        # without a gate, no q/k norm), a 2-layer SigLIP2 tower
+        "edge_text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=32, max_position_embeddings=4096, rope_parameters=dict(
+                              rope_type="default", rope_theta=5e6, mrope_section=[8, 4, 4])),
+        "edge_vision": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
     },
     "sd35": {
         "text": dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
@@ -2865,6 +2915,18 @@ SHAPES["cosmos3"] = {
                    num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24]),
     "wan_vae": dict(base_dim=160, decoder_base_dim=256, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
                     temperal_downsample=[False, True, True], scale_factor_spatial=16),
+}
+# Cosmos3-Edge: transformers' Cosmos3EdgeTextConfig defaults, which diffusers' Edge conversion builds the
+# transformer from (28 layers of 2048, 16 / 8 heads of 128, relu2 MLP of 9216, rope base 1e8, vocabulary
+# 131072), Cosmos3EdgeVisionConfig's SigLIP2 tower, the same Wan 2.2 VAE
+SHAPES["cosmos3-edge"] = {
+    "text": dict(vocab_size=131072, hidden_size=2048, intermediate_size=9216, num_hidden_layers=28,
+                 num_attention_heads=16, num_key_value_heads=8, head_dim=128, hidden_act="relu2",
+                 rms_norm_eps=1e-5, max_position_embeddings=131072,
+                 rope_parameters={"rope_type": "default", "rope_theta": 1e8, "mrope_section": [24, 20, 20]}),
+    "vision": dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                   projector_hidden_size=11520),
+    "wan_vae": SHAPES["cosmos3"]["wan_vae"],
 }
 
 
@@ -2957,6 +3019,42 @@ def build_toy_vlm(path: str, seed: int = 0, hidden: int = 32, layers: int = 2, i
     return path
 
 
+def make_edge_vlm(text: dict, vision: dict, image_px: int, seed: int = 0):
+    """A random Cosmos3EdgeForConditionalGeneration (Cosmos3-Edge's reasoner: a Nemotron language model with a
+    relu2 MLP, a SigLIP2 vision tower) of the given sizes, with a processor over the toy tokenizer (its
+    special tokens are those the Edge processor looks for). Returns (processor, model)."""
+    from transformers import Cosmos3EdgeConfig, Cosmos3EdgeForConditionalGeneration, Cosmos3EdgeProcessor
+    from transformers.models.cosmos3_edge.image_processing_cosmos3_edge import Cosmos3EdgeImageProcessor
+    from transformers.models.cosmos3_edge.video_processing_cosmos3_edge import Cosmos3EdgeVideoProcessor
+
+    tok = toy_tokenizer()
+    vocab = tok.get_vocab()
+    size = {"shortest_edge": image_px**2, "longest_edge": image_px**2}
+    processor = Cosmos3EdgeProcessor(image_processor=Cosmos3EdgeImageProcessor(size=size),
+                                     video_processor=Cosmos3EdgeVideoProcessor(size=size), tokenizer=tok,
+                                     chat_template=TOY_CHAT_TEMPLATE)
+    text = {"vocab_size": len(vocab), **text}
+    vision = {"num_patches": (image_px // 16) ** 2, **vision}
+    projector = vision.pop("projector_hidden_size", 2 * text["hidden_size"])  # the patch merger's MLP
+    config = Cosmos3EdgeConfig(
+        text_config=text, vision_config=vision, projector_hidden_size=projector,
+        image_token_id=vocab["<|image_pad|>"], video_token_id=vocab["<|video_pad|>"],
+        vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"],
+        eos_token_id=vocab["<|im_end|>"], pad_token_id=vocab["<|endoftext|>"])
+    torch.manual_seed(seed)
+    return processor, Cosmos3EdgeForConditionalGeneration(config)
+
+
+def build_toy_edge(path: str, seed: int = 0) -> str:
+    """A tiny Cosmos3-Edge-style reasoner (random, no prior), saved with save_pretrained: with
+    build_toy_cosmos3 it makes a unified toy whose stream is a Nemotron, for the tests. Returns path."""
+    processor, model = make_edge_vlm(SHAPES["toy"]["edge_text"], SHAPES["toy"]["edge_vision"], image_px=64,
+                                     seed=seed)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
 def build_toy_sd3(path: str, seed: int = 0) -> str:
     """The toy renderer, saved with save_pretrained. Returns path."""
     pipe = make_sd3(SHAPES["toy"], seed)
@@ -2978,21 +3076,26 @@ def build_toy_klein(path: str, seed: int = 0) -> str:
 
 
 def make_cosmos3(text: dict, vae: dict, tokenizer, seed: int = 0):
-    """A random Cosmos3OmniPipeline whose understanding stream has the shapes of the Qwen3-VL text config
-    `text` (a dict), with the VAE `vae` (AutoencoderKLWan's fields, Wan 2.2's residual form with a 2x2 input
-    patchify), UniPC on flow sigmas, and no safety checker (it needs the cosmos_guardrail package)."""
+    """A random Cosmos3OmniPipeline whose understanding stream has the shapes of the text config `text` (a
+    dict: Qwen3-VL's, or Cosmos3-Edge's Nemotron), with the VAE `vae` (AutoencoderKLWan's fields, Wan 2.2's
+    residual form with a 2x2 input patchify), UniPC on flow sigmas, and no safety checker (it needs the
+    cosmos_guardrail package)."""
     from diffusers import (AutoencoderKLWan, Cosmos3OmniPipeline, Cosmos3OmniTransformer,
                            UniPCMultistepScheduler)
 
     torch.manual_seed(seed)
     z = vae["z_dim"]
+    # Edge's Nemotron stream (relu2): no text q/k norm, and the generation pathway normalizes the
+    # understanding keys it reads (use_und_k_norm_for_gen), as the Edge checkpoint's config sets them
+    edge = text.get("hidden_act") == "relu2"
     transformer = Cosmos3OmniTransformer(
         head_dim=text["head_dim"], hidden_size=text["hidden_size"],
         intermediate_size=text["intermediate_size"],
         num_attention_heads=text["num_attention_heads"], num_hidden_layers=text["num_hidden_layers"],
         num_key_value_heads=text["num_key_value_heads"], vocab_size=text["vocab_size"],
         rms_norm_eps=text.get("rms_norm_eps", 1e-6), rope_theta=text["rope_parameters"]["rope_theta"],
-        rope_axes_dim=text["rope_parameters"]["mrope_section"], latent_channel=z, patch_latent_dim=4 * z)
+        rope_axes_dim=text["rope_parameters"]["mrope_section"], latent_channel=z, patch_latent_dim=4 * z,
+        hidden_act=text.get("hidden_act", "silu"), qk_norm_for_text=not edge, use_und_k_norm_for_gen=edge)
     vae = AutoencoderKLWan(is_residual=True, in_channels=12, out_channels=12, patch_size=2, **vae,
                            latents_mean=[0.0] * z, latents_std=[1.0] * z)
     # Shift 3 (Wan's 480p value; a real checkpoint loads its own scheduler config): the toy's 4 steps sit at
@@ -4003,11 +4106,11 @@ def random_policy(args: Args, device: torch.device, layers: int = 0) -> Policy:
                 text = {**text, **shapes["unified_text"]}
             if layers:
                 text = {**text, "num_hidden_layers": layers}
-            processor, model = make_vlm(text, shapes["vision"], image_px=args.resolution)
+            edge = args.preset == "cosmos3-edge"
+            processor, model = (make_edge_vlm if edge else make_vlm)(text, shapes["vision"], args.resolution)
             if unified:  # the generator's understanding stream has the reasoner's text model's shapes
                 pipe = make_cosmos3(model.config.text_config.to_dict(),
-                                    SHAPES["cosmos3" if args.preset == "cosmos3" else "toy"]["wan_vae"],
-                                    processor.tokenizer)
+                                    shapes.get("wan_vae", SHAPES["toy"]["wan_vae"]), processor.tokenizer)
             else:
                 pipe = make_klein(shapes) if args.preset in ("klein", "toy") else make_sd3(shapes)
     finally:

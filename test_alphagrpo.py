@@ -67,7 +67,7 @@ def toy_dirs(tmp_path_factory):
 
 
 def make_policy(toy_dirs, **kw):
-    args = ag.Args(reasoner=toy_dirs[0], renderer=toy_dirs[1], **kw)
+    args = ag.Args(reasoner=toy_dirs[0], renderer=toy_dirs[1], **{**EXTRA_ARGS.get(toy_dirs[0], {}), **kw})
     return ag.load_policy(args, ""), args
 
 
@@ -2603,6 +2603,30 @@ def test_klein_dry_run_has_the_published_parameter_counts(capsys):
     assert "total (estimate)" in out and "fits" in out
 
 
+def test_cosmos3_edge_dry_run_builds_the_edge_shapes(capsys):
+    """--dry-run --preset cosmos3-edge builds Cosmos3-Edge's reasoner (Cosmos3EdgeForConditionalGeneration) and
+    generator on the meta device, counted by hand from Edge's config: the language model (untied embedding
+    and head of 131072 x 2048; 28 layers of q/o 2048 x 2048, k/v 2048 x 1024, relu2 MLP 2 x 2048 x 9216 and
+    two norms; the final norm) and the generation stream (the same layer shapes, plus its q/k norms and the
+    understanding-key norm of 128, the final norm, proj_in/out 192 <-> 2048, the time embedder 256 -> 2048
+    -> 2048), the shared stream counted once; and the fit per card."""
+    _, args, _ = ag.parse_args(["--preset", "cosmos3-edge", "--dry-run", "--device", "cpu"])
+    policy = ag.random_policy(args, torch.device("meta"))
+    lm = policy.reasoner.model.model.language_model
+    assert type(policy.reasoner.model).__name__ == "Cosmos3EdgeForConditionalGeneration"
+    layer = 2 * 2048 * 2048 + 2 * 2048 * 1024 + 2 * 2048 * 9216 + 2 * 2048
+    base = sum(p.numel() for n, p in lm.named_parameters() if ".lora_" not in n)
+    head = policy.reasoner.model.lm_head.weight.numel()
+    assert base + head == 2 * 131072 * 2048 + 28 * layer + 2048
+    assert policy.renderer.transformer.layers[0].mlp.up_proj is lm.layers[0].mlp.fc1  # one network
+    rows = {name: n for name, n, _ in ag.dry_run(args)}
+    gen = 28 * (layer + 3 * 128) + 2048 + (192 * 2048 + 2048) + (2048 * 192 + 192) + (256 * 2048 + 2048) + (
+        2048 * 2048 + 2048)
+    assert rows["renderer.transformer (generation stream)"] == gen
+    out = capsys.readouterr().out
+    assert "on a 24 GB card: fits G up to" in out and "cosmos3-edge preset" in out
+
+
 # --------------------------------------------------------------------------------------------------
 # The toy world: priors, plan accuracy, which half trains, curves
 # --------------------------------------------------------------------------------------------------
@@ -2970,10 +2994,20 @@ def test_grids_show_each_rows_prompt(tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def cosmos_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cosmos3")
-    reasoner = ag.build_toy_vlm(str(root / "reasoner"), cosmos=True)
+# Args a toy reasoner needs beyond the defaults, by its path (the Edge one: its LoRA targets)
+EXTRA_ARGS = {}
+
+
+@pytest.fixture(scope="session", params=["nano", "edge"])
+def cosmos_dirs(request, tmp_path_factory):
+    """The unified toy: a tiny Cosmos3 whose understanding stream is a Qwen3-VL (Nano's form) or a Nemotron
+    with a relu2 MLP and no text q/k norm (Edge's form); every unified test runs on both."""
+    root = tmp_path_factory.mktemp("cosmos3-" + request.param)
+    if request.param == "edge":
+        reasoner = ag.build_toy_edge(str(root / "reasoner"))
+        EXTRA_ARGS[reasoner] = {"reasoner_lora_targets": ag.EDGE_REASONER_LORA_TARGETS}
+    else:
+        reasoner = ag.build_toy_vlm(str(root / "reasoner"), cosmos=True)
     return reasoner, ag.build_toy_cosmos3(str(root / "renderer"), reasoner)
 
 
@@ -2999,7 +3033,9 @@ def test_unified_policy_is_one_network(cosmos_dirs):
     policy, args = make_policy(cosmos_dirs, policy="unified")
     randomize_lora(policy)
     model, tr = policy.reasoner.model, policy.renderer.transformer
-    assert type(model).__name__ == "Cosmos3OmniForConditionalGeneration"
+    edge = cosmos_dirs[0] in EXTRA_ARGS
+    assert type(model).__name__ == ("Cosmos3EdgeForConditionalGeneration" if edge else
+                                    "Cosmos3OmniForConditionalGeneration")
     mine = {p.data_ptr() for p in model.parameters()}
     for n, p in tr.named_parameters():
         assert (p.data_ptr() in mine) == (not any(s in n for s in GENERATION_STREAM)), n
@@ -3045,7 +3081,8 @@ def test_unified_lora_learns_from_both_halves(cosmos_dirs):
             assert all(p.grad is None for p in named.values())
         else:
             reached = named.values() if half == "text" else feeds_image
-            assert len(reached) >= 9 and all(p.grad is not None and p.grad.abs().sum() > 0 for p in reached)
+            # layer 0's LoRA (7 targets in Nano's form, 6 in Edge's) and the next layer's k and v
+            assert len(reached) >= 8 and all(p.grad is not None and p.grad.abs().sum() > 0 for p in reached)
         assert all(p.grad is None for p in gen) == (half == "text")
         assert half == "text" or all(p.grad.abs().sum() > 0 for p in gen if p.shape[1] == args.lora_rank)
     for a, b in zip(*gen_grads.values()):
@@ -3306,6 +3343,26 @@ def test_unified_checks_come_before_any_model_loads(cosmos_dirs, toy_dirs, klein
     with pytest.raises(SystemExit, match="is not the understanding stream .*hidden_size 64 vs 32"):
         ag.main(["--policy", "unified", "--reasoner", bigger, "--renderer", cosmos_dirs[1],
                  "--out", str(tmp_path / "c")])
+    # a reasoner of the other Cosmos3 size (Nano's Qwen3-VL against Edge's Nemotron, or the reverse)
+    other = (ag.build_toy_vlm(str(tmp_path / "nano"), cosmos=True) if cosmos_dirs[0] in EXTRA_ARGS else
+             ag.build_toy_edge(str(tmp_path / "edge")))
+    with pytest.raises(SystemExit, match="is not the understanding stream .*hidden_act"):
+        ag.main(["--policy", "unified", "--reasoner", other, "--renderer", cosmos_dirs[1],
+                 "--out", str(tmp_path / "d")])
+    # a component class this diffusers lacks (NVIDIA's newer Edge converter writes this scheduler)
+    newer = tmp_path / "newer"
+    shutil.copytree(cosmos_dirs[1], newer)
+    index = json.loads((newer / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "Cosmos3EdgeUniPCMultistepScheduler"]
+    (newer / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(SystemExit, match=r"has no class for its scheduler \(Cosmos3EdgeUniPCMultistepScheduler\)"):
+        ag.main(["--policy", "unified", "--reasoner", cosmos_dirs[0], "--renderer", str(newer),
+                 "--out", str(tmp_path / "f"), *(["--reasoner-lora-targets", ag.EDGE_REASONER_LORA_TARGETS]
+                                                 if cosmos_dirs[0] in EXTRA_ARGS else [])])
+    if cosmos_dirs[0] in EXTRA_ARGS:  # Edge's vision tower has q/k/v_proj too, and its MLP is fc1/fc2
+        with pytest.raises(SystemExit, match="--reasoner-lora-targets .*language_model"):
+            ag.main(["--policy", "unified", "--reasoner", cosmos_dirs[0], "--renderer", cosmos_dirs[1],
+                     "--out", str(tmp_path / "e")])
 
 
 def test_unified_toy_trains_the_shared_stream_at_its_own_lr():
