@@ -1,7 +1,8 @@
 """DVReward server: the Decompositional Verifiable Reward of AlphaGRPO (paper Sec. 4.2) over HTTP.
 
 Offline, an LLM decomposes each prompt into atomic yes/no questions: semantic ones over 10 dimensions, then
-quality ones over 8 aspects (`decompose`). Online, an MLLM verifier answers each question about an image; the
+quality ones over 8 aspects (`decompose`); `synthesize` first writes the prompts, from sampled primitives
+(Sec. 4.3, Primitive-to-Prompt). Online, an MLLM verifier answers each question about an image; the
 confidence of one question is s = P(yes) / (P(yes) + P(no)) from the first answer token, and the reward of an
 image is the geometric mean R = sqrt(mean(s_semantic) * mean(s_quality)).
 
@@ -15,6 +16,8 @@ image is the geometric mean R = sqrt(mean(s_semantic) * mean(s_quality)).
     python reward_server.py bench --shape qwen3-vl-8b --images 8               # on a GPU: Qwen3-VL-8B's shape
     python reward_server.py decompose prompts.txt --llm http://127.0.0.1:30000/v1 --model Qwen/Qwen3-32B \
         --out prompts.jsonl                                                    # or --llm <path | hub id>
+    python reward_server.py synthesize --llm http://127.0.0.1:30000/v1 --model Qwen/Qwen3-235B-A22B \
+        --per-task 500 --test-per-task 26 --out my_prompts.jsonl               # a set like the paper's (4.3)
 
 API (JSON; images are base64 PNG, never pickle; 127.0.0.1 by default; with --token or $ALPHAGRPO_REWARD_TOKEN
 every request but GET /health needs "Authorization: Bearer TOKEN"):
@@ -35,6 +38,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import collections
 import hmac
 import io
 import json
@@ -1254,6 +1258,30 @@ def make_llm(args):
     return ask
 
 
+def decompose_row(ask, row: dict) -> tuple[dict | None, str, list]:
+    """One prompt row -> (the row with its DVReward questions and its other fields, or None; why None;
+    dropped [(question, reason)]): the LLM's decomposition (one retry, told what was wrong), validated."""
+    messages = [{"role": "system", "content": DECOMPOSE_INSTRUCTION},
+                {"role": "user", "content": f"Prompt: {row['prompt']}"}]
+    for _ in range(2):
+        answer = ask(messages)
+        try:
+            parsed = parse_llm_json(answer)
+            break
+        except ValueError as e:
+            error = e
+            messages = messages + [{"role": "assistant", "content": answer},
+                                   {"role": "user", "content": DECOMPOSE_RETRY.format(error=e)}]
+    else:
+        return None, f"the LLM answer is not valid JSON after a retry ({error})", []
+    seen = set()
+    semantic, dropped = validate_questions(parsed["semantic_questions"], SEMANTIC_TAGS, False, seen)
+    quality, dropped_quality = validate_questions(parsed["quality_questions"], QUALITY_TAGS, True, seen)
+    out = {"prompt": row["prompt"], "semantic_questions": semantic, "quality_questions": quality}
+    out.update({k: v for k, v in row.items() if k not in out})
+    return (out if semantic else None), "no valid semantic question left", dropped + dropped_quality
+
+
 def read_prompt_rows(path: str) -> tuple[list, list]:
     """-> ([(line number, row)], problems): plain-text prompts (one a line) or JSONL rows with a 'prompt'."""
     try:
@@ -1277,11 +1305,8 @@ def read_prompt_rows(path: str) -> tuple[list, list]:
     return rows, problems
 
 
-def cmd_decompose(argv):
-    """Decompose prompts into DVReward questions with an LLM (Sec. 4.2, offline)."""
-    p = argparse.ArgumentParser(prog="reward_server.py decompose", description=cmd_decompose.__doc__)
-    p.add_argument("input", help="plain-text prompts (one a line) or JSONL rows with a 'prompt' (other "
-                   "fields kept)")
+def add_llm_args(p: argparse.ArgumentParser):
+    """The LLM and output flags that `decompose` and `synthesize` share."""
     p.add_argument("--llm", required=True,
                    help="a causal LM path / hub id, or an OpenAI-compatible URL .../v1")
     p.add_argument("--model", default="", help="model name at an OpenAI-compatible --llm")
@@ -1290,33 +1315,20 @@ def cmd_decompose(argv):
     p.add_argument("--workers", type=int, default=8, help="prompts in flight at an OpenAI-compatible --llm")
     p.add_argument("--device", default="auto")
     p.add_argument("--max-new-tokens", type=int, default=1024)
+
+
+def cmd_decompose(argv):
+    """Decompose prompts into DVReward questions with an LLM (Sec. 4.2, offline)."""
+    p = argparse.ArgumentParser(prog="reward_server.py decompose", description=cmd_decompose.__doc__)
+    p.add_argument("input", help="plain-text prompts (one a line) or JSONL rows with a 'prompt' (other "
+                   "fields kept)")
+    add_llm_args(p)
     args = p.parse_args(argv)
     rows, problems = read_prompt_rows(args.input)
     ask = make_llm(args)
 
     def decompose(job):  # -> (line number, output row or None, why None, dropped [(question, reason)])
-        n, row = job
-        messages = [{"role": "system", "content": DECOMPOSE_INSTRUCTION},
-                    {"role": "user", "content": f"Prompt: {row['prompt']}"}]
-        for _ in range(2):  # one retry, told what was wrong
-            answer = ask(messages)
-            try:
-                parsed = parse_llm_json(answer)
-                break
-            except ValueError as e:
-                error = e
-                messages = messages + [{"role": "assistant", "content": answer},
-                                       {"role": "user", "content": DECOMPOSE_RETRY.format(error=e)}]
-        else:
-            return n, None, f"the LLM answer is not valid JSON after a retry ({error})", []
-        seen = set()
-        semantic, dropped = validate_questions(parsed["semantic_questions"], SEMANTIC_TAGS, False, seen)
-        quality, dropped_quality = validate_questions(parsed["quality_questions"], QUALITY_TAGS, True, seen)
-        out = {"prompt": row["prompt"], "semantic_questions": semantic, "quality_questions": quality}
-        out.update({k: v for k, v in row.items() if k not in out})
-        if not semantic:
-            out = None
-        return n, out, "no valid semantic question left", dropped + dropped_quality
+        return (job[0], *decompose_row(ask, job[1]))
 
     written = 0
     total = 0
@@ -1342,8 +1354,212 @@ def cmd_decompose(argv):
         print(f"  {count:5d}  {reason}")
 
 
+# Sec. 4.3, Primitive-to-Prompt: a pool of visual primitives, compositional tasks, an LLM that writes a prompt
+# from sampled primitives, three tiers in 3:5:2, then the decomposition above. The tasks are TIIF-Bench's 39
+# prompt types (the file names of its data/test_prompts), each a combination of the dimensions below.
+TIIF_TASKS = (
+    "2d_spatial_relation", "3d_spatial_relation", "style", "text", "real_world", "color+texture", "texture+color",
+    *(f"{a}+{b}" for a in ("action", "shape", "texture", "color") for b in ("2d", "3d", "color", "texture")
+      if a != b and {a, b} != {"color", "texture"}),
+    *(f"{a}{b}" for a in ("comparison", "differentiation", "negation", "numeracy")
+      for b in ("", "+2d", "+3d", "+color", "+texture")))
+# dimension: what a prompt of it must test, and the pool entry it samples (one per object, or one per prompt)
+DIMENSIONS = {
+    "2d": ("where the objects are in the picture plane", "relations_2d", False),
+    "3d": ("depth: what is in front of, behind or hidden by what", "relations_3d", False),
+    "color": ("the colour of each object, bound to it", "colours", True),
+    "texture": ("the material or surface of each object, bound to it", "materials", True),
+    "shape": ("the shape of each object, bound to it", "shapes", True),
+    "action": ("what a person or animal is doing", "actions", False),
+    "numeracy": ("exact counts of objects", "counts", True),
+    "comparison": ("a visible comparison between objects", "comparisons", False),
+    "differentiation": ("two objects of one kind told apart by an attribute", "colours", True),
+    "negation": ("something explicitly absent or not happening", "objects", False),
+    "style": ("an art style or medium", "styles", False),
+    "text": ("a short text, quoted, written in the image", "texts", False),
+    "real_world": ("an everyday request as a user would write it", "settings", False),
+}
+TIERS = {"easy": (0.3, 1, "one or two constraints, one short sentence"),
+         "medium": (0.5, 2, "three or four constraints"),
+         "hard": (0.2, 3, "many bound constraints, a setting and the lighting, up to two sentences")}
+DEFAULT_POOL = {  # man-made things and animals that take most colours and materials
+    "objects": "apple backpack bench bicycle boat book bottle bowl candle car cat chair clock cup dog guitar "
+               "hat horse kite lamp laptop suitcase teapot umbrella vase".split(),
+    "colours": "red orange yellow green blue purple pink white black brown grey".split(),
+    "materials": "wooden metal glass ceramic plastic leather woollen stone paper marble".split(),
+    "shapes": "round square triangular oval star-shaped heart-shaped cylindrical hexagonal".split(),
+    "relations_2d": ["to the left of", "to the right of", "above", "below", "on top of", "next to"],
+    "relations_3d": ["in front of", "behind", "partly hidden behind", "far behind", "inside"],
+    "actions": ["a woman reading", "a man running", "a child jumping", "a dog sleeping", "a cat climbing",
+                "a girl painting", "a horse galloping", "an old man cooking"],
+    "counts": "two three four five six".split(),
+    "comparisons": ["bigger than", "taller than", "more numerous than", "brighter than", "older than"],
+    "styles": ["watercolour", "oil painting", "pixel art", "pencil sketch", "3D render", "ukiyo-e print",
+               "photograph", "comic book"],
+    "texts": ["OPEN", "SALE 50%", "Hello World", "CAFE", "EXIT", "Happy Birthday", "NO PARKING", "2026"],
+    "settings": ["a kitchen", "a beach at sunset", "a snowy street", "a forest clearing", "an office",
+                 "a market", "a rooftop at night", "a library"],
+    "lighting": ["soft morning light", "harsh noon sun", "candlelight", "neon light", "overcast light"],
+}
+SYNTHESIZE_INSTRUCTION = """\
+You write prompts for training a text-to-image model. Write one prompt for the task "{task}": it must test \
+{what}. Build it from these elements (change their grammar, not their meaning; fix an implausible pairing \
+with the smallest change): {elements}. Difficulty {tier}: {hint}. Describe only what can be seen, concretely. \
+Answer with the prompt only, no quotes, no preamble."""
+SYNTHESIZE_RETRY = "That is not a prompt ({error}). Answer with the prompt only, 6 to 80 words."
+
+
+def load_pool(path: str) -> dict:
+    """A primitive pool (JSON): the default's keys, each a non-empty list of non-empty strings."""
+    if not path:
+        return DEFAULT_POOL
+    try:
+        with open(path, encoding="utf-8") as f:
+            pool = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SystemExit(f"reward_server.py: --pool {path}: cannot read a JSON pool ({e})") from None
+    if not isinstance(pool, dict):
+        raise SystemExit(f"reward_server.py: --pool {path}: must be a JSON object of lists")
+    for key in DEFAULT_POOL:
+        values = pool.get(key)
+        if not (isinstance(values, list) and values and all(isinstance(v, str) and v.strip() for v in values)):
+            raise SystemExit(f"reward_server.py: --pool {path}: '{key}' must be a non-empty list of non-empty "
+                             "strings (README, 'Making a prompt set')")
+    return pool
+
+
+def tier_counts(n: int) -> dict:
+    """n prompts in the 3:5:2 tiers, exactly (largest remainders)."""
+    share = {t: n * r for t, (r, _, _) in TIERS.items()}
+    counts = {t: int(v) for t, v in share.items()}
+    for t in sorted(share, key=lambda t: counts[t] - share[t])[:n - sum(counts.values())]:
+        counts[t] += 1
+    return counts
+
+
+def sample_primitives(pool: dict, task: str, tier: str, rng: random.Random) -> dict:
+    """The elements of one prompt: 1-3 objects by tier (2-4 where the task relates objects), and for each of the
+    task's dimensions one pool entry per object or per prompt; hard adds a setting and the lighting."""
+    dims = task.replace("_spatial_relation", "").split("+")
+    n = TIERS[tier][1] + any(d in ("2d", "3d", "comparison", "differentiation") for d in dims)
+    objects = rng.sample(pool["objects"], n)
+    out = {"objects": objects}
+    for d in dims:
+        key, per_object = DIMENSIONS[d][1:]
+        out[d] = [rng.choice(pool[key]) for _ in objects] if per_object else rng.choice(pool[key])
+    if tier == "hard":
+        out.update(setting=rng.choice(pool["settings"]), lighting=rng.choice(pool["lighting"]))
+    return out
+
+
+def read_done(path: str) -> list:
+    """The rows of a (possibly interrupted) output file; a last line cut off mid-write is removed."""
+    lines = open(path, encoding="utf-8").readlines() if os.path.exists(path) else []
+    if lines and not lines[-1].endswith("\n"):  # killed mid-write: drop the partial line
+        lines = lines[:-1]
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(lines)
+    try:
+        return [json.loads(line) for line in lines]
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"reward_server.py: {path}: not an output of synthesize ({e})") from None
+
+
+def cmd_synthesize(argv):
+    """Make a prompt set like the paper's (Sec. 4.3): prompts written by an LLM from sampled primitives,
+    decomposed into DVReward questions; resumable."""
+    from tqdm import tqdm
+
+    p = argparse.ArgumentParser(prog="reward_server.py synthesize", description=cmd_synthesize.__doc__)
+    add_llm_args(p)
+    p.add_argument("--per-task", type=int, default=500, help="train prompts per task (paper: 500)")
+    p.add_argument("--test-per-task", type=int, default=26, help="test prompts per task (paper: 1,024 in all)")
+    p.add_argument("--pool", default="", help="a JSON primitive pool (default: DEFAULT_POOL)")
+    p.add_argument("--tasks", default="", help="comma-separated task names (default: TIIF-Bench's 39)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    pool = load_pool(args.pool)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] or list(TIIF_TASKS)
+    unknown = [t for t in tasks if t not in TIIF_TASKS]
+    if unknown or args.per_task < 0 or args.test_per_task < 0:
+        raise SystemExit(f"reward_server.py: unknown task(s) {unknown} (known: {', '.join(TIIF_TASKS)}) or a "
+                         "negative count")
+    ask = make_llm(args)
+    dropped_path = args.out + ".dropped.jsonl"  # what was dropped and why: the resume and the summary read it
+    kept, dropped = read_done(args.out), read_done(dropped_path)
+    texts = {" ".join(re.findall(r"[a-z0-9]+", r["prompt"].lower())) for r in kept}
+    picks = {(r["task"], json.dumps(r["primitives"], sort_keys=True)) for r in kept + dropped if "primitives" in r}
+
+    def write(prompt_row):  # one prompt: the LLM writes it, then `decompose_row` (or why it was dropped)
+        task, split, tier, attempt, prims = prompt_row
+        what = " and ".join(DIMENSIONS[d][0] for d in task.replace("_spatial_relation", "").split("+"))
+        messages = [{"role": "user", "content": SYNTHESIZE_INSTRUCTION.format(
+            task=task, what=what, elements=json.dumps(prims), tier=tier, hint=TIERS[tier][2])}]
+        for _ in range(2):
+            answer = ask(messages).split("</think>")[-1].strip().strip('"')
+            n_words = len(answer.split())
+            if 6 <= n_words <= 80 and "\n\n" not in answer and "{" not in answer:
+                row = {"prompt": " ".join(answer.split()), "split": split, "task": task, "difficulty": tier,
+                       "primitives": prims, "attempt": attempt}
+                out, why, _ = decompose_row(ask, row)
+                return row, out, why
+            messages += [{"role": "assistant", "content": answer},
+                         {"role": "user", "content": SYNTHESIZE_RETRY.format(error=f"{n_words} words")}]
+        return {"task": task, "split": split, "difficulty": tier, "attempt": attempt}, None, \
+            "the LLM wrote no prompt after a retry"
+
+    workers = args.workers if args.llm.startswith(("http://", "https://")) else 1
+    with ThreadPoolExecutor(max(workers, 1)) as threads, open(args.out, "a", encoding="utf-8") as out_f, \
+            open(dropped_path, "a", encoding="utf-8") as drop_f:
+        def drop(row, why):
+            dropped.append({**row, "why": why})
+            drop_f.write(json.dumps(dropped[-1], ensure_ascii=False) + "\n")
+
+        while True:  # passes: a dropped prompt is redrawn, up to 3 attempts a prompt in all (over resumes too)
+            jobs = []
+            for task, split, n in ((t, s, n) for t in tasks for s, n in (("train", args.per_task),
+                                                                         ("test", args.test_per_task))):
+                for tier, target in tier_counts(n).items():
+                    mine = [r for r in kept + dropped
+                            if (r["task"], r["split"], r["difficulty"]) == (task, split, tier)]
+                    attempt = 1 + max([r["attempt"] for r in mine], default=-1)
+                    for attempt in range(attempt, attempt + min(target - sum("why" not in r for r in mine),
+                                                                3 * target - len(mine))):
+                        prims = sample_primitives(pool, task, tier, random.Random(
+                            f"{args.seed}/{task}/{split}/{tier}/{attempt}"))
+                        slot = {"task": task, "split": split, "difficulty": tier, "attempt": attempt}
+                        if (task, json.dumps(prims, sort_keys=True)) in picks:
+                            drop({**slot, "primitives": prims}, "the same primitives in the same task")
+                        else:
+                            picks.add((task, json.dumps(prims, sort_keys=True)))
+                            jobs.append((task, split, tier, attempt, prims))
+            if not jobs:
+                break
+            for row, out, why in tqdm(threads.map(write, jobs), total=len(jobs), desc="synthesize"):
+                text = " ".join(re.findall(r"[a-z0-9]+", row.get("prompt", "").lower()))
+                if out is not None and text in texts:
+                    out, why = None, "a near-duplicate of a kept prompt"
+                if out is None:
+                    drop(row, why)
+                else:
+                    texts.add(text)
+                    kept.append(out)
+                    out_f.write(json.dumps(out, ensure_ascii=False) + "\n")
+                out_f.flush()
+                drop_f.flush()
+    print("| task | kept / asked: easy, medium, hard | dropped, by reason |\n|---|---|---|")
+    for task in tasks:
+        asked = [(sum(r["task"] == task and r["difficulty"] == t for r in kept),
+                  sum(r["task"] == task and r["difficulty"] == t for r in kept + dropped)) for t in TIERS]
+        reasons = collections.Counter(r["why"] for r in dropped if r["task"] == task)
+        print(f"| {task} | {', '.join(f'{k} / {n}' for k, n in asked)} | "
+              f"{'; '.join(f'{w}: {c}' for w, c in reasons.items()) or '-'} |")
+    print(f"wrote {len(kept)} prompts to {args.out} ({sum(r['split'] == 'test' for r in kept)} test); dropped "
+          f"{len(dropped)}, listed in {dropped_path}")
+
+
 COMMANDS = {"serve": cmd_serve, "score": cmd_score, "pilot": cmd_pilot, "bench": cmd_bench,
-            "decompose": cmd_decompose}
+            "decompose": cmd_decompose, "synthesize": cmd_synthesize}
 
 
 def main(argv=None):

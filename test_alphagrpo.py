@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import socket
 import struct
@@ -2193,19 +2194,9 @@ CAT = {"semantic_questions": [q("Is there a cat?", "Existence"), q("Is the cat f
 NO_SEMANTIC = {"semantic_questions": [q("Describe the dog.", "Existence")], "quality_questions": []}
 
 
-def fake_llm(calls: list):
-    def answer(messages):
-        prompt = messages[1]["content"].removeprefix("Prompt: ")
-        if prompt.startswith("A red apple"):
-            return "Here you go:\n```json\n" + json.dumps(APPLE) + "\n```"
-        if prompt.startswith("A cat"):
-            return json.dumps(CAT)
-        if prompt.startswith("A dog"):
-            return json.dumps(NO_SEMANTIC)
-        if prompt.startswith("Fixed on retry") and len(messages) > 2:
-            return json.dumps(CAT)
-        return "Sorry, I cannot help with that."
-
+def chat_endpoint(answer, calls: list):
+    """An OpenAI-compatible chat endpoint (a handler class) that records each request and answers with
+    answer(messages)."""
     class Fake(BaseHTTPRequestHandler):
         def log_request(self, *a):
             pass
@@ -2220,6 +2211,22 @@ def fake_llm(calls: list):
             self.end_headers()
             self.wfile.write(data)
     return Fake
+
+
+def fake_llm(calls: list):
+    def answer(messages):
+        prompt = messages[1]["content"].removeprefix("Prompt: ")
+        if prompt.startswith("A red apple"):
+            return "Here you go:\n```json\n" + json.dumps(APPLE) + "\n```"
+        if prompt.startswith("A cat"):
+            return json.dumps(CAT)
+        if prompt.startswith("A dog"):
+            return json.dumps(NO_SEMANTIC)
+        if prompt.startswith("Fixed on retry") and len(messages) > 2:
+            return json.dumps(CAT)
+        return "Sorry, I cannot help with that."
+
+    return chat_endpoint(answer, calls)
 
 
 def test_decompose_with_a_fake_llm(tmp_path, capsys):
@@ -2258,6 +2265,96 @@ def test_decompose_with_a_fake_llm(tmp_path, capsys):
                                                                      "content": rs.DECOMPOSE_INSTRUCTION}
     retried = [c for c in calls if c["messages"][1]["content"] == "Prompt: Unparseable prompt."]
     assert len(retried) == 2 and "not valid" in retried[1]["messages"][-1]["content"]
+
+
+def synthesizing_llm(calls: list):
+    """A scripted LLM for `synthesize`: a prompt made of the sampled elements; the same words for every 'style'
+    prompt (near-duplicates); nothing usable for hard 'negation' prompts; and a decomposition of each prompt,
+    invalid for the prompts with 'three' in them (no semantic question survives)."""
+    def answer(messages):
+        first = messages[0]["content"]
+        if first == rs.DECOMPOSE_INSTRUCTION:
+            prompt = messages[1]["content"].removeprefix("Prompt: ")
+            thing = prompt.split()[3].strip(",.")
+            return json.dumps(NO_SEMANTIC if " three " in prompt else {
+                "semantic_questions": [q(f"Is there a {thing}?", "Existence")],
+                "quality_questions": [q("Is the main object in focus?", "Aesthetics")]})
+        task = re.search(r'for the task "([^"]+)"', first).group(1)
+        if task == "style":
+            return "A watercolour painting of a quiet harbour, boats resting at dawn."
+        if task == "negation" and "Difficulty hard" in first:
+            return "Sure!"
+        elements = json.loads(re.search(r"smallest change\): (.*?)\. Difficulty", first).group(1))
+        words = [w for v in elements.values() for w in (v if isinstance(v, list) else [v])]
+        return "A scene showing " + ", ".join(words) + f", for {task}."
+
+    return chat_endpoint(answer, calls)
+
+
+def test_synthesize_makes_a_prompt_set_with_exact_tiers_and_resumes(tmp_path, capsys):
+    out, calls = tmp_path / "synth.jsonl", []
+    tasks = "2d_spatial_relation,color+2d,style,negation"
+    flags = ["--model", "fake", "--out", str(out), "--per-task", "10", "--test-per-task", "4", "--tasks", tasks]
+    with serving(synthesizing_llm(calls)) as (fake, _):
+        rs.main(["synthesize", "--llm", fake + "/v1", *flags])
+        rows = [json.loads(x) for x in out.read_text().splitlines()]
+        dropped = [json.loads(x) for x in (tmp_path / "synth.jsonl.dropped.jsonl").read_text().splitlines()]
+        printed = capsys.readouterr().out
+        count = lambda rs_, **kv: sum(all(r[k] == v for k, v in kv.items()) for r in rs_)  # noqa: E731
+        for task in ("2d_spatial_relation", "color+2d"):  # exact 3:5:2 tiers (train 10: 3/5/2; test 4: 1/2/1)
+            want = {("train", "easy"): 3, ("train", "medium"): 5, ("train", "hard"): 2, ("test", "easy"): 1,
+                    ("test", "medium"): 2, ("test", "hard"): 1}
+            assert {k: count(rows, task=task, split=k[0], difficulty=k[1]) for k in want} == want, task
+        # one of the identical style prompts is kept; the others are dropped as near-duplicates, each of the
+        # 14 prompts drawn at most 3 times (or not asked at all when its primitives were drawn before)
+        assert count(rows, task="style") == 1 and count(dropped, task="style") == 3 * 14 - 1
+        assert count(dropped, task="style", why="a near-duplicate of a kept prompt") >= 30
+        # hard negation: a non-prompt, retried once (2 calls), then dropped with its reason, 3 draws a prompt
+        assert count(rows, task="negation", difficulty="hard") == 0
+        assert count(dropped, task="negation", difficulty="hard") == 3 * 3
+        asked = count(dropped, task="negation", difficulty="hard", why="the LLM wrote no prompt after a retry")
+        hard_negation = [c for c in calls if 'for the task "negation"' in c["messages"][0]["content"]
+                         and "Difficulty hard" in c["messages"][0]["content"]]
+        assert asked >= 7 and len(hard_negation) == 2 * asked  # each asked once and retried once
+        retries = [c for c in hard_negation if len(c["messages"]) == 3]  # the answer, then told what was wrong
+        assert len(retries) == asked and all("not a prompt" in c["messages"][-1]["content"] for c in retries)
+        # a prompt whose decomposition leaves no semantic question is dropped and counted
+        assert all(" three " not in r["prompt"] for r in rows)
+        assert all(r["why"] == "no valid semantic question left" for r in dropped if " three " in r.get("prompt", ""))
+        assert len({r["prompt"] for r in rows}) == len(rows)  # no duplicate text
+        assert len({(r["task"], json.dumps(r["primitives"], sort_keys=True)) for r in rows}) == len(rows)
+        assert "| 2d_spatial_relation | 4 / 4, 7 / 7, 3 / 3 | - |" in printed
+        assert len(ag.load_prompts(str(out), split=None)) == len(rows)  # the trainer reads it
+        assert {r["split"] for r in ag.load_prompts(str(out), split="test")} == {"test"}
+        # killed mid-file: the last line half written; the rerun completes it, no duplicate and no loss
+        text = out.read_text()
+        cut = text.rindex("\n", 0, len(text) // 2) + 20
+        out.write_text(text[:cut])
+        before = len(text[:cut].splitlines()) - 1
+        n_calls = len(calls)
+        rs.main(["synthesize", "--llm", fake + "/v1", *flags])
+        again = [json.loads(x) for x in out.read_text().splitlines()]
+        assert len(again) == len(rows) and len({r["prompt"] for r in again}) == len(again)
+        assert [r["prompt"] for r in again[:before]] == [r["prompt"] for r in rows[:before]]
+        for k in want:
+            assert count(again, task="color+2d", split=k[0], difficulty=k[1]) == want[k]
+        assert len(calls) > n_calls
+        n_calls = len(calls)
+        rs.main(["synthesize", "--llm", fake + "/v1", *flags])  # complete: nothing is asked again
+        assert len(calls) == n_calls and out.read_text().count("\n") == len(again)
+
+
+def test_synthesize_refuses_a_malformed_pool(tmp_path):
+    pool = tmp_path / "pool.json"
+    pool.write_text(json.dumps({**rs.DEFAULT_POOL, "colours": ["red", ""]}))
+    with pytest.raises(SystemExit, match="pool.json: 'colours' must be a non-empty list of non-empty strings"):
+        rs.main(["synthesize", "--llm", "http://127.0.0.1:9/v1", "--out", str(tmp_path / "o"), "--pool", str(pool)])
+    pool.write_text("[1, 2")
+    with pytest.raises(SystemExit, match="cannot read a JSON pool"):
+        rs.main(["synthesize", "--llm", "http://127.0.0.1:9/v1", "--out", str(tmp_path / "o"), "--pool", str(pool)])
+    with pytest.raises(SystemExit, match=r"unknown task\(s\) \['colour'\]"):
+        rs.main(["synthesize", "--llm", "http://127.0.0.1:9/v1", "--out", str(tmp_path / "o"), "--tasks", "colour"])
+    assert not (tmp_path / "o").exists()
 
 
 def test_question_validation_keeps_the_curated_questions():
