@@ -1378,6 +1378,8 @@ def main(argv=None):
     try:
         if command == "train" and args.dry_run:
             dry_run(args)
+        elif command == "train" and args.steps == 0:
+            print("--steps 0: nothing to train, nothing written")
         elif command == "train":
             out = train(args)
             if int(os.environ.get("RANK", 0)) == 0:
@@ -1469,6 +1471,51 @@ PRESETS = {
 }
 
 
+# Each Args field's valid values, checked by `check_args` once the preset and the flags are merged, before
+# anything loads: a numeric (low, high, [why]) range, inclusive, None for unbounded, a bound in a list
+# exclusive ([0]: above 0); choices; or None, any text (paths and names, checked where they are read).
+ARG_RANGES = dict(
+    preset=tuple(PRESETS), policy=("unified", "decoupled"), task=("rt2i", "srr", "mix"), steps=(0, None),
+    out=None, seed=(0, None), device=None, dtype=("float32", "bfloat16"), reward_url=None, reward_token=None,
+    reward_patience=(0, None), reasoner=None, renderer=None, toy_cache=None, prompts=None,
+    group_size=(2, None, "a group of one has no relative advantage"), groups_per_step=(1, None),
+    updates_per_rollout=(1, None), resolution=(16, None), num_steps=(2, None), eval_num_steps=(1, None),
+    sde_window=(1, None), sde_window_start_max=(0, None),
+    noise_level=([0], None, "the rollout's SDE steps need a density (0 is the ODE)"), guidance_scale=(0, None),
+    max_new_tokens=(1, None), max_text_tokens=(1, None), temperature=([0], None),
+    text_clip_low=(0, [1], "the ratio's lower clip 1 - low must stay above 0"), text_clip_high=(0, None),
+    image_clip=([0], None), adv_clip=([0], None, "a clip at or below 0 sets every advantage alike"),
+    beta_text=(0, None), beta_image=(0, None), lam=(0, None, "a negative lambda maximizes the image loss"),
+    lam_srr=(0, None), std_mode=("group", "batch"), lr=([0], None), reasoner_lr=(0, None),
+    weight_decay=(0, None), grad_clip=([0], None), lora_rank=(1, None), lora_alpha=([0], None),
+    reasoner_lora_targets=None, renderer_lora_targets=None, sample_every=(0, None), eval_every=(0, None),
+    save_every=(0, None), resume=None, srr_init=("rt2i", "candidates"), srr_candidates=(1, None),
+    srr_init_steps=(0, None), reflection=("reflect", "verify"), srr_pick=("min", "sample"),
+    srr_refine=("auto", "edit", "sdedit"), srr_strength=(0, 1), fpr_value=("init", "group-min"),
+    mix_ratio=(0, 1, "the share of the groups that are SRR"),
+    **{f.name: (False, True) for f in dataclasses.fields(Args) if f.type == "bool"})
+
+
+def check_args(args: Args) -> str | None:
+    """The first field of `args` outside its ARG_RANGES entry, as '--flag VALUE: why, what is allowed'."""
+    for f in dataclasses.fields(Args):
+        allowed, v, flag = ARG_RANGES[f.name], getattr(args, f.name), "--" + f.name.replace("_", "-")
+        if allowed is None:
+            continue
+        if f.type not in ("int", "float"):
+            if v not in allowed:
+                return f"{flag} {v!r}: must be one of {', '.join(map(str, allowed))}"
+            continue
+        lo, hi, why = (*allowed, "")[:3]
+        if not ((lo is None or (v > lo[0] if isinstance(lo, list) else v >= lo)) and
+                (hi is None or (v < hi[0] if isinstance(hi, list) else v <= hi))):
+            bound = lambda b, op: f"{op[isinstance(b, list)]} {b[0] if isinstance(b, list) else b}"  # noqa: E731
+            allowed = " and ".join(bound(b, op) for b, op in ((lo, (">=", ">")), (hi, ("<=", "<")))
+                                   if b is not None)
+            return f"{flag} {v}: {why + ', ' if why else ''}must be {allowed}"
+    return None
+
+
 def parse_args(argv=None) -> tuple[str, Args, dict]:
     """`[train|sample|eval|bench] --flag value ...` -> (command, Args, the command's extra options). Help text
     comes from the field docstrings above; a preset's values apply first and explicit flags override them."""
@@ -1480,7 +1527,8 @@ def parse_args(argv=None) -> tuple[str, Args, dict]:
             docs[node.target.id] = nxt.value.value
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in ("train", "sample", "bench", "eval") else "train"
-    p = argparse.ArgumentParser(prog=f"alphagrpo.py {command}", argument_default=argparse.SUPPRESS)
+    p = argparse.ArgumentParser(prog=f"alphagrpo.py {command}", argument_default=argparse.SUPPRESS,
+                                usage=f"alphagrpo.py {command} [--flag VALUE ...]  (--help: every flag)")
     for f in dataclasses.fields(Args):
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
@@ -1556,15 +1604,24 @@ def parse_args(argv=None) -> tuple[str, Args, dict]:
     # updates move it faster than the generation stream follows (README: unified vs decoupled)
     unified_toy = {"reasoner_lr": 3e-4} if (preset, given.get("policy")) == ("toy", "unified") else {}
     args = Args(**{**PRESETS[preset], **unified_toy, **given})
-    for name, allowed in [("task", ("rt2i", "srr", "mix")), ("std_mode", ("group", "batch")),
-                          ("policy", ("unified", "decoupled")),
-                          ("srr_pick", ("min", "sample")), ("reflection", ("reflect", "verify")),
-                          ("srr_init", ("rt2i", "candidates")),
-                          ("srr_refine", ("auto", "edit", "sdedit")),
-                          ("fpr_value", ("init", "group-min")),
-                          ("dtype", ("float32", "bfloat16"))]:
-        if getattr(args, name) not in allowed:
-            p.error(f"--{name.replace('_', '-')} must be one of {allowed}, not {getattr(args, name)!r}")
+    problem = check_args(args)
+    for name, lo in (("refine_rounds", 0), ("samples_per_prompt", 0), ("limit", 0), ("repeats", 1),
+                     ("layers", 0)):
+        if problem is None and extra.get(name, lo) < lo:
+            problem = f"--{name.replace('_', '-')} {extra[name]}: must be >= {lo}"
+    for flag, path in (("--checkpoint", extra.get("checkpoint")), ("--resume", args.resume),
+                       ("--prompts", args.prompts), ("--refine-only-wrong", extra.get("refine_only_wrong"))):
+        if problem is None and path and not os.path.exists(path):
+            problem = f"{flag} {path}: no such file or folder"
+    if problem:
+        p.error(problem)
+    if args.preset != "toy" and "renderer" not in given and args.policy != PRESETS[preset].get("policy",
+                                                                                              "decoupled"):
+        p.error(f"--policy {args.policy} with --preset {preset}: the preset's models are a "
+                f"{PRESETS[preset].get('policy', 'decoupled')} policy (--renderer names another checkpoint)")
+    multiple = 32 if args.policy == "unified" and args.preset != "toy" else 16  # pixels of one latent patch
+    if args.resolution % multiple:
+        p.error(f"--resolution {args.resolution}: must be a multiple of {multiple} (whole latent patches)")
     if not 0 < args.sde_window or args.sde_window_start_max + args.sde_window > args.num_steps - 1:
         p.error("the SDE window must fit in the first T-1 steps: "
                 "sde_window_start_max + sde_window <= num_steps - 1")

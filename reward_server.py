@@ -903,6 +903,15 @@ def read_image(path: str) -> Image.Image:
         raise cannot_read(path, e) from None
 
 
+def check_ranges(p: argparse.ArgumentParser, args, **ranges):
+    """Stop with p.error at the first numeric option outside its inclusive (low, high) range (None: open)."""
+    for name, (lo, hi) in ranges.items():
+        v = getattr(args, name)
+        if v is not None and ((lo is not None and v < lo) or (hi is not None and v > hi)):
+            allowed = " and ".join(b for b in (lo is not None and f">= {lo}", hi is not None and f"<= {hi}") if b)
+            p.error(f"--{name.replace('_', '-')} {v}: must be {allowed}")
+
+
 def cmd_serve(argv):
     p = argparse.ArgumentParser(prog="reward_server.py", description=__doc__.split("\n\n")[0])
     add_verifier_args(p)
@@ -920,6 +929,8 @@ def cmd_serve(argv):
                    help="exit when stdin closes (the trainer that started this server passes a pipe, so a "
                    "killed trainer leaves no orphan server)")
     args = p.parse_args(argv)
+    check_ranges(p, args, port=(0, 65535), max_body=(1, None), max_batch_images=(1, None),
+                 batch_wait_ms=(0, None), **{f.name: (1, None) for f in fields(Limits)})
     if args.exit_with_parent:
         def exit_when_stdin_closes():
             sys.stdin.read()
@@ -1026,6 +1037,8 @@ def cmd_bench(argv):
     p.add_argument("--dtype", default="auto")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    check_ranges(p, args, image_px=(32, None), questions=(1, None), images=(1, None), clients=(1, None),
+                 seconds=(0, None))
     import torch
 
     defaults = BENCH_SHAPES[args.shape]  # each overridden by its flag, if given
@@ -1324,6 +1337,7 @@ def cmd_decompose(argv):
                    "fields kept)")
     add_llm_args(p)
     args = p.parse_args(argv)
+    check_ranges(p, args, workers=(1, None), max_new_tokens=(1, None))
     rows, problems = read_prompt_rows(args.input)
     ask = make_llm(args)
 
@@ -1478,12 +1492,13 @@ def cmd_synthesize(argv):
     p.add_argument("--tasks", default="", help="comma-separated task names (default: TIIF-Bench's 39)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    check_ranges(p, args, workers=(1, None), max_new_tokens=(1, None), per_task=(0, None),
+                 test_per_task=(0, None))
     pool = load_pool(args.pool)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] or list(TIIF_TASKS)
     unknown = [t for t in tasks if t not in TIIF_TASKS]
-    if unknown or args.per_task < 0 or args.test_per_task < 0:
-        raise SystemExit(f"reward_server.py: unknown task(s) {unknown} (known: {', '.join(TIIF_TASKS)}) or a "
-                         "negative count")
+    if unknown:
+        p.error(f"--tasks: unknown task(s) {unknown} (known: {', '.join(TIIF_TASKS)})")
     ask = make_llm(args)
     dropped_path = args.out + ".dropped.jsonl"  # what was dropped and why: the resume and the summary read it
     kept, dropped = read_done(args.out), read_done(dropped_path)
