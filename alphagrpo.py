@@ -1122,10 +1122,10 @@ def collect_rewards_and_fpr(g: Group, args: Args):
 
 
 def skip_unimproved_step(groups: list, args: Args, world: int = 1):
-    """FPR's step rule (official code): when no refinement of the step beat its initial image (on any rank),
-    the step's SRR groups carry no signal and are dropped from the loss and its denominator; its RT2I groups
-    still train. A lone group whose refinements all failed is not dropped: it keeps advantage 0 and its place
-    in the denominator (`false_positive_rectification`)."""
+    """FPR's step rule (Sec. 4.1, as the official code applies it): when no refinement of the step beat its
+    initial image (on any rank), the step's SRR groups carry no signal and are dropped from the loss and its
+    denominator; its RT2I groups still train. A lone group whose refinements all failed is not dropped: it
+    keeps advantage 0 and its place in the denominator (`false_positive_rectification`)."""
     if not args.fpr or args.task == "rt2i":
         return
     srr = [g for g in groups if g.task == "srr"]
@@ -2329,8 +2329,13 @@ def wants_refinement(gate: str, scores: dict | None, i: int = 0) -> bool:
     if not gate:
         return True
     if gate == "question":
-        return min(scores["semantic_scores"][i] + scores["quality_scores"][i], default=1.0) < 0.5
+        return least_confidence(scores, i) < 0.5
     return scores["rewards"][i] < float(gate)
+
+
+def least_confidence(scores: dict, i: int = 0) -> float:
+    """The lowest confidence P(yes) among image i's questions (Sec. 4.2), semantic and quality; 1 if none."""
+    return min(scores["semantic_scores"][i] + scores["quality_scores"][i], default=1.0)
 
 
 @torch.no_grad()
@@ -2378,7 +2383,7 @@ def sample(args: Args, prompt: str = "", refine_rounds: int = 0, checkpoint: str
                 if refined is not False:
                     image.save(os.path.join(folder, f"round_{k}.png"))
                 # the least confident question: an image the gate 'question' passes has it >= 0.5
-                least = scores and min(scores["semantic_scores"][0] + scores["quality_scores"][0], default=1.0)
+                least = scores and least_confidence(scores)
                 rounds.append({"round": k, "text": text, "reward": reward, "least_confidence": least,
                                "refined": refined, "image": f"round_{k}.png"})
                 what = "drawn" if k == 0 else "refined" if refined else "kept (it passes the gate)"

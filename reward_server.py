@@ -1468,7 +1468,10 @@ def sample_primitives(pool: dict, task: str, tier: str, rng: random.Random) -> d
 
 def read_done(path: str) -> list:
     """The rows of a (possibly interrupted) output file; a last line cut off mid-write is removed."""
-    lines = open(path, encoding="utf-8").readlines() if os.path.exists(path) else []
+    lines = []
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
     if lines and not lines[-1].endswith("\n"):  # killed mid-write: drop the partial line
         lines = lines[:-1]
         with open(path, "w", encoding="utf-8") as f:
@@ -1502,7 +1505,8 @@ def cmd_synthesize(argv):
     ask = make_llm(args)
     dropped_path = args.out + ".dropped.jsonl"  # what was dropped and why: the resume and the summary read it
     kept, dropped = read_done(args.out), read_done(dropped_path)
-    texts = {" ".join(re.findall(r"[a-z0-9]+", r["prompt"].lower())) for r in kept}
+    words = lambda text: " ".join(re.findall(r"[a-z0-9]+", text.lower()))  # noqa: E731 (near-duplicates)
+    texts = {words(r["prompt"]) for r in kept}
     picks = {(r["task"], json.dumps(r["primitives"], sort_keys=True)) for r in kept + dropped if "primitives" in r}
 
     def write(prompt_row):  # one prompt: the LLM writes it, then `decompose_row` (or why it was dropped)
@@ -1542,16 +1546,17 @@ def cmd_synthesize(argv):
                                                                 3 * target - len(mine))):
                         prims = sample_primitives(pool, task, tier, random.Random(
                             f"{args.seed}/{task}/{split}/{tier}/{attempt}"))
-                        slot = {"task": task, "split": split, "difficulty": tier, "attempt": attempt}
-                        if (task, json.dumps(prims, sort_keys=True)) in picks:
-                            drop({**slot, "primitives": prims}, "the same primitives in the same task")
+                        key = (task, json.dumps(prims, sort_keys=True))
+                        if key in picks:
+                            drop({"task": task, "split": split, "difficulty": tier, "attempt": attempt,
+                                  "primitives": prims}, "the same primitives in the same task")
                         else:
-                            picks.add((task, json.dumps(prims, sort_keys=True)))
+                            picks.add(key)
                             jobs.append((task, split, tier, attempt, prims))
             if not jobs:
                 break
             for row, out, why in tqdm(threads.map(write, jobs), total=len(jobs), desc="synthesize"):
-                text = " ".join(re.findall(r"[a-z0-9]+", row.get("prompt", "").lower()))
+                text = words(row.get("prompt", ""))
                 if out is not None and text in texts:
                     out, why = None, "a near-duplicate of a kept prompt"
                 if out is None:
